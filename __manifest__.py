@@ -1,0 +1,25 @@
+{
+    "name": "Microsoft 365 Mail (OAuth 2.0)",
+    "summary": "Incoming and outgoing mail through Microsoft 365 / Exchange Online with OAuth 2.0 "
+    "instead of passwords: delegated and app-only, every Microsoft cloud",
+    "version": "18.0.1.0.0",
+    "category": "Productivity/Discuss",
+    "license": "LGPL-3",
+    "author": "Microsoft 365 Mail OAuth contributors",
+    "website": "https://example.invalid/mail_microsoft365_oauth",
+    "maintainers": [],
+    "depends": ["mail"],
+    "external_dependencies": {"python": ["msal", "cryptography", "requests"]},
+    "data": [
+        "security/ir.model.access.csv",
+        "security/microsoft365_security.xml",
+        "views/microsoft365_app_views.xml",
+        "views/microsoft365_account_views.xml",
+        "views/fetchmail_server_views.xml",
+        "views/ir_mail_server_views.xml",
+        "views/templates.xml",
+        "views/menus.xml",
+    ],
+    "installable": True,
+    "application": False,
+}

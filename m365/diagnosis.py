@@ -1,0 +1,178 @@
+"""What Microsoft said, in plain words, with the fix.
+
+One table maps AADSTS codes and IMAP/POP3/SMTP replies to a Diagnosis. Texts are English msgids
+marked with ``_lt`` so Odoo's translation extractor collects them; the Odoo layer translates
+``summary`` and ``fix`` when it shows them, then fills in ``params``.
+"""
+import re
+from dataclasses import dataclass, field
+
+# Marks msgids for extraction without importing Odoo; the Odoo layer translates at display time.
+def _lt(text):
+    return text
+
+
+RECONNECT = "reconnect"  # the grant is gone: sign in again
+TRANSIENT = "transient"  # try again later, nothing to change
+CONFIGURATION = "configuration"  # something must be changed in Entra, Exchange or the app registration
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    code: str  # "AADSTS50011", "SMTP 5.7.139", "IMAP AUTHENTICATE", ...
+    kind: str
+    summary: str
+    fix: str
+    detail: str = ""  # Microsoft's own text (never contains a token or secret)
+    params: dict = field(default_factory=dict)
+
+    @property
+    def needs_reconnect(self):
+        return self.kind == RECONNECT
+
+    @property
+    def transient(self):
+        return self.kind == TRANSIENT
+
+
+_AADSTS = {
+    50011: (CONFIGURATION, _lt("The redirect URI is not registered for this app."),
+            _lt("In Entra ID > App registrations > Authentication, add exactly %(redirect_uri)s under "
+                "platform \"Web\". Behind a reverse proxy, check the system parameter web.base.url.")),
+    50194: (CONFIGURATION, _lt("This app registration is single-tenant but was used without a tenant."),
+            _lt("Enter the directory (tenant) ID of the app registration.")),
+    90002: (CONFIGURATION, _lt("Microsoft does not know this tenant."),
+            _lt("Check the directory (tenant) ID and the cloud of the app registration.")),
+    700016: (CONFIGURATION, _lt("Microsoft does not know this application (client) ID in this tenant."),
+             _lt("Copy the Application (client) ID from the app's overview in Entra ID; check the tenant.")),
+    7000215: (CONFIGURATION, _lt("The client secret is wrong."),
+              _lt("Paste the secret's Value (not its Secret ID) from Entra ID > Certificates & secrets.")),
+    7000222: (CONFIGURATION, _lt("The client secret has expired."),
+              _lt("Create a new client secret in Entra ID > Certificates & secrets and enter it here "
+                  "(or switch to a certificate).")),
+    700027: (CONFIGURATION, _lt("Microsoft rejected the certificate of this app registration."),
+             _lt("Upload the same certificate in Entra ID > Certificates & secrets and check its thumbprint "
+                 "and expiry date.")),
+    700024: (CONFIGURATION, _lt("The client assertion is outside its validity period."),
+             _lt("Check the server clock of Odoo.")),
+    65001: (CONFIGURATION, _lt("Consent for this app is missing."),
+            _lt("An administrator must grant consent for the organisation in Entra ID > API permissions "
+                "(\"Grant admin consent\"), then authorize again.")),
+    65004: (CONFIGURATION, _lt("The sign-in was cancelled: consent was declined."),
+            _lt("Authorize again and accept the requested permissions.")),
+    500011: (CONFIGURATION, _lt("Exchange Online is not available in this tenant."),
+             _lt("Check that the tenant has Exchange Online licences, and the cloud of the app registration.")),
+    700022: (CONFIGURATION, _lt("The requested scopes name more than one resource."),
+             _lt("Request only Exchange Online scopes in one sign-in.")),
+    54005: (RECONNECT, _lt("The authorization code was already used."),
+            _lt("Authorize again.")),
+    70008: (RECONNECT, _lt("The sign-in has expired."),
+            _lt("Authorize the mailbox again.")),
+    700082: (RECONNECT, _lt("The sign-in expired after 90 days without use."),
+             _lt("Authorize the mailbox again.")),
+    50173: (RECONNECT, _lt("The sign-in was revoked (sessions revoked or password reset by an administrator)."),
+            _lt("Authorize the mailbox again.")),
+    50076: (RECONNECT, _lt("Multi-factor authentication is now required for this account."),
+            _lt("Authorize the mailbox again and complete the MFA prompt; ask the administrator about "
+                "Conditional Access if this repeats.")),
+    50079: (RECONNECT, _lt("The account must register for multi-factor authentication."),
+            _lt("Authorize the mailbox again and complete the MFA registration.")),
+    53003: (RECONNECT, _lt("A Conditional Access policy blocked the sign-in."),
+            _lt("Ask the Entra ID administrator to allow this app or this server's location, then authorize again.")),
+}
+
+_UNKNOWN_OAUTH = (_lt("Microsoft refused the request (%(error)s)."),
+                  _lt("Read Microsoft's message below; if it persists, authorize the mailbox again."))
+
+
+def diagnose_oauth(result, **params):
+    """Diagnosis of an MSAL error result (a dict with ``error``, ``error_codes``...)."""
+    codes = result.get("error_codes") or _codes_in(result.get("error_description", ""))
+    description = _first_line(result.get("error_description", ""))
+    for code in codes:
+        if code in _AADSTS:
+            kind, summary, fix = _AADSTS[code]
+            return Diagnosis(f"AADSTS{code}", kind, summary, fix, description, params)
+    error = result.get("error") or "unknown_error"
+    kind = RECONNECT if error in ("invalid_grant", "interaction_required") else CONFIGURATION
+    if error in ("temporarily_unavailable", "server_error", "throttled"):
+        kind = TRANSIENT
+    summary, fix = _UNKNOWN_OAUTH
+    code = f"AADSTS{codes[0]}" if codes else error
+    return Diagnosis(code, kind, summary, fix, description, dict(params, error=code))
+
+
+def diagnose_transport(exc):
+    """Diagnosis of a network failure talking to Microsoft's sign-in service."""
+    return Diagnosis(
+        "NETWORK", TRANSIENT,
+        _lt("Microsoft's sign-in service could not be reached."),
+        _lt("Nothing to change if this is temporary; otherwise check Odoo's outgoing HTTPS access "
+            "(proxy, firewall, DNS)."),
+        type(exc).__name__,
+    )
+
+
+_SMTP_RULES = [
+    (re.compile(r"5\.7\.139"), "SMTP 5.7.139", CONFIGURATION,
+     _lt("SMTP AUTH is disabled for this mailbox or the whole organisation."),
+     _lt("In Exchange Online PowerShell run Set-CASMailbox -Identity %(mailbox)s "
+         "-SmtpClientAuthenticationDisabled $false (or Set-TransportConfig "
+         "-SmtpClientAuthenticationDisabled $false for the organisation).")),
+    (re.compile(r"5\.2\.252|SendAsDenied|5\.7\.60", re.I), "SMTP SendAsDenied", CONFIGURATION,
+     _lt("Microsoft refused to send as this sender address."),
+     _lt("Send from the mailbox's own address, or grant Send As on the sender's mailbox "
+         "(Add-RecipientPermission).")),
+    (re.compile(r"5\.7\.3|5\.7\.8|535"), "SMTP 5.7.3", CONFIGURATION,
+     _lt("The SMTP server rejected the access token."),
+     _lt("Check that the app has the SMTP.Send permission (or SMTP.SendAsApp with the mailbox "
+         "permission for app-only) and that the token belongs to this mailbox; then authorize again.")),
+]
+
+
+def diagnose_smtp(code, message, **params):
+    """Diagnosis of an SMTP failure reply (code and text as smtplib gives them)."""
+    text = f"{code} {message.decode(errors='replace') if isinstance(message, bytes) else message}"
+    if 400 <= code < 500:
+        return Diagnosis(f"SMTP {code}", TRANSIENT,
+                         _lt("The mail server asked to try again later."),
+                         _lt("Nothing to change; Odoo retries."), _first_line(text), params)
+    for pattern, key, kind, summary, fix in _SMTP_RULES:
+        if pattern.search(text):
+            return Diagnosis(key, kind, summary, fix, _first_line(text), params)
+    return Diagnosis(f"SMTP {code}", CONFIGURATION,
+                     _lt("The SMTP server refused the login."),
+                     _lt("Read the server's reply below."), _first_line(text), params)
+
+
+_THROTTLED = re.compile(r"Request is throttled\. Suggested Backoff Time: (\d+) milliseconds", re.I)
+
+
+def diagnose_mailbox(protocol, reply, **params):
+    """Diagnosis of an IMAP or POP3 failure reply (bytes or str)."""
+    text = reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
+    match = _THROTTLED.search(text)
+    if match:
+        return Diagnosis(f"{protocol} THROTTLED", TRANSIENT,
+                         _lt("The mail server is throttling this mailbox."),
+                         _lt("Nothing to change; the next fetch waits %(backoff_ms)s ms."),
+                         _first_line(text), dict(params, backoff_ms=int(match[1])))
+    if "authenticated but not connected" in text:
+        return Diagnosis(f"{protocol} NOT CONNECTED", CONFIGURATION,
+                         _lt("The app may sign in, but has no access to this mailbox."),
+                         _lt("In Exchange Online PowerShell run Add-MailboxPermission -Identity %(mailbox)s "
+                             "-User <service principal id> -AccessRights FullAccess."),
+                         _first_line(text), params)
+    return Diagnosis(f"{protocol} AUTHENTICATE", CONFIGURATION,
+                     _lt("The mail server rejected the access token."),
+                     _lt("Check that the app has the %(scope)s permission and that the signed-in account "
+                         "owns or has Full Access to %(mailbox)s; then authorize again."),
+                     _first_line(text), params)
+
+
+def _codes_in(description):
+    return [int(c) for c in re.findall(r"AADSTS(\d+)", description or "")]
+
+
+def _first_line(text):
+    return (text or "").strip().splitlines()[0][:500] if (text or "").strip() else ""

@@ -1,0 +1,71 @@
+"""Parsing of the identifiers an administrator types: tenant, client id, mailbox address.
+
+Each parser returns the normalised value or raises InvalidInput with an English message that the
+Odoo layer translates; nothing half-valid gets through.
+"""
+import re
+import uuid
+
+from .errors import InvalidInput
+
+# Tenant aliases Microsoft accepts in the authority path.
+TENANT_ALIASES = ("organizations", "common", "consumers")
+
+_DOMAIN = re.compile(
+    r"^(?=.{4,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z]{2,63}$"
+)
+_MAILBOX = re.compile(r"^[a-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@(?P<domain>[^@]+)$")
+
+
+def parse_guid(value, what):
+    text = (value or "").strip()
+    try:
+        parsed = uuid.UUID(text)
+    except (ValueError, AttributeError, TypeError):
+        raise InvalidInput(
+            "%(what)s must be a GUID such as 00000000-0000-0000-0000-000000000000.", what=what
+        ) from None
+    if len(text) not in (32, 36, 38):  # plain, dashed or braced forms only
+        raise InvalidInput(
+            "%(what)s must be a GUID such as 00000000-0000-0000-0000-000000000000.", what=what
+        )
+    return str(parsed)
+
+
+def parse_client_id(value):
+    return parse_guid(value, "The application (client) ID")
+
+
+def parse_tenant(value):
+    """Directory (tenant) ID, verified domain or alias; empty means 'organizations'."""
+    text = (value or "").strip().lower()
+    if not text:
+        return "organizations"
+    if text in TENANT_ALIASES:
+        return text
+    if _looks_like_guid(text):
+        return parse_guid(text, "The directory (tenant) ID")
+    if _DOMAIN.match(text):
+        return text
+    raise InvalidInput(
+        "The tenant must be the directory (tenant) ID, a verified domain such as "
+        "contoso.onmicrosoft.com, or empty for multi-tenant apps."
+    )
+
+
+def parse_mailbox(value):
+    text = (value or "").strip().lower()
+    match = _MAILBOX.match(text)
+    if not match or not _DOMAIN.match(match["domain"]) or ".." in text:
+        raise InvalidInput("%(value)s is not a valid mailbox address.", value=_shorten(value))
+    return text
+
+
+def _looks_like_guid(text):
+    return bool(re.fullmatch(r"[{(]?[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}[)}]?", text))
+
+
+def _shorten(value, limit=80):
+    text = str(value or "")
+    text = text.replace("\r", "\\r").replace("\n", "\\n")
+    return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -1,0 +1,227 @@
+"""Every token request goes through MSAL; this module is the only place that talks to it.
+
+One IdentityClient serves one token cache (one OAuth account, or one app-only registration).
+MSAL objects are cheap once the authority's OpenID configuration is known, so the discovery
+responses are kept in a process-wide http cache and HTTP sessions are pooled per trust anchor.
+"""
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import msal
+import requests
+
+from . import diagnosis
+from .clouds import CLOUDS
+from .errors import AuthorizationFailed, ReconnectRequired, TransientFailure
+
+_logger = logging.getLogger(__name__)
+
+# MSAL caches discovery GETs (24 h) and error/Retry-After answers here; sharing it across clients
+# avoids one openid-configuration request per connection.
+_HTTP_CACHE = {}
+_SESSIONS = {}
+_SESSIONS_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class AppCredentials:
+    """What MSAL needs to act for one app registration."""
+
+    client_id: str
+    authority: str  # https://<sign-in host>/<tenant>
+    client_secret: str = None
+    certificate: dict = None  # {"private_key": PEM, "thumbprint": hex SHA-1[, "public_certificate": PEM]}
+    ca_file: str = None  # trust anchor of a private authority (the sandbox, a TLS-inspecting proxy)
+    timeout: float = 15.0
+
+    def __repr__(self):  # never show the secret or key, not even in a traceback's locals
+        return f"AppCredentials(client_id={self.client_id!r}, authority={self.authority!r})"
+
+    @property
+    def credential(self):
+        return self.certificate or self.client_secret
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    token: str
+    expires_at: float  # epoch seconds
+    from_cache: bool
+
+    def __repr__(self):
+        return f"AccessToken(expires_at={self.expires_at}, from_cache={self.from_cache})"
+
+
+@dataclass(frozen=True)
+class SignIn:
+    """The outcome of a completed authorization-code flow."""
+
+    username: str
+    tenant_id: str
+    home_account_id: str
+    scopes: tuple
+    expires_at: float
+
+
+def http_session(ca_file=None):
+    """A pooled session; with a private CA it must not let REQUESTS_CA_BUNDLE override verify."""
+    with _SESSIONS_LOCK:
+        session = _SESSIONS.get(ca_file)
+        if session is None:
+            session = requests.Session()
+            if ca_file:
+                session.trust_env = False
+                session.verify = ca_file
+                session.proxies = requests.utils.get_environ_proxies("https://")
+            _SESSIONS[ca_file] = session
+        return session
+
+
+class IdentityClient:
+    def __init__(self, app, cache_state=None):
+        self.app = app
+        self.cache = msal.SerializableTokenCache()
+        if cache_state:
+            self.cache.deserialize(cache_state)
+        self._msal = None
+
+    @property
+    def msal_app(self):
+        if self._msal is None:
+            session = http_session(self.app.ca_file)
+            try:
+                self._msal = msal.ConfidentialClientApplication(
+                    self.app.client_id,
+                    client_credential=self.app.credential,
+                    authority=self.app.authority,
+                    token_cache=self.cache,
+                    http_client=_TimeoutSession(session, self.app.timeout),
+                    http_cache=_HTTP_CACHE,
+                    # Instance discovery asks login.microsoftonline.com about the authority:
+                    # right for Microsoft's clouds, impossible for a private (sandbox) authority.
+                    instance_discovery=None if _is_microsoft_authority(self.app.authority) else False,
+                )
+            except ValueError as exc:
+                # MSAL reports an unknown tenant or a refused discovery as ValueError.
+                raise AuthorizationFailed(diagnosis.diagnose_oauth(
+                    {"error": "invalid_request", "error_description": str(exc)})) from None
+            except requests.RequestException as exc:
+                raise TransientFailure(diagnosis.diagnose_transport(exc)) from None
+        return self._msal
+
+    def changed_cache_state(self):
+        """The serialized cache if MSAL changed it since the last call, else None."""
+        if self.cache.has_state_changed:
+            self.cache.has_state_changed = False
+            return self.cache.serialize()
+        return None
+
+    # Delegated (user) flow ------------------------------------------------------------------
+
+    def start_sign_in(self, redirect_uri, scopes, login_hint=None):
+        """The auth-code flow with PKCE, state and nonce; keep the returned dict server-side."""
+        return self._call(lambda: self.msal_app.initiate_auth_code_flow(
+            scopes, redirect_uri=redirect_uri, login_hint=login_hint or None,
+            prompt="select_account", response_mode="form_post",
+        ))
+
+    def finish_sign_in(self, flow, params):
+        """Redeem the callback's parameters; raises AuthorizationFailed with a diagnosis."""
+        result = self._call(lambda: self.msal_app.acquire_token_by_auth_code_flow(dict(flow), dict(params)))
+        self._raise_for(result, redirect_uri=flow.get("redirect_uri", ""))
+        claims = result.get("id_token_claims") or {}
+        accounts = self.msal_app.get_accounts()
+        home_account_id = next(
+            (a["home_account_id"] for a in accounts
+             if a.get("username", "").lower() == (claims.get("preferred_username") or "").lower()),
+            accounts[0]["home_account_id"] if accounts else "",
+        )
+        return SignIn(
+            username=(claims.get("preferred_username") or claims.get("upn") or "").lower(),
+            tenant_id=claims.get("tid", ""),
+            home_account_id=home_account_id,
+            scopes=tuple((result.get("scope") or "").split()),
+            expires_at=time.time() + int(result.get("expires_in", 0)),
+        )
+
+    def access_token(self, scopes, home_account_id=None):
+        """A valid access token, from the cache or by refreshing (rotating the refresh token)."""
+        accounts = self.msal_app.get_accounts()
+        account = next((a for a in accounts if a["home_account_id"] == home_account_id), None) \
+            if home_account_id else (accounts[0] if accounts else None)
+        if account is None:
+            raise ReconnectRequired(diagnosis.diagnose_oauth(
+                {"error": "invalid_grant", "error_description": "AADSTS70008: no sign-in is stored."}))
+        result = self._call(lambda: self.msal_app.acquire_token_silent_with_error(scopes, account))
+        if result is None:  # nothing usable in the cache at all
+            raise ReconnectRequired(diagnosis.diagnose_oauth(
+                {"error": "invalid_grant", "error_description": "AADSTS70008: no refresh token is stored."}))
+        self._raise_for(result)
+        return _access_token(result)
+
+    def forget(self):
+        """Drop every token of this cache. Microsoft has no per-token revocation endpoint."""
+        for account in self.msal_app.get_accounts():
+            self.msal_app.remove_account(account)
+
+    # App-only flow --------------------------------------------------------------------------
+
+    def app_access_token(self, scopes):
+        result = self._call(lambda: self.msal_app.acquire_token_for_client(scopes))
+        self._raise_for(result)
+        return _access_token(result)
+
+    # ----------------------------------------------------------------------------------------
+
+    def _call(self, function):
+        try:
+            return function()
+        except requests.RequestException as exc:
+            raise TransientFailure(diagnosis.diagnose_transport(exc)) from None
+
+    @staticmethod
+    def _raise_for(result, **params):
+        if "error" not in result:
+            return
+        found = diagnosis.diagnose_oauth(result, **params)
+        _logger.info("Microsoft identity platform refused a token request: %s", found.code)
+        if found.needs_reconnect:
+            raise ReconnectRequired(found)
+        if found.transient:
+            raise TransientFailure(found)
+        raise AuthorizationFailed(found)
+
+
+def _is_microsoft_authority(authority):
+    host = urlsplit(authority).hostname or ""
+    return any(host == urlsplit(cloud.authority_host).hostname for cloud in CLOUDS.values())
+
+
+def _access_token(result):
+    return AccessToken(
+        token=result["access_token"],
+        expires_at=time.time() + int(result.get("expires_in", 0)),
+        from_cache=result.get("token_source") == "cache",
+    )
+
+
+class _TimeoutSession:
+    """requests.Session with a default timeout: MSAL only applies its own when it builds the session."""
+
+    def __init__(self, session, timeout):
+        self._session = session
+        self._timeout = timeout
+
+    def get(self, url, **kwargs):
+        kwargs.setdefault("timeout", self._timeout)
+        return self._session.get(url, **kwargs)
+
+    def post(self, url, **kwargs):
+        kwargs.setdefault("timeout", self._timeout)
+        return self._session.post(url, **kwargs)
+
+    def close(self):
+        pass  # the pooled session outlives this client

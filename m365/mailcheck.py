@@ -1,0 +1,56 @@
+"""XOAUTH2 logins on IMAP, POP3 and SMTP connections, with the server's refusal diagnosed.
+
+Works on connections opened by the caller (Odoo's own IMAP/POP/SMTP objects), so Odoo keeps
+its timeouts and TLS handling; this module only authenticates and reads the reply.
+"""
+import imaplib
+import poplib
+
+from . import diagnosis
+from .errors import MailLoginFailed
+from .xoauth2 import xoauth2_base64, xoauth2_string
+
+
+def imap_authenticate(connection, mailbox, access_token):
+    """AUTHENTICATE XOAUTH2 then SELECT INBOX, as Exchange needs both before a fetch."""
+    raw = xoauth2_string(mailbox, access_token)
+    try:
+        connection.authenticate("XOAUTH2", lambda _challenge: raw.encode())
+    except imaplib.IMAP4.error as exc:
+        raise MailLoginFailed(diagnosis.diagnose_mailbox(
+            "IMAP", str(exc), mailbox=mailbox, scope="IMAP.AccessAsUser.All")) from None
+    status, data = connection.select("INBOX")
+    if status != "OK":
+        raise MailLoginFailed(diagnosis.diagnose_mailbox(
+            "IMAP", b" ".join(d for d in data if isinstance(d, bytes)), mailbox=mailbox,
+            scope="IMAP.AccessAsUser.All"))
+
+
+def pop3_authenticate(connection, mailbox, access_token):
+    """poplib has no SASL helper: ``AUTH XOAUTH2``, wait for ``+``, send the response."""
+    try:
+        reply = connection._shortcmd("AUTH XOAUTH2")
+        if not reply.startswith(b"+"):
+            raise poplib.error_proto(reply)
+        connection._putcmd(xoauth2_base64(mailbox, access_token))
+        connection._getresp()
+    except poplib.error_proto as exc:
+        raise MailLoginFailed(diagnosis.diagnose_mailbox(
+            "POP3", exc.args[0] if exc.args else b"", mailbox=mailbox, scope="POP.AccessAsUser.All")) from None
+
+
+def smtp_authenticate(connection, mailbox, access_token):
+    """``AUTH XOAUTH2`` and check the reply: a refused token must not surface later as a
+    confusing MAIL FROM error (which is what happens when the reply is ignored)."""
+    connection.ehlo_or_helo_if_needed()
+    # smtp_debug would print the AUTH line, and so the token, to the log.
+    debuglevel, connection.debuglevel = connection.debuglevel, 0
+    try:
+        code, message = connection.docmd("AUTH", "XOAUTH2 " + xoauth2_base64(mailbox, access_token))
+        if code == 334:  # the server sent an error challenge; an empty line ends the exchange
+            code, message = connection.docmd("")
+    finally:
+        connection.debuglevel = debuglevel
+    if code != 235:
+        raise MailLoginFailed(diagnosis.diagnose_smtp(code, message, mailbox=mailbox))
+    return code, message

@@ -1,0 +1,64 @@
+"""Encryption at rest for client secrets, certificates and token caches.
+
+The key lives outside the database (Odoo's configuration or a file in its data directory), so a
+database dump alone reveals no token. Fernet: AES-128-CBC + HMAC-SHA256, authenticated.
+"""
+import base64
+import os
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+from .errors import M365Error
+
+
+class VaultError(M365Error):
+    message = "Stored credentials cannot be decrypted with the configured key."
+
+
+class Vault:
+    def __init__(self, keys):
+        """``keys``: newest first; older keys still decrypt (key rotation)."""
+        if not keys:
+            raise VaultError("No encryption key is configured.")
+        self._fernet = MultiFernet([Fernet(k) for k in parse_keys("\n".join(keys))])
+
+    def encrypt(self, text):
+        return self._fernet.encrypt(text.encode()).decode("ascii") if text else False
+
+    def decrypt(self, token):
+        if not token:
+            return ""
+        try:
+            return self._fernet.decrypt(token.encode("ascii")).decode()
+        except (InvalidToken, ValueError):
+            raise VaultError() from None
+
+    def rotate(self, token):
+        """Re-encrypt with the newest key."""
+        return self._fernet.rotate(token.encode("ascii")).decode("ascii") if token else token
+
+
+def new_key():
+    return Fernet.generate_key().decode("ascii")
+
+
+def load_or_create_key_file(path):
+    """Keys from ``path`` (one per line, newest first), creating it with one key, mode 0600."""
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(new_key() + "\n")
+    with open(path) as handle:
+        return parse_keys(handle.read())
+
+
+def parse_keys(text):
+    keys = [line.strip() for line in (text or "").replace(",", "\n").splitlines() if line.strip()]
+    for key in keys:
+        try:
+            if len(base64.urlsafe_b64decode(key)) != 32:
+                raise ValueError
+        except ValueError:
+            raise VaultError("The encryption key is not a valid Fernet key.") from None
+    return keys

@@ -1,0 +1,190 @@
+import logging
+import time
+from collections import defaultdict
+
+from odoo import _, api, fields, models
+from odoo.exceptions import AccessError, UserError, ValidationError
+
+from ..m365 import identifiers
+from ..m365.errors import AuthorizationFailed, InvalidInput, ReconnectRequired, TransientFailure
+
+_logger = logging.getLogger(__name__)
+
+# MSAL treats a token with less than 5 minutes left as expired; above this margin it is served
+# from the cache without a refresh, so the row lock is not needed.
+REFRESH_MARGIN = 5 * 60 + 30
+
+
+class Microsoft365Account(models.Model):
+    """One Microsoft 365 mailbox connected with OAuth: its grant, token cache and status."""
+
+    _name = "microsoft365.account"
+    _description = "Microsoft 365 OAuth account"
+    _order = "email, id"
+    _rec_name = "email"
+
+    email = fields.Char(string="Mailbox", required=True, index=True,
+                        help="The address of the mailbox Odoo reads and sends from.")
+    app_id = fields.Many2one("microsoft365.app", string="App registration", required=True,
+                             ondelete="restrict")
+    company_id = fields.Many2one(related="app_id.company_id", store=True)
+    provider = fields.Char(default="Microsoft 365", readonly=True)
+    status = fields.Selection(
+        [("not_connected", "Not connected"), ("connected", "Connected"),
+         ("reconnect", "Reconnect needed")],
+        default="not_connected", required=True, readonly=True, copy=False)
+    username = fields.Char(string="Signed-in account", readonly=True, copy=False)
+    tenant_id = fields.Char(string="Tenant", readonly=True, copy=False)
+    scopes = fields.Char(string="Granted scopes", readonly=True, copy=False)
+    connected_since = fields.Datetime(readonly=True, copy=False)
+    token_expires_at = fields.Datetime(string="Access token expiry", readonly=True, copy=False)
+    last_refresh = fields.Datetime(readonly=True, copy=False)
+    last_error = fields.Text(readonly=True, copy=False)
+    signed_in_as_other = fields.Boolean(compute="_compute_signed_in_as_other")
+    owner_user_id = fields.Many2one(
+        "res.users", string="Only visible for",
+        help="This user sees the account and its servers, and can authorize, test and revoke it. "
+        "Empty: administrators only.")
+    sender_name = fields.Char(string="Name displayed",
+                              help="Sender name for mail from this mailbox that has none.")
+    home_account_id = fields.Char(groups="base.group_system", readonly=True, copy=False)
+    token_cache_sealed = fields.Text(groups=fields.NO_ACCESS, copy=False)
+    incoming_server_ids = fields.One2many("fetchmail.server", "microsoft365_account_id")
+    outgoing_server_ids = fields.One2many("ir.mail_server", "microsoft365_account_id")
+
+    _sql_constraints = [
+        ("email_app_unique", "unique(email, app_id)",
+         "This mailbox is already connected with this app registration."),
+    ]
+
+    @api.model_create_multi
+    def create(self, vals_list):
+        return super().create([self._normalise(vals) for vals in vals_list])
+
+    def write(self, vals):
+        return super().write(self._normalise(vals))
+
+    def _normalise(self, vals):
+        if vals.get("email") is not None:
+            try:
+                vals = dict(vals, email=identifiers.parse_mailbox(vals["email"]))
+            except InvalidInput as exc:
+                raise ValidationError(self.env._(exc.message, **exc.params)) from None
+        return vals
+
+    @api.depends("username", "email")
+    def _compute_signed_in_as_other(self):
+        for account in self:
+            account.signed_in_as_other = bool(account.username) and account.username != account.email
+
+    # Actions ----------------------------------------------------------------------------------
+
+    def _check_may_manage(self):
+        for account in self:
+            if not (self.env.user.has_group("base.group_system") or account.owner_user_id == self.env.user):
+                raise AccessError(_("Only an administrator or the user this account is visible for "
+                                    "may manage it."))
+
+    def action_authorize(self):
+        """Start the sign-in at Microsoft (also used to renew a connection)."""
+        self.ensure_one()
+        self._check_may_manage()
+        return self.env["microsoft365.authorization"].sudo()._start(self.sudo())
+
+    def action_revoke(self):
+        self._check_may_manage()
+        for account in self.sudo():
+            account.write(dict(_DISCONNECTED, status="not_connected", last_error=False))
+        return self._notify(_("Authorization revoked"), _(
+            "Odoo forgot every token of this mailbox. To remove the consent on Microsoft's side too, "
+            "open https://myapps.microsoft.com (your own consent) or Entra ID > Enterprise applications "
+            "> the app > Permissions (organisation consent)."), "warning")
+
+    def action_open(self):
+        self.ensure_one()
+        return {"type": "ir.actions.act_window", "res_model": self._name, "res_id": self.id,
+                "view_mode": "form", "target": "current"}
+
+    def _notify(self, title, message, kind):
+        return {"type": "ir.actions.client", "tag": "display_notification",
+                "params": {"title": title, "message": message, "type": kind, "sticky": kind != "success",
+                           "next": {"type": "ir.actions.act_window_close"}}}
+
+    # Tokens -----------------------------------------------------------------------------------
+
+    def _store_sign_in(self, client, sign_in):
+        """Called by the callback once Microsoft returned the tokens."""
+        self.ensure_one()
+        self.sudo().write({
+            "status": "connected",
+            "username": sign_in.username,
+            "tenant_id": sign_in.tenant_id,
+            "home_account_id": sign_in.home_account_id,
+            "scopes": " ".join(s for s in sign_in.scopes if "/" in s),
+            "connected_since": fields.Datetime.now(),
+            "token_expires_at": _datetime(sign_in.expires_at),
+            "last_refresh": fields.Datetime.now(),
+            "last_error": False,
+            "token_cache_sealed": self.env["microsoft365.vault"]._encrypt(client.cache.serialize()),
+        })
+
+    def _access_token(self):
+        """A valid access token for this mailbox; refreshes (and saves the rotated refresh token)
+        under a row lock so two workers never spend the same refresh token."""
+        self.ensure_one()
+        account = self.sudo()
+        if account.status == "not_connected" or not account.token_cache_sealed:
+            raise UserError(_("The mailbox %s is not connected to Microsoft 365 yet: click Authorize.",
+                              account.email))
+        fresh = account.token_expires_at and \
+            account.token_expires_at.timestamp() - time.time() > REFRESH_MARGIN
+        if not fresh:
+            self.env.cr.execute(
+                "SELECT id FROM microsoft365_account WHERE id = %s FOR NO KEY UPDATE", [account.id])
+            account.invalidate_recordset(["token_cache_sealed", "token_expires_at", "home_account_id"])
+        vault = self.env["microsoft365.vault"]
+        client = account.app_id._identity_client(vault._decrypt(account.token_cache_sealed))
+        scopes = account.app_id._cloud().delegated_scopes()
+        try:
+            token = client.access_token(scopes, account.home_account_id)
+        except ReconnectRequired as exc:
+            account._record_failure("reconnect", exc)
+            raise
+        except TransientFailure as exc:
+            account._record_failure(account.status, exc)
+            raise
+        except AuthorizationFailed as exc:
+            account._record_failure("reconnect", exc)
+            raise
+        changed = client.changed_cache_state()
+        if changed:
+            account.write({
+                "token_cache_sealed": vault._encrypt(changed),
+                "token_expires_at": _datetime(token.expires_at),
+                "last_refresh": fields.Datetime.now(),
+                "status": "connected",
+                "last_error": False,
+            })
+        return token.token
+
+    def _record_failure(self, status, exc):
+        _logger.warning("Microsoft 365 account %s: %s", self.id, exc.diagnosis.code)
+        self.write({"status": status, "last_error": explain(self.env, exc.diagnosis)})
+
+
+_DISCONNECTED = {
+    "username": False, "tenant_id": False, "scopes": False, "connected_since": False,
+    "token_expires_at": False, "last_refresh": False, "home_account_id": False,
+    "token_cache_sealed": False,
+}
+
+
+def explain(env, found):
+    """The diagnosis in the user's language: what happened, what to do, what Microsoft said."""
+    params = defaultdict(lambda: "?", found.params)
+    text = "%s\n%s" % (env._(found.summary) % params, env._(found.fix) % params)
+    return text + ("\n(%s)" % found.detail if found.detail else "")
+
+
+def _datetime(epoch):
+    return fields.Datetime.to_datetime(time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(epoch)))

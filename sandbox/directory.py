@@ -1,0 +1,296 @@
+"""What the sandbox's Microsoft 365 knows: tenants, app registrations, users, mailboxes, grants and
+the tokens it issued. One JSON file in the state folder; every method is thread-safe.
+
+Ids are stable (uuid5 of the names) so a configured Odoo survives a sandbox restart; secrets are
+random per state folder and published in sandbox.json.
+"""
+import copy
+import hashlib
+import json
+import secrets
+import threading
+import time
+import uuid
+from pathlib import Path
+
+from . import ca
+from .tokens import TokenSigner
+
+NAMESPACE = uuid.UUID("6d1c8a52-6a8e-4c63-9d1c-2b1f5a0e3b77")
+DAY = 86400
+ODOO_REDIRECT_URIS = [
+    "http://localhost:8069/microsoft365/oauth/callback",
+    "http://127.0.0.1:8069/microsoft365/oauth/callback",
+]
+DELEGATED_PERMISSIONS = ["IMAP.AccessAsUser.All", "POP.AccessAsUser.All", "SMTP.Send"]
+APPLICATION_PERMISSIONS = ["IMAP.AccessAsApp", "POP.AccessAsApp", "SMTP.SendAsApp"]
+
+
+def stable_id(*names):
+    return str(uuid.uuid5(NAMESPACE, "/".join(names)))
+
+
+def _secret():
+    # Shaped like Entra's secrets: 40 characters with a '~'
+    return secrets.token_urlsafe(27)[:3] + "8Q~" + secrets.token_urlsafe(30)[:34]
+
+
+def default_seed():
+    contoso, fabrikam = stable_id("tenant", "contoso"), stable_id("tenant", "fabrikam")
+    now = time.time()
+    odoo_app = stable_id("app", "odoo")
+    key_pem, cert_pem = ca.make_client_certificate("Odoo Mail (sandbox)", days=730)
+    expired_key_pem, expired_cert_pem = ca.make_client_certificate("Odoo Mail (expired)", days=-1, not_before_days=400)
+
+    def user(upn, tenant, name, admin=False):
+        return {"upn": upn, "tenant": tenant, "oid": stable_id("user", upn), "name": name, "admin": admin,
+                "password": f"Sandbox-{upn.split('@')[0]}-1!", "require_mfa": False, "sessions_valid_after": 0}
+
+    users = [
+        user("admin@contoso.com", contoso, "Contoso Admin", admin=True),
+        user("alice@contoso.com", contoso, "Alice Anders"),
+        user("bob@contoso.com", contoso, "Bob Berg"),
+        user("carol@fabrikam.onmicrosoft.com", fabrikam, "Carol Cruz", admin=True),
+    ]
+    mailboxes = [{"address": u["upn"], "tenant": u["tenant"], "kind": "user", "smtp_auth": True}
+                 for u in users if u["tenant"] == contoso]
+    mailboxes += [
+        {"address": "info@contoso.com", "tenant": contoso, "kind": "shared", "smtp_auth": True},
+        {"address": "sales@contoso.com", "tenant": contoso, "kind": "shared", "smtp_auth": True},
+    ]
+    apps = [
+        {
+            "client_id": odoo_app, "name": "Odoo Mail (sandbox)", "home_tenant": contoso, "multi_tenant": False,
+            "redirect_uris": list(ODOO_REDIRECT_URIS),
+            "secrets": [
+                {"id": stable_id("secret", odoo_app, "current"), "value": _secret(), "expires": now + 365 * DAY,
+                 "name": "current"},
+                {"id": stable_id("secret", odoo_app, "expired"), "value": _secret(), "expires": now - DAY,
+                 "name": "expired"},
+            ],
+            "certificates": [
+                {"thumbprint": ca.thumbprint(cert_pem), "certificate": cert_pem, "private_key": key_pem,
+                 "name": "current"},
+                {"thumbprint": ca.thumbprint(expired_cert_pem), "certificate": expired_cert_pem,
+                 "private_key": expired_key_pem, "name": "expired"},
+            ],
+            "delegated": DELEGATED_PERMISSIONS, "application": APPLICATION_PERMISSIONS,
+        },
+        {
+            "client_id": stable_id("app", "partner"), "name": "Partner Mail (multi-tenant)", "home_tenant": contoso,
+            "multi_tenant": True, "redirect_uris": list(ODOO_REDIRECT_URIS),
+            "secrets": [{"id": stable_id("secret", "partner"), "value": _secret(), "expires": now + 365 * DAY,
+                         "name": "current"}],
+            "certificates": [], "delegated": DELEGATED_PERMISSIONS, "application": APPLICATION_PERMISSIONS,
+        },
+        {
+            "client_id": stable_id("app", "unconsented"), "name": "Unconsented app", "home_tenant": contoso,
+            "multi_tenant": False, "redirect_uris": list(ODOO_REDIRECT_URIS),
+            "secrets": [{"id": stable_id("secret", "unconsented"), "value": _secret(), "expires": now + 365 * DAY,
+                         "name": "current"}],
+            "certificates": [], "delegated": DELEGATED_PERMISSIONS, "application": APPLICATION_PERMISSIONS,
+        },
+    ]
+    consents = [  # tenant-wide admin consent per app and tenant
+        {"client_id": odoo_app, "tenant": contoso, "delegated": True, "application": True},
+        {"client_id": stable_id("app", "partner"), "tenant": contoso, "delegated": True, "application": True},
+    ]
+    service_principals = [  # registered in Exchange Online with New-ServicePrincipal
+        {"client_id": odoo_app, "tenant": contoso, "object_id": stable_id("sp", odoo_app, contoso)},
+    ]
+    grants = [
+        {"right": "full_access", "identity": "alice@contoso.com", "mailbox": "info@contoso.com"},
+        {"right": "send_as", "identity": "alice@contoso.com", "mailbox": "info@contoso.com"},
+        {"right": "full_access", "identity": f"app:{odoo_app}", "mailbox": "info@contoso.com"},
+        {"right": "full_access", "identity": f"app:{odoo_app}", "mailbox": "sales@contoso.com"},
+    ]
+    return {
+        "tenants": [
+            {"id": contoso, "name": "Contoso", "domains": ["contoso.onmicrosoft.com", "contoso.com"],
+             "exchange": True},
+            {"id": fabrikam, "name": "Fabrikam", "domains": ["fabrikam.onmicrosoft.com"], "exchange": False},
+        ],
+        "users": users, "mailboxes": mailboxes, "apps": apps, "consents": consents,
+        "service_principals": service_principals, "grants": grants,
+        "settings": {"access_token_lifetime": 3600, "refresh_token_lifetime": 90 * DAY,
+                     "basic_auth_allowed": False, "single_use_refresh_tokens": True},
+    }
+
+
+class Directory:
+    def __init__(self, state_dir):
+        self.path = Path(state_dir) / "directory.json"
+        seed_path = Path(state_dir) / "seed.json"
+        if not seed_path.exists():  # the seed's secrets and certificates stay the same across resets
+            seed_path.write_text(json.dumps(default_seed(), indent=1))
+            seed_path.chmod(0o600)
+        self.seed = json.loads(seed_path.read_text())
+        self.lock = threading.RLock()
+        self.signer = TokenSigner(state_dir)
+        if self.path.exists():
+            self.data = json.loads(self.path.read_text())
+        else:
+            self.reset()
+        self.codes = {}  # authorization codes live in memory: they expire in minutes anyway
+        self.sessions = {}  # sign-in page cookie -> upn
+        self.counters = {}
+        self.fault = None
+
+    # persistence ---------------------------------------------------------------------------
+
+    def reset(self):
+        with self.lock:
+            self.data = copy.deepcopy(self.seed)
+            self.data.setdefault("refresh_tokens", {})
+            self.data.setdefault("access_tokens_valid_after", {})
+            self.codes, self.sessions, self.counters, self.fault = {}, {}, {}, None
+            self.save()
+
+    def save(self):
+        with self.lock:
+            temporary = self.path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(self.data, indent=1))
+            temporary.chmod(0o600)
+            temporary.replace(self.path)
+
+    def count(self, name, amount=1):
+        with self.lock:
+            self.counters[name] = self.counters.get(name, 0) + amount
+
+    # lookups -------------------------------------------------------------------------------
+
+    @property
+    def settings(self):
+        return self.data["settings"]
+
+    @property
+    def basic_auth_allowed(self):
+        return self.settings["basic_auth_allowed"]
+
+    def tenant(self, key):
+        """By GUID or by any of its domains; None when unknown."""
+        key = (key or "").lower()
+        return next((t for t in self.data["tenants"] if t["id"] == key or key in t["domains"]), None)
+
+    def app(self, client_id):
+        return next((a for a in self.data["apps"] if a["client_id"] == (client_id or "").lower()), None)
+
+    def user(self, upn):
+        return next((u for u in self.data["users"] if u["upn"] == (upn or "").lower()), None)
+
+    def users_of(self, tenant_id=None):
+        return [u for u in self.data["users"] if tenant_id is None or u["tenant"] == tenant_id]
+
+    def mailbox(self, address):
+        return next((m for m in self.data["mailboxes"] if m["address"] == (address or "").lower()), None)
+
+    def consent(self, client_id, tenant_id):
+        return next((c for c in self.data["consents"]
+                     if c["client_id"] == client_id and c["tenant"] == tenant_id), None)
+
+    def service_principal_registered(self, client_id, tenant_id):
+        return any(sp["client_id"] == client_id and sp["tenant"] == tenant_id
+                   for sp in self.data["service_principals"])
+
+    def _granted(self, right, identity, mailbox):
+        return any(g["right"] == right and g["identity"] == (identity or "").lower()
+                   and g["mailbox"] == (mailbox or "").lower() for g in self.data["grants"])
+
+    def has_full_access(self, identity, mailbox):
+        return self._granted("full_access", identity, mailbox)
+
+    def has_send_as(self, identity, address):
+        return self._granted("send_as", identity, address)
+
+    # refresh tokens (opaque, stored by hash) -------------------------------------------------
+
+    @staticmethod
+    def _digest(token):
+        return hashlib.sha256(token.encode()).hexdigest()
+
+    def issue_refresh_token(self, grant):
+        token = "0.A" + secrets.token_urlsafe(96)
+        with self.lock:
+            self.data["refresh_tokens"][self._digest(token)] = {
+                **grant, "issued": time.time(), "expires": time.time() + self.settings["refresh_token_lifetime"],
+                "used": False,
+            }
+            self.save()
+        return token
+
+    def redeem_refresh_token(self, token):
+        """The grant behind a refresh token, marking it used; (grant, problem)."""
+        with self.lock:
+            grant = self.data["refresh_tokens"].get(self._digest(token or ""))
+            if grant is None:
+                return None, "unknown"
+            if grant["used"] and self.settings["single_use_refresh_tokens"]:
+                return grant, "used"
+            if grant["expires"] < time.time():
+                return grant, "expired"
+            user = self.user(grant["upn"])
+            if user is None or grant["issued"] <= user["sessions_valid_after"]:
+                return grant, "revoked"
+            grant["used"] = True
+            self.save()
+            return dict(grant), None
+
+    def expire_refresh_tokens(self, upn=None):
+        with self.lock:
+            for grant in self.data["refresh_tokens"].values():
+                if upn is None or grant["upn"] == upn:
+                    grant["expires"] = time.time() - 1
+            self.save()
+
+    def revoke_sessions(self, upn):
+        with self.lock:
+            self.user(upn)["sessions_valid_after"] = time.time()
+            self.sessions = {cookie: who for cookie, who in self.sessions.items() if who != upn}
+            self.save()
+
+    def expire_access_tokens(self, subject=None):
+        """Access tokens issued until now stop working at the mail servers (subject: upn or app:<id>)."""
+        with self.lock:
+            self.data["access_tokens_valid_after"][subject or "*"] = time.time()
+            self.save()
+
+    def verify_access_token(self, token):
+        """(claims, None) or (None, reason): what Exchange Online checks before anything else."""
+        claims, problem = self.signer.verify(token or "")
+        if problem:
+            return None, problem
+        subject = claims.get("upn", "").lower() or f"app:{claims.get('appid', '')}"
+        valid_after = self.data["access_tokens_valid_after"]
+        if claims["iat"] <= max(valid_after.get("*", 0), valid_after.get(subject, 0)):
+            return None, "token revoked"
+        return claims, None
+
+    # mutations used by the control interface -------------------------------------------------
+
+    def update(self, collection, match, values):
+        with self.lock:
+            for item in self.data[collection]:
+                if all(item.get(k) == v for k, v in match.items()):
+                    item.update(values)
+                    self.save()
+                    return item
+            raise KeyError(f"no {collection} entry matching {match}")
+
+    def set_membership(self, collection, entry, present):
+        with self.lock:
+            items = [item for item in self.data[collection] if item != entry]
+            if present:
+                items.append(entry)
+            self.data[collection] = items
+            self.save()
+
+    def public_view(self):
+        """What sandbox.json publishes: ids, secrets and certificates a test or demo needs."""
+        with self.lock:
+            return {
+                "tenants": self.data["tenants"],
+                "users": [{k: u[k] for k in ("upn", "tenant", "oid", "name", "admin", "password")}
+                          for u in self.data["users"]],
+                "mailboxes": self.data["mailboxes"],
+                "apps": self.data["apps"],
+            }

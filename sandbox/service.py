@@ -1,0 +1,98 @@
+"""The whole sandbox as one unit: identity endpoint, IMAP/POP3 (Dovecot) and SMTP, one state folder."""
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from . import mailauth
+from .ca import ensure_tls
+from .directory import Directory
+from .identity import IdentityServer
+
+FIXED_PORTS = {"identity": 9443, "imaps": 9993, "pop3s": 9995, "smtp": 9587, "lmtp": 9024, "verify": 9080}
+HOST = "127.0.0.1"
+
+
+def free_ports(names):
+    sockets, ports = [], {}
+    for name in names:
+        s = socket.socket()
+        s.bind((HOST, 0))
+        sockets.append(s)
+        ports[name] = s.getsockname()[1]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class SandboxService:
+    def __init__(self, state_dir, ports="fixed", with_mail=True):
+        self.state_dir = Path(state_dir).resolve()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.ports = dict(FIXED_PORTS) if ports == "fixed" else free_ports(FIXED_PORTS) if ports == "auto" \
+            else dict(ports)
+        self.tls = ensure_tls(self.state_dir)
+        self.directory = Directory(self.state_dir)
+        self.identity = None
+        self.mail = None
+        self.with_mail = with_mail
+
+    def start(self):
+        started = time.monotonic()
+        self.identity = IdentityServer(self.directory, self.tls, HOST, self.ports["identity"])
+        self.identity.start()
+        if not self.with_mail:  # identity-only, for the token tests
+            self.write_description(startup_seconds=time.monotonic() - started)
+            return self
+        from .mail import MailServers
+
+        directory = self.directory
+        self.mail = MailServers(
+            self.state_dir, self.tls, self.ports,
+            check_login=lambda mailbox, protocol, secret, mechanism: mailauth.check_mail_login(
+                directory, mailbox, protocol, secret, mechanism),
+            may_send_as=lambda login, address: mailauth.may_send_as(directory, login, address),
+            is_mailbox=lambda address: directory.mailbox(address) is not None,
+        )
+        try:
+            self.mail.start()
+        except BaseException:
+            self.identity.stop()
+            raise
+        self.write_description(startup_seconds=time.monotonic() - started)
+        return self
+
+    def stop(self):
+        if self.mail:
+            self.mail.stop()
+        if self.identity:
+            self.identity.stop()
+        description = self.state_dir / "sandbox.json"
+        if description.exists():
+            description.unlink()
+
+    def description(self):
+        directory = self.directory.public_view()
+        contoso = next(t for t in directory["tenants"] if t["name"] == "Contoso")
+        return {
+            "pid": os.getpid(),
+            "host": HOST,
+            "ports": self.ports,
+            "identity_url": self.identity.base_url,
+            "authority_host": self.identity.base_url,
+            "ca_file": self.tls.ca_cert,
+            "control_url": f"{self.identity.base_url}/_sandbox",
+            "default_tenant_id": contoso["id"],
+            "mail_resource": "https://outlook.office.com",
+            "app_resource": "https://outlook.office365.com",
+            "state_dir": str(self.state_dir),
+            "directory": directory,
+        }
+
+    def write_description(self, **extra):
+        path = self.state_dir / "sandbox.json"
+        temporary = path.with_suffix(".tmp")
+        temporary.write_text(json.dumps({**self.description(), **extra}, indent=1))
+        temporary.chmod(0o600)  # holds the sandbox's client secrets
+        temporary.replace(path)
