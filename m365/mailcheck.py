@@ -33,7 +33,12 @@ def pop3_authenticate(connection, mailbox, access_token):
         if not reply.startswith(b"+"):
             raise poplib.error_proto(reply)
         connection._putcmd(xoauth2_base64(mailbox, access_token))
-        connection._getresp()
+        reply = connection._getline()[0]
+        if reply.startswith(b"+"):  # a SASL error challenge: an empty line ends the exchange
+            connection._putcmd("")
+            reply = connection._getline()[0]
+        if not reply.startswith(b"+OK"):
+            raise poplib.error_proto(reply)
     except poplib.error_proto as exc:
         raise MailLoginFailed(diagnosis.diagnose_mailbox(
             "POP3", exc.args[0] if exc.args else b"", mailbox=mailbox, scope="POP.AccessAsUser.All")) from None

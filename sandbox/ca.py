@@ -72,7 +72,7 @@ def ensure_tls(state_dir):
     Path(files.server_cert).write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
     key_path = Path(files.server_key)
     key_path.write_bytes(_pem_key(server_key))
-    key_path.chmod(0o644)  # Dovecot reads it after dropping privileges
+    key_path.chmod(0o600)  # Dovecot reads it as root, before dropping privileges
     return files
 
 

@@ -86,6 +86,24 @@ class Sandbox:
     def authority(self, tenant=None):
         return f"{self.identity_url}/{tenant or self.tenant()['id']}"
 
+    def odoo_app_values(self, app_name="Odoo Mail (sandbox)", secret="current"):
+        """Field values of an Odoo app registration (microsoft365.app) pointing at this sandbox."""
+        host, ports = self.host, self.ports
+        return {
+            "name": f"{app_name} at {self.identity_url}",
+            "cloud": "custom",
+            "tenant": self.tenant()["id"],
+            "client_id": self.app(app_name)["client_id"],
+            "client_secret": self.secret(app_name, secret),
+            "authority_host": self.identity_url,
+            "delegated_resource": self.description["mail_resource"],
+            "app_resource": self.description["app_resource"],
+            "imap_host": host, "imap_port": ports["imaps"],
+            "pop_host": host, "pop_port": ports["pop3s"],
+            "smtp_host": host, "smtp_port": ports["smtp"],
+            "ca_file": self.ca_file,
+        }
+
     # control interface -----------------------------------------------------------------------
 
     def control(self, action, **body):

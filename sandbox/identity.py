@@ -6,6 +6,8 @@ HTTP statuses), so that MSAL and the addon meet exactly what they meet in produc
 """
 import base64
 import datetime
+import email.message
+import email.utils
 import hashlib
 import html
 import json
@@ -165,6 +167,7 @@ class IdentityServer:
         self.port = self.httpd.server_address[1]
         self.base_url = f"https://{host}:{self.port}"
         self._thread = None
+        self.deliver = None  # set by the service once the mail servers run
 
     def start(self):
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="sandbox-identity", daemon=True)
@@ -770,7 +773,23 @@ def _add_redirect_uri(identity, body):
                                   {"redirect_uris": app["redirect_uris"] + [body["redirect_uri"]]})
 
 
+def _deliver(identity, body):
+    """Put a message into a mailbox's INBOX, as if someone had mailed it."""
+    if identity.deliver is None:
+        raise KeyError("mail servers are not running")
+    message = email.message.EmailMessage()
+    message["From"] = body.get("sender", "someone@fabrikam.example")
+    message["To"] = body["mailbox"]
+    message["Subject"] = body.get("subject", "Hello")
+    message["Date"] = email.utils.formatdate(localtime=False)
+    message["Message-ID"] = email.utils.make_msgid(domain="sandbox.invalid")
+    message.set_content(body.get("body", ""))
+    identity.deliver(body["mailbox"], message.as_bytes())
+    return {"message_id": message["Message-ID"]}
+
+
 _CONTROL = {
+    "deliver": _deliver,
     "token_fault": _set_fault,
     "reset": _reset,
     "revoke_sessions": _revoke_sessions,

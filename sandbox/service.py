@@ -60,6 +60,7 @@ class SandboxService:
         except BaseException:
             self.identity.stop()
             raise
+        self.identity.deliver = self.mail.deliver
         self.write_description(startup_seconds=time.monotonic() - started)
         return self
 

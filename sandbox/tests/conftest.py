@@ -19,3 +19,13 @@ def fresh(identity_sandbox):
     """Resets the directory (seed, counters, faults) before a test that changes it."""
     identity_sandbox.reset()
     return identity_sandbox
+
+
+@pytest.fixture(scope="session")
+def sandbox():
+    """The whole sandbox (identity, Dovecot IMAP/POP3/LMTP, SMTP) on free ports."""
+    service = SandboxService(tempfile.mkdtemp(prefix="m365-sandbox-"), ports="auto").start()
+    handle = Sandbox(service.description())
+    handle.service = service
+    yield handle
+    service.stop()

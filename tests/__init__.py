@@ -1,0 +1,1 @@
+from . import test_app_registration, test_account_connection, test_callback

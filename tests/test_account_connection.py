@@ -1,0 +1,126 @@
+import imaplib
+import ssl
+from unittest.mock import patch
+
+from odoo.exceptions import UserError, ValidationError
+from odoo.tests import tagged
+from odoo.tools import mute_logger
+
+from ..m365.errors import ReconnectRequired
+from ..m365.mailcheck import imap_authenticate
+from ..m365.identity import IdentityClient, AppCredentials
+from .common import SandboxCase
+
+
+@tagged("post_install", "-at_install")
+class TestAccountConnection(SandboxCase):
+    """A connected mailbox against the sandbox: tokens at rest, refresh, and IMAP/POP3/SMTP logins."""
+
+    def read_inbox(self, mailbox, subject):
+        """Read `mailbox` as the sandbox app (app-only, FullAccess) and return the matching messages."""
+        credentials = AppCredentials(client_id=self.sandbox.app()["client_id"],
+                                     authority=self.sandbox.authority(), client_secret=self.sandbox.secret(),
+                                     ca_file=self.sandbox.ca_file)
+        token = IdentityClient(credentials).app_access_token(["https://outlook.office365.com/.default"])
+        context = ssl.create_default_context(cafile=self.sandbox.ca_file)
+        with imaplib.IMAP4_SSL(self.sandbox.host, self.sandbox.ports["imaps"], ssl_context=context) as imap:
+            imap_authenticate(imap, mailbox, token.token)
+            _status, data = imap.search(None, "SUBJECT", f'"{subject}"')
+            return data[0].split()
+
+    def test_mailbox_address_is_validated(self):
+        for bad in ("alice", "alice@contoso.com\r\nBcc: x@y.z", "<alice@contoso.com>"):
+            with self.subTest(bad=bad), self.assertRaises(ValidationError):
+                self.new_account(email=bad)
+
+    def test_connected_account_keeps_only_ciphertext(self):
+        account = self.connect(self.new_account())
+        self.assertEqual(account.status, "connected")
+        self.assertEqual(account.username, "alice@contoso.com")
+        self.env.flush_all()
+        self.env.cr.execute("SELECT token_cache_sealed FROM microsoft365_account WHERE id = %s", [account.id])
+        sealed = self.env.cr.fetchone()[0]
+        self.assertTrue(sealed)
+        for clear_text in ("refresh_token", "access_token", "alice@contoso.com", "eyJ"):
+            self.assertNotIn(clear_text, sealed)
+
+    def test_cached_token_costs_no_request_and_no_write(self):
+        account = self.connect(self.new_account())
+        requests_before = self.sandbox.counter("token_requests")
+        token = account._access_token()
+        self.env.flush_all()
+        with self.assertQueryCount(__system__=1):  # the account's row, read once; nothing written
+            account.invalidate_recordset()
+            self.assertEqual(account._access_token(), token)
+        self.assertEqual(self.sandbox.counter("token_requests"), requests_before)
+
+    def test_refresh_saves_the_rotated_refresh_token(self):
+        self.sandbox.control("settings", access_token_lifetime=120)  # MSAL refreshes under 5 minutes
+        account = self.connect(self.new_account())
+        sealed_before = account.sudo().token_cache_sealed
+        first = account._access_token()
+        second = account._access_token()  # would fail if the first refresh's new token were lost
+        self.assertNotEqual(first, second)
+        self.assertNotEqual(account.sudo().token_cache_sealed, sealed_before)
+        self.assertEqual(self.sandbox.counter("token:refresh_token"), 2)
+
+    @mute_logger("odoo.addons.mail_microsoft365_oauth.models.microsoft365_account")
+    def test_revoked_grant_needs_reconnect_in_plain_words(self):
+        self.sandbox.control("settings", access_token_lifetime=120)
+        account = self.connect(self.new_account())
+        self.sandbox.control("revoke_sessions", user="alice@contoso.com")
+        with self.assertRaises(ReconnectRequired):
+            account._access_token()
+        self.assertEqual(account.status, "reconnect")
+        self.assertIn("Authorize", account.last_error)
+
+    def test_imap_fetch_creates_records(self):
+        account = self.connect(self.new_account())
+        self.sandbox.control("deliver", mailbox="alice@contoso.com", subject="Order 4711 from Fabrikam",
+                             sender="buyer@fabrikam.example")
+        server = self.env["fetchmail.server"].create({
+            "name": "alice (Microsoft 365)", "connect_with": "microsoft365",
+            "microsoft365_account_id": account.id, "server_type": "imap", "server": self.sandbox.host,
+            "port": self.sandbox.ports["imaps"], "is_ssl": True, "user": account.email,
+            "object_id": self.env.ref("base.model_res_partner").id,
+        })
+        server.button_confirm_login()
+        self.assertEqual(server.state, "done")
+        with patch.object(self.env.cr, "commit", lambda: None):  # fetchmail commits after each message
+            server.fetch_mail()
+        self.assertTrue(self.env["res.partner"].search([("name", "=", "Order 4711 from Fabrikam")]))
+
+    def test_pop3_test_connection(self):
+        account = self.connect(self.new_account())
+        server = self.env["fetchmail.server"].create({
+            "name": "alice POP", "connect_with": "microsoft365", "microsoft365_account_id": account.id,
+            "server_type": "pop", "server": self.sandbox.host, "port": self.sandbox.ports["pop3s"],
+            "is_ssl": True, "user": account.email,
+        })
+        server.button_confirm_login()
+        self.assertEqual(server.state, "done")
+
+    def outgoing_server(self, account):
+        return self.env["ir.mail_server"].create({
+            "name": "alice SMTP", "smtp_authentication": "microsoft365", "microsoft365_account_id": account.id,
+            "smtp_host": self.sandbox.host, "smtp_port": self.sandbox.ports["smtp"], "smtp_encryption": "starttls",
+            "smtp_user": account.email, "from_filter": account.email,
+        })
+
+    def test_smtp_sends_and_mail_arrives(self):
+        account = self.connect(self.new_account())
+        server = self.outgoing_server(account)
+        with self.assertRaises(UserError) as success:  # Odoo reports a good test as a UserError-like notification
+            raise UserError(str(server.test_smtp_connection()))
+        self.assertIn("display_notification", str(success.exception))
+        message = self.env["ir.mail_server"].build_email(
+            "alice@contoso.com", ["info@contoso.com"], "Quote 2026-118", "Please find the quote.")
+        server.send_email(message, mail_server_id=server.id)
+        self.assertEqual(len(self.read_inbox("info@contoso.com", "Quote 2026-118")), 1)
+
+    def test_smtp_auth_disabled_is_explained(self):
+        account = self.connect(self.new_account())
+        self.sandbox.control("smtp_auth", mailbox="alice@contoso.com", enabled=False)
+        with self.assertRaises(UserError) as refused:
+            self.outgoing_server(account).test_smtp_connection()
+        self.assertIn("Set-CASMailbox", str(refused.exception))
