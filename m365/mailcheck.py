@@ -34,7 +34,7 @@ def pop3_authenticate(connection, mailbox, access_token):
             raise poplib.error_proto(reply)
         connection._putcmd(xoauth2_base64(mailbox, access_token))
         reply = connection._getline()[0]
-        if reply.startswith(b"+"):  # a SASL error challenge: an empty line ends the exchange
+        if reply == b"+" or reply.startswith(b"+ "):  # SASL error challenge: an empty line ends it
             connection._putcmd("")
             reply = connection._getline()[0]
         if not reply.startswith(b"+OK"):

@@ -50,7 +50,8 @@ class FetchmailServer(models.Model):
         if not allow_archived and not self.active:
             raise UserError(_('The server "%s" cannot be used because it is archived.', self.display_name))
         connection = POP3Connection(self.server, int(self.port), self.is_ssl)
-        pop3_authenticate(connection, self.microsoft365_account_id.email, self._microsoft365_token())
+        # Odoo's wrapper exposes only POP3's public commands; SASL needs the raw client.
+        pop3_authenticate(connection.__obj__, self.microsoft365_account_id.email, self._microsoft365_token())
         return connection
 
     def button_confirm_login(self):

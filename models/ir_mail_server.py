@@ -44,7 +44,8 @@ class IrMailServer(models.Model):
             return super()._smtp_login(connection, smtp_user, smtp_password)
         account = self._microsoft365_account()
         try:
-            smtp_authenticate(connection, account.email, account._access_token())
+            # Odoo's SMTPConnection wrapper exposes only some of smtplib's attributes.
+            smtp_authenticate(getattr(connection, "__obj__", connection), account.email, account._access_token())
         except M365Error as exc:
             found = getattr(exc, "diagnosis", None)
             raise UserError(explain(self.env, found) if found else str(exc)) from None

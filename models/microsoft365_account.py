@@ -169,7 +169,17 @@ class Microsoft365Account(models.Model):
 
     def _record_failure(self, status, exc):
         _logger.warning("Microsoft 365 account %s: %s", self.id, exc.diagnosis.code)
-        self.write({"status": status, "last_error": explain(self.env, exc.diagnosis)})
+        values = {"status": status, "last_error": explain(self.env, exc.diagnosis)}
+        self.write(values)  # kept when the caller goes on (fetchmail's cron catches and commits)
+        account_id = self.id
+
+        def keep_after_rollback():
+            # A button (Test connection, Fetch now) rolls the transaction back with the error;
+            # the status must survive it. The row lock is released by then.
+            with self.env.registry.cursor() as cr:
+                self.env(cr=cr)[self._name].browse(account_id).sudo().write(values)
+
+        self.env.cr.postrollback.add(keep_after_rollback)
 
 
 _DISCONNECTED = {

@@ -69,8 +69,11 @@ class TestAccountConnection(SandboxCase):
         self.sandbox.control("settings", access_token_lifetime=120)
         account = self.connect(self.new_account())
         self.sandbox.control("revoke_sessions", user="alice@contoso.com")
-        with self.assertRaises(ReconnectRequired):
+        try:  # no savepoint: as in fetchmail's cron, which catches the error and commits
             account._access_token()
+            self.fail("a revoked grant must not yield a token")
+        except ReconnectRequired:
+            pass
         self.assertEqual(account.status, "reconnect")
         self.assertIn("Authorize", account.last_error)
 
@@ -110,9 +113,7 @@ class TestAccountConnection(SandboxCase):
     def test_smtp_sends_and_mail_arrives(self):
         account = self.connect(self.new_account())
         server = self.outgoing_server(account)
-        with self.assertRaises(UserError) as success:  # Odoo reports a good test as a UserError-like notification
-            raise UserError(str(server.test_smtp_connection()))
-        self.assertIn("display_notification", str(success.exception))
+        self.assertEqual(server.test_smtp_connection()["tag"], "display_notification")
         message = self.env["ir.mail_server"].build_email(
             "alice@contoso.com", ["info@contoso.com"], "Quote 2026-118", "Please find the quote.")
         server.send_email(message, mail_server_id=server.id)

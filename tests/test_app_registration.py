@@ -44,8 +44,8 @@ class TestAppRegistration(TransactionCase):
         self.assertTrue(stored)
         self.assertNotIn(secret, stored)
         self.assertEqual(app._credentials().client_secret, secret)
-        with self.assertRaises(AccessError):
-            app.read(["client_secret_sealed"])
+        with self.assertRaises(AccessError):  # not even an administrator, through the ORM or RPC
+            app.with_user(self.env.ref("base.user_admin")).read(["client_secret_sealed"])
 
     def test_redirect_uri_follows_web_base_url(self):
         self.env["ir.config_parameter"].sudo().set_param("web.base.url", "https://erp.example.com")
