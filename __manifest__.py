@@ -18,6 +18,8 @@
         "views/fetchmail_server_views.xml",
         "views/ir_mail_server_views.xml",
         "views/templates.xml",
+        "views/microsoft365_connect_wizard_views.xml",
+        "views/res_config_settings_views.xml",
         "views/menus.xml",
     ],
     "installable": True,

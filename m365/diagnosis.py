@@ -113,6 +113,17 @@ def diagnose_transport(exc):
     )
 
 
+def diagnose_connection(protocol, host, port, exc):
+    """Diagnosis of a mail server that could not be reached or spoke no TLS with us."""
+    return Diagnosis(
+        f"{protocol} CONNECT", TRANSIENT,
+        _lt("Odoo could not connect to the %(protocol)s server %(host)s:%(port)s."),
+        _lt("Check the host, port and encryption of the server, and that Odoo may reach it "
+            "(firewall, proxy, DNS)."),
+        f"{type(exc).__name__}: {exc}"[:300], {"protocol": protocol, "host": host, "port": port},
+    )
+
+
 _SMTP_RULES = [
     (re.compile(r"5\.7\.139"), "SMTP 5.7.139", CONFIGURATION,
      _lt("SMTP AUTH is disabled for this mailbox or the whole organisation."),

@@ -5,6 +5,8 @@ its timeouts and TLS handling; this module only authenticates and reads the repl
 """
 import imaplib
 import poplib
+import smtplib
+import ssl
 
 from . import diagnosis
 from .errors import MailLoginFailed
@@ -59,3 +61,58 @@ def smtp_authenticate(connection, mailbox, access_token):
     if code != 235:
         raise MailLoginFailed(diagnosis.diagnose_smtp(code, message, mailbox=mailbox))
     return code, message
+
+
+# Test connection: a fresh connection per protocol, certificate checked (Microsoft's are public;
+# a private endpoint such as the sandbox names its CA), logged in, and closed without side effects.
+
+def _tls_context(ca_file):
+    return ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
+
+
+def _connect(protocol, host, port, opener):
+    try:
+        return opener()
+    except (OSError, ssl.SSLError, imaplib.IMAP4.error, poplib.error_proto, smtplib.SMTPException) as exc:
+        raise MailLoginFailed(diagnosis.diagnose_connection(protocol, host, port, exc)) from None
+
+
+def check_imap(host, port, mailbox, access_token, ca_file=None, timeout=30):
+    imap = _connect("IMAP", host, port, lambda: imaplib.IMAP4_SSL(
+        host, port, ssl_context=_tls_context(ca_file), timeout=timeout))
+    try:
+        imap_authenticate(imap, mailbox, access_token)
+    finally:
+        try:
+            imap.logout()
+        except (OSError, imaplib.IMAP4.error):
+            pass
+
+
+def check_pop3(host, port, mailbox, access_token, ca_file=None, timeout=30):
+    pop = _connect("POP3", host, port, lambda: poplib.POP3_SSL(
+        host, port, context=_tls_context(ca_file), timeout=timeout))
+    try:
+        pop3_authenticate(pop, mailbox, access_token)
+        pop.stat()
+    finally:
+        try:
+            pop.quit()
+        except (OSError, poplib.error_proto):
+            pass
+
+
+def check_smtp(host, port, mailbox, access_token, ca_file=None, timeout=30):
+    def open_smtp():
+        smtp = smtplib.SMTP(host, port, timeout=timeout)
+        smtp.starttls(context=_tls_context(ca_file))
+        return smtp
+
+    smtp = _connect("SMTP", host, port, open_smtp)
+    try:
+        smtp_authenticate(smtp, mailbox, access_token)
+    finally:
+        try:
+            smtp.quit()
+        except (OSError, smtplib.SMTPException):
+            pass

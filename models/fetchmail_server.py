@@ -3,7 +3,7 @@ from odoo.exceptions import UserError
 
 from odoo.addons.mail.models.fetchmail import POP3Connection
 
-from ..m365.errors import M365Error, MailLoginFailed
+from ..m365.errors import M365Error
 from ..m365.mailcheck import imap_authenticate, pop3_authenticate
 from .microsoft365_account import explain
 
@@ -14,48 +14,80 @@ class FetchmailServer(models.Model):
 
     connect_with = fields.Selection(
         [("password", "Password"), ("microsoft365", "Microsoft 365 (OAuth)")],
-        default="password", required=True,
-        help="Password: Odoo's usual login. Microsoft 365: XOAUTH2 with the linked OAuth account.")
+        string="Connect with", default="password", required=True,
+        help="Password: Odoo's usual login. Microsoft 365: OAuth 2.0 (XOAUTH2) with the mailbox's OAuth "
+        "account; no password is stored.")
 
-    @api.onchange("connect_with", "microsoft365_account_id")
-    def _onchange_connect_with_microsoft365(self):
-        if self.connect_with != "microsoft365" or not self.microsoft365_account_id:
-            return
-        cloud = self.microsoft365_account_id.app_id._cloud()
-        if self.server_type not in ("imap", "pop"):
-            self.server_type = "imap"
-        self.server = cloud.pop_host if self.server_type == "pop" else cloud.imap_host
-        self.port = cloud.pop_port if self.server_type == "pop" else cloud.imap_port
-        self.is_ssl = True
-        self.user = self.microsoft365_account_id.email
-        self.password = False
-
-    def _is_microsoft365(self):
+    def _microsoft365_in_use(self):
         return self.connect_with == "microsoft365"
 
-    def _microsoft365_token(self):
-        return self._microsoft365_account()._access_token()
+    def _microsoft365_mailbox(self):
+        return self.user
+
+    @api.onchange("connect_with", "microsoft365_account_id", "server_type")
+    def _onchange_connect_with_microsoft365(self):
+        if self.connect_with != "microsoft365":
+            return
+        if not self.microsoft365_account_id and self.user:
+            self.microsoft365_account_id = self.env["microsoft365.account"].search(
+                [("email", "=", self.user.strip().lower())], limit=1)
+        cloud = self._microsoft365_cloud_for(self.microsoft365_account_id)
+        if self.server_type not in ("imap", "pop"):
+            self.server_type = "imap"
+        if cloud:
+            self.server = cloud.pop_host if self.server_type == "pop" else cloud.imap_host
+            self.port = cloud.pop_port if self.server_type == "pop" else cloud.imap_port
+        self.is_ssl = True
+        if self.microsoft365_account_id:
+            self.user = self.microsoft365_account_id.email
+        self.password = False
+
+    @api.onchange("server_type", "is_ssl", "object_id")
+    def onchange_server_type(self):
+        # Odoo resets the port to 993/995 here; a Microsoft 365 server keeps its cloud's port.
+        super().onchange_server_type()
+        if self.connect_with == "microsoft365":
+            self._onchange_connect_with_microsoft365()
+
+    @api.model_create_multi
+    def create(self, vals_list):
+        servers = super().create(vals_list)
+        servers._microsoft365_link_accounts()
+        return servers
+
+    def write(self, vals):
+        result = super().write(vals)
+        if {"connect_with", "user", "microsoft365_account_id"} & set(vals):
+            self._microsoft365_link_accounts()
+        return result
 
     def _imap_login(self, connection):
         self.ensure_one()
-        if not self._is_microsoft365():
+        if not self._microsoft365_in_use():
             return super()._imap_login(connection)
-        imap_authenticate(connection, self.microsoft365_account_id.email, self._microsoft365_token())
+        imap_authenticate(connection, self._microsoft365_account().email, self._microsoft365_token())
 
     def connect(self, allow_archived=False):
         self.ensure_one()
-        if not self._is_microsoft365() or self._get_connection_type() != "pop":
-            return super().connect(allow_archived=allow_archived)
+        if not self._microsoft365_in_use() or self._get_connection_type() != "pop":
+            try:
+                return super().connect(allow_archived=allow_archived)
+            except M365Error as exc:
+                raise UserError(explain(self.env, exc.diagnosis)) from None
         # Odoo's POP branch logs in with USER/PASS and offers no hook.
         if not allow_archived and not self.active:
             raise UserError(_('The server "%s" cannot be used because it is archived.', self.display_name))
         connection = POP3Connection(self.server, int(self.port), self.is_ssl)
-        # Odoo's wrapper exposes only POP3's public commands; SASL needs the raw client.
-        pop3_authenticate(connection.__obj__, self.microsoft365_account_id.email, self._microsoft365_token())
+        try:
+            # Odoo's wrapper exposes only POP3's public commands; SASL needs the raw client.
+            pop3_authenticate(connection.__obj__, self._microsoft365_account().email, self._microsoft365_token())
+        except M365Error as exc:
+            connection.close()
+            raise UserError(explain(self.env, exc.diagnosis)) from None
         return connection
 
     def button_confirm_login(self):
-        ours = self.filtered(lambda s: s._is_microsoft365())
+        ours = self.filtered(lambda s: s._microsoft365_in_use())
         for server in ours:
             try:
                 connection = server.connect(allow_archived=True)
@@ -64,10 +96,8 @@ class FetchmailServer(models.Model):
                     connection.quit()
                 else:
                     connection.logout()
-            except (M365Error, MailLoginFailed) as exc:
-                found = getattr(exc, "diagnosis", None)
-                raise UserError(_("Connection test failed: %s",
-                                  explain(self.env, found) if found else str(exc))) from None
+            except UserError as exc:
+                raise UserError(_("Connection test failed: %s", exc.args[0])) from None
             except Exception as exc:  # network, TLS: Odoo's own wording
                 raise UserError(_("Connection test failed: %s", exc)) from None
             server.state = "done"

@@ -14,6 +14,18 @@ class IrMailServer(models.Model):
         selection_add=[("microsoft365", "Microsoft 365 (OAuth)")],
         ondelete={"microsoft365": "set default"})
 
+    def _microsoft365_in_use(self):
+        return self.smtp_authentication == "microsoft365"
+
+    def _microsoft365_mailbox(self):
+        return self.smtp_user or (self.from_filter if self.from_filter and "@" in self.from_filter else False)
+
+    def _microsoft365_link_accounts(self):
+        super()._microsoft365_link_accounts()
+        # Odoo logs in only when a username is set: the mailbox is the username.
+        for server in self.filtered(lambda s: s._microsoft365_in_use() and not s.smtp_user):
+            server.smtp_user = server.microsoft365_account_id.email
+
     def _compute_smtp_authentication_info(self):
         ours = self.filtered(lambda s: s.smtp_authentication == "microsoft365")
         ours.smtp_authentication_info = _(
@@ -22,30 +34,46 @@ class IrMailServer(models.Model):
 
     @api.onchange("smtp_authentication", "microsoft365_account_id")
     def _onchange_smtp_authentication_microsoft365(self):
-        if self.smtp_authentication != "microsoft365" or not self.microsoft365_account_id:
+        if self.smtp_authentication != "microsoft365":
             return
-        cloud = self.microsoft365_account_id.app_id._cloud()
-        self.smtp_host = cloud.smtp_host
-        self.smtp_port = cloud.smtp_port
+        if not self.microsoft365_account_id and self.smtp_user:
+            self.microsoft365_account_id = self.env["microsoft365.account"].search(
+                [("email", "=", self.smtp_user.strip().lower())], limit=1)
+        cloud = self._microsoft365_cloud_for(self.microsoft365_account_id)
+        if cloud:
+            self.smtp_host = cloud.smtp_host
+            self.smtp_port = cloud.smtp_port
         self.smtp_encryption = "starttls"
-        self.smtp_user = self.microsoft365_account_id.email
+        if self.microsoft365_account_id:
+            self.smtp_user = self.microsoft365_account_id.email
+            if not self.from_filter:
+                self.from_filter = self.microsoft365_account_id.email
         self.smtp_pass = False
-        if not self.from_filter:
-            self.from_filter = self.microsoft365_account_id.email
 
     def _onchange_encryption(self):
         # Odoo resets the port when the encryption changes; Microsoft's port is set above.
         if self.smtp_authentication != "microsoft365":
             return super()._onchange_encryption()
 
+    @api.model_create_multi
+    def create(self, vals_list):
+        servers = super().create(vals_list)
+        servers._microsoft365_link_accounts()
+        return servers
+
+    def write(self, vals):
+        result = super().write(vals)
+        if {"smtp_authentication", "smtp_user", "from_filter", "microsoft365_account_id"} & set(vals):
+            self._microsoft365_link_accounts()
+        return result
+
     def _smtp_login(self, connection, smtp_user, smtp_password):
         # Odoo calls this on an empty recordset when no server record is involved.
-        if len(self) != 1 or self.smtp_authentication != "microsoft365":
+        if len(self) != 1 or not self._microsoft365_in_use():
             return super()._smtp_login(connection, smtp_user, smtp_password)
         account = self._microsoft365_account()
         try:
             # Odoo's SMTPConnection wrapper exposes only some of smtplib's attributes.
-            smtp_authenticate(getattr(connection, "__obj__", connection), account.email, account._access_token())
+            smtp_authenticate(getattr(connection, "__obj__", connection), account.email, self._microsoft365_token())
         except M365Error as exc:
-            found = getattr(exc, "diagnosis", None)
-            raise UserError(explain(self.env, found) if found else str(exc)) from None
+            raise UserError(explain(self.env, exc.diagnosis)) from None

@@ -5,8 +5,9 @@ from collections import defaultdict
 from odoo import _, api, fields, models
 from odoo.exceptions import AccessError, UserError, ValidationError
 
-from ..m365 import identifiers
-from ..m365.errors import AuthorizationFailed, InvalidInput, ReconnectRequired, TransientFailure
+from ..m365 import identifiers, mailcheck
+from ..m365.errors import AuthorizationFailed, InvalidInput, M365Error, MailLoginFailed, ReconnectRequired, \
+    TransientFailure
 
 _logger = logging.getLogger(__name__)
 
@@ -27,6 +28,9 @@ class Microsoft365Account(models.Model):
                         help="The address of the mailbox Odoo reads and sends from.")
     app_id = fields.Many2one("microsoft365.app", string="App registration", required=True,
                              ondelete="restrict")
+    # What a user the account is visible for may see of the (administrators-only) app and servers.
+    app_name = fields.Char(related="app_id.name", string="App")
+    server_summary = fields.Text(string="Mail servers", compute="_compute_server_summary")
     company_id = fields.Many2one(related="app_id.company_id", store=True)
     provider = fields.Char(default="Microsoft 365", readonly=True)
     status = fields.Selection(
@@ -41,6 +45,7 @@ class Microsoft365Account(models.Model):
     last_refresh = fields.Datetime(readonly=True, copy=False)
     last_error = fields.Text(readonly=True, copy=False)
     signed_in_as_other = fields.Boolean(compute="_compute_signed_in_as_other")
+    is_administrator = fields.Boolean(compute="_compute_is_administrator")
     owner_user_id = fields.Many2one(
         "res.users", string="Only visible for",
         help="This user sees the account and its servers, and can authorize, test and revoke it. "
@@ -72,10 +77,38 @@ class Microsoft365Account(models.Model):
                 raise ValidationError(self.env._(exc.message, **exc.params)) from None
         return vals
 
+    @api.model
+    def _find_or_create(self, mailbox):
+        """The account of `mailbox` (with the default app registration if it must be created)."""
+        mailbox = self._normalise({"email": mailbox})["email"]
+        account = self.search([("email", "=", mailbox)], limit=1)
+        if account:
+            return account
+        app = self.env["microsoft365.app"]._default_app()
+        if not app:
+            raise ValidationError(_("There is no app registration for Microsoft 365 yet: create one (Settings > "
+                                    "Technical > Microsoft 365 (OAuth) > App registrations) or choose the "
+                                    "default one in General Settings."))
+        return self.create({"email": mailbox, "app_id": app.id})
+
     @api.depends("username", "email")
     def _compute_signed_in_as_other(self):
         for account in self:
             account.signed_in_as_other = bool(account.username) and account.username != account.email
+
+    def _compute_is_administrator(self):
+        self.is_administrator = self.env.user.has_group("base.group_system")
+
+    @api.depends("incoming_server_ids.state", "outgoing_server_ids")
+    def _compute_server_summary(self):
+        for account in self:
+            sudo = account.sudo()
+            lines = [_("Incoming: %(name)s (%(protocol)s, %(state)s)", name=server.name,
+                       protocol=server.server_type.upper(),
+                       state=_("confirmed") if server.state == "done" else _("not confirmed"))
+                     for server in sudo.incoming_server_ids]
+            lines += [_("Outgoing: %(name)s (SMTP)", name=server.name) for server in sudo.outgoing_server_ids]
+            account.server_summary = "\n".join(lines) or _("No mail server uses this account yet.")
 
     # Actions ----------------------------------------------------------------------------------
 
@@ -99,6 +132,38 @@ class Microsoft365Account(models.Model):
             "Odoo forgot every token of this mailbox. To remove the consent on Microsoft's side too, "
             "open https://myapps.microsoft.com (your own consent) or Entra ID > Enterprise applications "
             "> the app > Permissions (organisation consent)."), "warning")
+
+    def action_test_connection(self):
+        """Log in with XOAUTH2 where this mailbox is used (IMAP or POP3, and SMTP) without reading
+        or sending anything; green, or the reason in plain words."""
+        self.ensure_one()
+        self._check_may_manage()
+        account = self.sudo()
+        token = account._access_token_for_use()
+        app = account.app_id
+        cloud, ca_file = app._cloud(), app._mail_ca_file()
+        checks = []
+        for server in account.incoming_server_ids.filtered(lambda s: s.connect_with == "microsoft365"):
+            check = mailcheck.check_pop3 if server.server_type == "pop" else mailcheck.check_imap
+            checks.append((server.server_type.upper().replace("POP", "POP3"), check, server.server, server.port))
+        if not checks:
+            checks.append(("IMAP", mailcheck.check_imap, cloud.imap_host, cloud.imap_port))
+        for server in account.outgoing_server_ids.filtered(lambda s: s.smtp_authentication == "microsoft365"):
+            checks.append(("SMTP", mailcheck.check_smtp, server.smtp_host, server.smtp_port))
+        if not any(protocol == "SMTP" for protocol, *_rest in checks):
+            checks.append(("SMTP", mailcheck.check_smtp, cloud.smtp_host, cloud.smtp_port))
+        failures = []
+        for protocol, check, host, port in checks:
+            try:
+                check(host, int(port), account.email, token, ca_file=ca_file)
+            except MailLoginFailed as exc:
+                failures.append("%s %s:%s: %s" % (protocol, host, port, explain(self.env, exc.diagnosis)))
+        tested = ", ".join(f"{protocol} {host}:{port}" for protocol, _check, host, port in checks)
+        if failures:
+            raise UserError(_("Connection test failed for %(mailbox)s.", mailbox=account.email) + "\n\n"
+                            + "\n\n".join(failures))
+        return self._notify(_("Connection test successful"), _(
+            "%(mailbox)s accepts the OAuth token: %(tested)s.", mailbox=account.email, tested=tested), "success")
 
     def action_open(self):
         self.ensure_one()
@@ -166,6 +231,15 @@ class Microsoft365Account(models.Model):
                 "last_error": False,
             })
         return token.token
+
+    def _access_token_for_use(self):
+        """_access_token() for buttons and mail servers: Microsoft's refusal as a UserError in plain
+        words (the account's status is recorded either way)."""
+        try:
+            return self._access_token()
+        except M365Error as exc:
+            found = getattr(exc, "diagnosis", None)
+            raise UserError(explain(self.env, found) if found else str(exc)) from None
 
     def _record_failure(self, status, exc):
         _logger.warning("Microsoft 365 account %s: %s", self.id, exc.diagnosis.code)

@@ -7,6 +7,7 @@ from ..m365.errors import InvalidInput
 from ..m365.identity import AppCredentials, IdentityClient
 
 CALLBACK_PATH = "/microsoft365/oauth/callback"
+DEFAULT_APP_PARAMETER = "mail_microsoft365_oauth.default_app_id"
 
 
 class Microsoft365App(models.Model):
@@ -72,6 +73,16 @@ class Microsoft365App(models.Model):
             raise ValidationError(self.env._(exc.message, **exc.params)) from None
         return vals
 
+    @api.model
+    def _default_app(self):
+        """The app registration chosen in General Settings, else the only one there is."""
+        chosen = self.env["ir.config_parameter"].sudo().get_param(DEFAULT_APP_PARAMETER)
+        app = self.browse(int(chosen)).exists() if chosen and chosen.isdigit() else self.browse()
+        if not app:
+            apps = self.search([], limit=2)
+            app = apps if len(apps) == 1 else self.browse()
+        return app
+
     def _compute_client_secret(self):
         self.client_secret = False  # write-only
 
@@ -107,6 +118,11 @@ class Microsoft365App(models.Model):
             client_secret=secret or None,
             ca_file=(self.cloud == "custom" and self.ca_file) or None,
         )
+
+    def _mail_ca_file(self):
+        """CA of a private mail endpoint (custom cloud), else None: the system's trust store."""
+        self.ensure_one()
+        return (self.cloud == "custom" and self.ca_file) or None
 
     def _identity_client(self, cache_state=None):
         return IdentityClient(self._credentials(), cache_state)

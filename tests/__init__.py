@@ -1,1 +1,1 @@
-from . import test_app_registration, test_account_connection, test_callback
+from . import test_access_rights, test_account_connection, test_app_registration, test_callback, test_setup_flow

@@ -90,8 +90,26 @@ class TestAccountConnection(SandboxCase):
         server.button_confirm_login()
         self.assertEqual(server.state, "done")
         with patch.object(self.env.cr, "commit", lambda: None):  # fetchmail commits after each message
-            server.fetch_mail()
+            self.env["fetchmail.server"]._fetch_mails()  # what the cron runs
         self.assertTrue(self.env["res.partner"].search([("name", "=", "Order 4711 from Fabrikam")]))
+        self.assertTrue(server.date)
+
+    @mute_logger("odoo.addons.mail_microsoft365_oauth.models.microsoft365_account", "odoo.addons.mail.models.fetchmail")
+    def test_fetch_now_after_revocation_says_what_to_do(self):
+        self.sandbox.control("settings", access_token_lifetime=120)
+        account = self.connect(self.new_account())
+        server = self.env["fetchmail.server"].create({
+            "name": "alice", "connect_with": "microsoft365", "microsoft365_account_id": account.id,
+            "server_type": "imap", "server": self.sandbox.host, "port": self.sandbox.ports["imaps"],
+            "is_ssl": True, "user": account.email,
+        })
+        self.sandbox.control("revoke_sessions", user="alice@contoso.com")
+        with self.assertRaises(ValidationError) as failure:
+            server.fetch_mail()
+        message = str(failure.exception)
+        self.assertIn("The sign-in was revoked", message)
+        self.assertIn("Authorize the mailbox again", message)
+        self.assertNotIn("Traceback", message)
 
     def test_pop3_test_connection(self):
         account = self.connect(self.new_account())
@@ -118,6 +136,17 @@ class TestAccountConnection(SandboxCase):
             "alice@contoso.com", ["info@contoso.com"], "Quote 2026-118", "Please find the quote.")
         server.send_email(message, mail_server_id=server.id)
         self.assertEqual(len(self.read_inbox("info@contoso.com", "Quote 2026-118")), 1)
+
+    def test_account_test_connection(self):
+        account = self.connect(self.new_account())
+        self.outgoing_server(account)
+        result = account.action_test_connection()
+        self.assertEqual(result["params"]["type"], "success")
+        self.assertIn("SMTP", result["params"]["message"])
+        self.sandbox.control("smtp_auth", mailbox="alice@contoso.com", enabled=False)
+        with self.assertRaises(UserError) as refused:
+            account.action_test_connection()
+        self.assertIn("SmtpClientAuthenticationDisabled", str(refused.exception))
 
     def test_smtp_auth_disabled_is_explained(self):
         account = self.connect(self.new_account())

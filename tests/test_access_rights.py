@@ -1,0 +1,73 @@
+from odoo.exceptions import AccessError
+from odoo.tests import new_test_user, tagged
+from odoo.tools import mute_logger
+
+from .common import SandboxCase
+
+
+@tagged("post_install", "-at_install")
+class TestAccessRights(SandboxCase):
+    """Administrators manage everything; the user an account is visible for may use it; nobody else."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.owner = new_test_user(cls.env, "owner", groups="base.group_user")
+        cls.other = new_test_user(cls.env, "other", groups="base.group_user")
+        cls.portal = new_test_user(cls.env, "portal", groups="base.group_portal")
+
+    def setUp(self):
+        super().setUp()
+        self.account = self.connect(self.new_account(owner_user_id=self.owner.id))
+        self.private = self.new_account(email="bob@contoso.com")
+
+    def test_owner_sees_and_uses_only_their_account(self):
+        as_owner = self.env["microsoft365.account"].with_user(self.owner)
+        self.assertEqual(as_owner.search([]), self.account)
+        account = self.account.with_user(self.owner)
+        self.assertEqual(account.status, "connected")
+        self.assertEqual(account.app_name, self.app_registration.name)
+        self.assertIn("No mail server", account.server_summary)
+        self.assertEqual(account.action_authorize()["type"], "ir.actions.act_url")
+        self.assertEqual(account.action_test_connection()["params"]["type"], "success")
+        account.action_revoke()
+        self.assertEqual(self.account.status, "not_connected")
+
+    @mute_logger("odoo.models", "odoo.addons.base.models.ir_rule")
+    def test_owner_cannot_change_or_read_secrets(self):
+        account = self.account.with_user(self.owner)
+        with self.assertRaises(AccessError):
+            account.write({"email": "mallory@contoso.com"})
+        with self.assertRaises(AccessError):
+            account.read(["token_cache_sealed"])
+        with self.assertRaises(AccessError):
+            account.read(["home_account_id"])
+        with self.assertRaises(AccessError):
+            self.app_registration.with_user(self.owner).read(["name"])
+        with self.assertRaises(AccessError):
+            self.env["fetchmail.server"].with_user(self.owner).search([])
+
+    @mute_logger("odoo.models", "odoo.addons.base.models.ir_rule")
+    def test_other_users_and_portal_get_nothing(self):
+        self.assertFalse(self.env["microsoft365.account"].with_user(self.other).search([]))
+        with self.assertRaises(AccessError):
+            self.env["microsoft365.account"].with_user(self.portal).search([])
+        for user in (self.other, self.portal):
+            with self.subTest(user=user.login):
+                with self.assertRaises(AccessError):
+                    self.account.with_user(user).read(["email"])
+                with self.assertRaises(AccessError):
+                    self.account.with_user(user).action_authorize()
+
+    def test_export_never_contains_the_token_cache(self):
+        account = self.account.with_user(self.env.ref("base.user_admin"))
+        with self.assertRaises(AccessError):
+            account.export_data(["email", "token_cache_sealed"])
+        exported = account.export_data(["email", "status", "username"])["datas"]
+        self.assertEqual(exported, [["alice@contoso.com", "Connected", "alice@contoso.com"]])
+
+    def test_administrator_manages_all(self):
+        admin = self.env.ref("base.user_admin")
+        self.assertEqual(self.env["microsoft365.account"].with_user(admin).search([("id", "in", (self.account | self.private).ids)]),
+                         self.account | self.private)
+        self.private.with_user(admin).write({"sender_name": "Bob"})

@@ -1,0 +1,1 @@
+from . import microsoft365_connect_wizard
