@@ -83,6 +83,7 @@ class SandboxService:
             "identity_url": self.identity.base_url,
             "authority_host": self.identity.base_url,
             "ca_file": self.tls.ca_cert,
+            "server_cert": self.tls.server_cert,
             "control_url": f"{self.identity.base_url}/_sandbox",
             "default_tenant_id": contoso["id"],
             "mail_resource": "https://outlook.office.com",

@@ -1,0 +1,88 @@
+from odoo.tests import HttpCase, tagged
+
+from ..sandbox.client import shared_sandbox
+from .browser import Browser, chromium_executable, screenshot_folder
+
+DEFAULT_APP_PARAMETER = "mail_microsoft365_oauth.default_app_id"
+
+
+@tagged("post_install", "-at_install")
+class TestBrowserFlow(HttpCase):
+    """A person's path in headless Chromium: Odoo's forms, the sandbox's sign-in page, and back."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.sandbox = shared_sandbox()
+        cls.app_registration = cls.env["microsoft365.app"].create(cls.sandbox.odoo_app_values())
+
+    def setUp(self):
+        super().setUp()
+        self.assertTrue(chromium_executable(), "Chromium is missing: bin/setup installs Debian's chromium")
+        self.sandbox.reset()
+        self.env["ir.config_parameter"].sudo().set_param("web.base.url", self.base_url())
+        self.env["ir.config_parameter"].sudo().set_param(DEFAULT_APP_PARAMETER, self.app_registration.id)
+        self.sandbox.control("add_redirect_uri", client_id=self.app_registration.client_id,
+                             redirect_uri=self.app_registration.redirect_uri)
+        self.server = self.env["fetchmail.server"].create({
+            "name": "Support mailbox", "server_type": "imap", "server": "outlook.office365.com", "port": 993,
+            "is_ssl": True, "user": "alice@contoso.com", "password": "a password Microsoft will refuse",
+        })
+        self.browser = Browser(trusted_certificate=self.sandbox.description["server_cert"],
+                               screenshots=screenshot_folder())
+        self.addCleanup(self.browser.close)
+
+    def log_in(self):
+        browser = self.browser
+        browser.open(self.base_url() + "/web/login")
+        browser.fill("input[name=login]", "admin")
+        browser.fill("input[name=password]", "admin")
+        browser.click("button[type=submit]", "Log in")
+        browser.wait("location.pathname.startsWith('/odoo')", what="the web client")
+
+    def test_a_person_connects_tests_inspects_and_revokes_a_mailbox(self):
+        browser = self.browser
+        self.log_in()
+        server_url = f"{self.base_url()}/odoo/action-mail.action_email_server_tree/{self.server.id}"
+        browser.open(server_url)
+        browser.wait_for("div[name=connect_with] input[data-value=microsoft365]")
+        browser.screenshot("1-incoming-server-with-password")
+
+        browser.click("div[name=connect_with] input[data-value=microsoft365]")
+        port = self.sandbox.ports["imaps"]
+        browser.wait(f"document.querySelector('div[name=port] input').value.replace(/\\D/g, '') == '{port}'",
+                     what="the Exchange port filled in")
+        browser.click(".o_form_button_save")
+        browser.click("button[name=action_microsoft365_authorize]", "Authorize")
+        browser.screenshot("2-connect-with-microsoft-365")
+
+        browser.wait(f"location.href.startsWith({self.sandbox.identity_url!r})", what="the sign-in page")
+        browser.click("input[value='alice@contoso.com']")
+        browser.screenshot("3-sandbox-sign-in")
+        browser.click("#accept")
+        browser.wait("location.pathname.startsWith('/odoo/microsoft365-accounts/')", what="back in Odoo")
+        browser.wait_for(".o_statusbar_status .o_arrow_button_current", "Connected")
+        browser.screenshot("4-connected")
+
+        browser.click("button[name=action_test_connection]")
+        browser.wait_for(".o_notification", "Connection test successful")
+        browser.screenshot("5-test-connection")
+
+        browser.open(server_url)
+        browser.click("button[name=action_microsoft365_info]", "Info")
+        browser.wait_for("div[name=username]", "alice@contoso.com")
+        browser.wait_for("div[name=scopes]", "IMAP.AccessAsUser.All")
+        browser.screenshot("6-info")
+
+        browser.click("button[name=action_revoke]")
+        browser.click(".modal-footer .btn-primary")
+        browser.wait_for(".o_statusbar_status .o_arrow_button_current", "Not connected")
+        browser.screenshot("7-revoked")
+
+        self.env.invalidate_all()  # the browser's requests changed the records under this cache
+        account = self.server.microsoft365_account_id
+        self.assertEqual(account.email, "alice@contoso.com")
+        self.assertEqual(account.status, "not_connected")
+        self.assertFalse(account.sudo().token_cache_sealed)
+        self.assertEqual(self.server.connect_with, "microsoft365")
+        self.assertFalse(self.server.password)
