@@ -7,9 +7,7 @@ marked with ``_lt`` so Odoo's translation extractor collects them; the Odoo laye
 import re
 from dataclasses import dataclass, field
 
-# Marks msgids for extraction without importing Odoo; the Odoo layer translates at display time.
-def _lt(text):
-    return text
+from .i18n import _lt
 
 
 RECONNECT = "reconnect"  # the grant is gone: sign in again

@@ -7,6 +7,12 @@ import re
 import uuid
 
 from .errors import InvalidInput
+from .i18n import _lt
+
+CLIENT_ID_NOT_A_GUID = _lt("The application (client) ID must be a GUID such as "
+                           "00000000-0000-0000-0000-000000000000.")
+TENANT_ID_NOT_A_GUID = _lt("The directory (tenant) ID must be a GUID such as "
+                           "00000000-0000-0000-0000-000000000000.")
 
 # Tenant aliases Microsoft accepts in the authority path.
 TENANT_ALIASES = ("organizations", "common", "consumers")
@@ -17,23 +23,19 @@ _DOMAIN = re.compile(
 _MAILBOX = re.compile(r"^[a-z0-9.!#$%&'*+/=?^_`{|}~-]{1,64}@(?P<domain>[^@]+)$")
 
 
-def parse_guid(value, what):
+def parse_guid(value, message):
     text = (value or "").strip()
     try:
         parsed = uuid.UUID(text)
     except (ValueError, AttributeError, TypeError):
-        raise InvalidInput(
-            "%(what)s must be a GUID such as 00000000-0000-0000-0000-000000000000.", what=what
-        ) from None
+        raise InvalidInput(message) from None
     if len(text) not in (32, 36, 38):  # plain, dashed or braced forms only
-        raise InvalidInput(
-            "%(what)s must be a GUID such as 00000000-0000-0000-0000-000000000000.", what=what
-        )
+        raise InvalidInput(message)
     return str(parsed)
 
 
 def parse_client_id(value):
-    return parse_guid(value, "The application (client) ID")
+    return parse_guid(value, CLIENT_ID_NOT_A_GUID)
 
 
 def parse_tenant(value):
@@ -44,20 +46,20 @@ def parse_tenant(value):
     if text in TENANT_ALIASES:
         return text
     if _looks_like_guid(text):
-        return parse_guid(text, "The directory (tenant) ID")
+        return parse_guid(text, TENANT_ID_NOT_A_GUID)
     if _DOMAIN.match(text):
         return text
-    raise InvalidInput(
+    raise InvalidInput(_lt(
         "The tenant must be the directory (tenant) ID, a verified domain such as "
         "contoso.onmicrosoft.com, or empty for multi-tenant apps."
-    )
+    ))
 
 
 def parse_mailbox(value):
     text = (value or "").strip().lower()
     match = _MAILBOX.match(text)
     if not match or not _DOMAIN.match(match["domain"]) or ".." in text:
-        raise InvalidInput("%(value)s is not a valid mailbox address.", value=_shorten(value))
+        raise InvalidInput(_lt("%(value)s is not a valid mailbox address."), value=_shorten(value))
     return text
 
 

@@ -5,6 +5,7 @@ MSAL objects are cheap once the authority's OpenID configuration is known, so th
 responses are kept in a process-wide http cache and HTTP sessions are pooled per trust anchor.
 """
 import logging
+import re
 import threading
 import time
 from dataclasses import dataclass
@@ -18,6 +19,21 @@ from .clouds import CLOUDS
 from .errors import AuthorizationFailed, ReconnectRequired, TransientFailure
 
 _logger = logging.getLogger(__name__)
+
+class _RedactGrantCodes(logging.Filter):
+    """MSAL's debug log of each token event masks tokens and secrets but shows the authorization
+    code and the PKCE verifier: mask those too, so debug logs stay shareable."""
+
+    _PATTERN = re.compile(r'("(?:code|code_verifier)": ")[^"]+(")')
+
+    def filter(self, record):
+        message = record.getMessage()
+        if '"code' in message:
+            record.msg, record.args = self._PATTERN.sub(r"\1********\2", message), ()
+        return True
+
+
+logging.getLogger("msal.token_cache").addFilter(_RedactGrantCodes())
 
 # MSAL caches discovery GETs (24 h) and error/Retry-After answers here; sharing it across clients
 # avoids one openid-configuration request per connection.
