@@ -154,3 +154,29 @@ class TestAccountConnection(SandboxCase):
         with self.assertRaises(UserError) as refused:
             self.outgoing_server(account).test_smtp_connection()
         self.assertIn("Set-CASMailbox", str(refused.exception))
+
+
+@tagged("post_install", "-at_install")
+class TestSharedMailboxAndNeutralize(SandboxCase):
+    def test_delegate_with_full_access_reads_a_shared_mailbox(self):
+        account = self.connect(self.new_account(email="info@contoso.com"), upn="alice@contoso.com")
+        self.assertTrue(account.signed_in_as_other)
+        self.assertEqual(account.username, "alice@contoso.com")
+        self.assertEqual(account.action_test_connection()["params"]["type"], "success")
+
+    def test_signed_in_as_someone_without_access_is_refused_in_plain_words(self):
+        account = self.connect(self.new_account(email="bob@contoso.com"), upn="alice@contoso.com")
+        with self.assertRaises(UserError) as refused:
+            account.action_test_connection()
+        self.assertIn("owns or has Full Access to bob@contoso.com", str(refused.exception))
+
+    def test_neutralized_copy_forgets_every_token(self):
+        from odoo.modules.neutralize import get_neutralization_queries
+
+        account = self.connect(self.new_account())
+        self.env.flush_all()
+        for query in get_neutralization_queries(["mail_microsoft365_oauth"]):
+            self.env.cr.execute(query)
+        account.invalidate_recordset()
+        self.assertEqual(account.status, "not_connected")
+        self.assertFalse(account.sudo().token_cache_sealed)

@@ -1,0 +1,5 @@
+-- A duplicated (neutralized) database must not read or send the production mailboxes.
+UPDATE microsoft365_account
+   SET token_cache_sealed = NULL, home_account_id = NULL, status = 'not_connected',
+       token_expires_at = NULL, last_error = NULL;
+DELETE FROM microsoft365_authorization;
