@@ -20,6 +20,7 @@
         "views/templates.xml",
         "views/microsoft365_connect_wizard_views.xml",
         "views/res_config_settings_views.xml",
+        "views/microsoft365_switch_actions.xml",
         "views/menus.xml",
     ],
     "installable": True,

@@ -148,6 +148,16 @@ class IdentityClient:
         """Redeem the callback's parameters; raises AuthorizationFailed with a diagnosis."""
         result = self._call(lambda: self.msal_app.acquire_token_by_auth_code_flow(dict(flow), dict(params)))
         self._raise_for(result, redirect_uri=flow.get("redirect_uri", ""))
+        return self._sign_in_from(result)
+
+    def import_refresh_token(self, refresh_token, scopes):
+        """Adopt a refresh token obtained elsewhere (another OAuth module) so nobody signs in again;
+        MSAL redeems it once and keeps the rotated one in this cache."""
+        result = self._call(lambda: self.msal_app.acquire_token_by_refresh_token(refresh_token, scopes))
+        self._raise_for(result)
+        return self._sign_in_from(result)
+
+    def _sign_in_from(self, result):
         claims = result.get("id_token_claims") or {}
         accounts = self.msal_app.get_accounts()
         home_account_id = next(

@@ -6,3 +6,4 @@ from . import microsoft365_server_mixin
 from . import fetchmail_server
 from . import ir_mail_server
 from . import res_config_settings
+from . import microsoft365_outlook_import

@@ -24,6 +24,18 @@ class FetchmailServer(models.Model):
     def _microsoft365_mailbox(self):
         return self.user
 
+    def _microsoft365_host(self):
+        return self.server
+
+    def _microsoft365_switch_values(self):
+        values = {"connect_with": "microsoft365", "is_ssl": True}
+        if self.server_type not in ("imap", "pop"):
+            values["server_type"] = "imap"
+        return values
+
+    def _microsoft365_clear_password(self):
+        self.password = False
+
     @api.onchange("connect_with", "microsoft365_account_id", "server_type")
     def _onchange_connect_with_microsoft365(self):
         if self.connect_with != "microsoft365":
@@ -101,4 +113,5 @@ class FetchmailServer(models.Model):
             except Exception as exc:  # network, TLS: Odoo's own wording
                 raise UserError(_("Connection test failed: %s", exc)) from None
             server.state = "done"
+            server._microsoft365_after_successful_test()
         return super(FetchmailServer, self - ours).button_confirm_login()

@@ -20,6 +20,20 @@ class IrMailServer(models.Model):
     def _microsoft365_mailbox(self):
         return self.smtp_user or (self.from_filter if self.from_filter and "@" in self.from_filter else False)
 
+    def _microsoft365_host(self):
+        return self.smtp_host
+
+    def _microsoft365_switch_values(self):
+        return {"smtp_authentication": "microsoft365", "smtp_encryption": "starttls"}
+
+    def _microsoft365_clear_password(self):
+        self.smtp_pass = False
+
+    def test_smtp_connection(self, autodetect_max_email_size=False):
+        result = super().test_smtp_connection(autodetect_max_email_size=autodetect_max_email_size)
+        self._microsoft365_after_successful_test()  # only reached when the test succeeded
+        return result
+
     def _microsoft365_link_accounts(self):
         super()._microsoft365_link_accounts()
         # Odoo logs in only when a username is set: the mailbox is the username.

@@ -193,6 +193,21 @@ class Microsoft365Account(models.Model):
             "token_cache_sealed": self.env["microsoft365.vault"]._encrypt(client.cache.serialize()),
         })
 
+    def _adopt_refresh_token(self, refresh_token):
+        """Connect with a refresh token another module obtained (migration); on refusal the account
+        says why and waits for Authorize."""
+        self.ensure_one()
+        client = self.app_id._identity_client()
+        try:
+            sign_in = client.import_refresh_token(refresh_token, self.app_id._cloud().delegated_scopes())
+        except M365Error as exc:
+            found = getattr(exc, "diagnosis", None)
+            self.sudo().write({"status": "reconnect" if found else "not_connected",
+                               "last_error": explain(self.env, found) if found else str(exc)})
+            return False
+        self._store_sign_in(client, sign_in)
+        return True
+
     def _access_token(self):
         """A valid access token for this mailbox; refreshes (and saves the rotated refresh token)
         under a row lock so two workers never spend the same refresh token."""

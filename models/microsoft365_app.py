@@ -83,6 +83,13 @@ class Microsoft365App(models.Model):
             app = apps if len(apps) == 1 else self.browse()
         return app
 
+    @api.model
+    def _custom_mail_hosts(self):
+        """Mail hosts of custom endpoints (a proxy, a private cloud): Microsoft 365 hosts too."""
+        apps = self.search([("cloud", "=", "custom")])
+        return {host.strip().lower() for host in apps.mapped("imap_host") + apps.mapped("pop_host")
+                + apps.mapped("smtp_host") if host}
+
     def _compute_client_secret(self):
         self.client_secret = False  # write-only
 

@@ -1,6 +1,8 @@
 from odoo import _, api, fields, models
 from odoo.exceptions import UserError, ValidationError
 
+from ..m365.clouds import MICROSOFT_MAIL_HOSTS
+
 
 class Microsoft365ServerMixin(models.AbstractModel):
     """What incoming and outgoing servers share when they connect through Microsoft 365.
@@ -17,8 +19,25 @@ class Microsoft365ServerMixin(models.AbstractModel):
         help="The Microsoft 365 mailbox this server signs in as. Left empty, it is found or created "
         "from the server's username with the default app registration (General Settings).")
     microsoft365_status = fields.Selection(related="microsoft365_account_id.status", string="OAuth status")
+    microsoft365_switchable = fields.Boolean(
+        compute="_compute_microsoft365_switchable",
+        help="Signs in to a Microsoft 365 host with a password: can switch to OAuth.")
+    microsoft365_password_pending = fields.Boolean(
+        copy=False, readonly=True, string="Old password kept",
+        help="Switched to OAuth: the old password is kept until the first successful connection test.")
 
     # Hooks for the concrete servers ----------------------------------------------------------
+
+    def _microsoft365_host(self):
+        """The mail server host name."""
+        raise NotImplementedError
+
+    def _microsoft365_switch_values(self):
+        """Field values that make this password server use Microsoft 365 OAuth (password kept)."""
+        raise NotImplementedError
+
+    def _microsoft365_clear_password(self):
+        raise NotImplementedError
 
     def _microsoft365_in_use(self):
         """True when this server authenticates through Microsoft 365."""
@@ -29,6 +48,49 @@ class Microsoft365ServerMixin(models.AbstractModel):
         raise NotImplementedError
 
     # ---------------------------------------------------------------------------------------
+
+    def _compute_microsoft365_switchable(self):
+        hosts = MICROSOFT_MAIL_HOSTS | self.env["microsoft365.app"].sudo()._custom_mail_hosts()
+        for server in self:
+            server.microsoft365_switchable = not server._microsoft365_in_use() and \
+                (server._microsoft365_host() or "").strip().lower() in hosts
+
+    def action_microsoft365_switch(self):
+        """Switch password servers on Microsoft 365 hosts to OAuth, keeping each server (id, filters,
+        priority, aliases) and its password until the first successful OAuth connection test."""
+        report = []
+        for server in self:
+            if server._microsoft365_in_use():
+                report.append(_("%s: already uses OAuth.", server.display_name))
+                continue
+            if not server.microsoft365_switchable:
+                report.append(_("%s: not a Microsoft 365 server, left unchanged.", server.display_name))
+                continue
+            mailbox = server._microsoft365_mailbox()
+            if not mailbox:
+                report.append(_("%s: no mailbox address (username), left unchanged.", server.display_name))
+                continue
+            try:
+                account = self.env["microsoft365.account"]._find_or_create(mailbox)
+            except ValidationError as exc:
+                report.append(_("%(server)s: %(reason)s", server=server.display_name, reason=exc.args[0]))
+                continue
+            server.write(dict(server._microsoft365_switch_values(), microsoft365_account_id=account.id,
+                              microsoft365_password_pending=True))
+            report.append(_("%(server)s: switched to OAuth with %(mailbox)s (%(status)s).",
+                            server=server.display_name, mailbox=account.email,
+                            status=dict(account._fields["status"]._description_selection(self.env))[account.status]))
+        if len(self) == 1 and self._microsoft365_in_use() and self.microsoft365_status != "connected":
+            return self.microsoft365_account_id.action_authorize()
+        return {"type": "ir.actions.client", "tag": "display_notification", "params": {
+            "title": _("Switch to OAuth"), "message": "\n".join(report), "sticky": True, "type": "info",
+            "next": {"type": "ir.actions.client", "tag": "soft_reload"}}}
+
+    def _microsoft365_after_successful_test(self):
+        """The first successful OAuth test proves the switch: the old password can go."""
+        for server in self.filtered(lambda s: s._microsoft365_in_use() and s.microsoft365_password_pending):
+            server._microsoft365_clear_password()
+            server.microsoft365_password_pending = False
 
     def _microsoft365_link_accounts(self):
         for server in self.filtered(lambda s: s._microsoft365_in_use() and not s.microsoft365_account_id):

@@ -631,11 +631,13 @@ no password is asked.</p><p class="problem">{html.escape(problem)}</p>
             raise OAuthError("invalid_grant", 65001, client_id=app["client_id"], app_name=app["name"])
         if user["require_mfa"] and not grant.get("mfa"):
             raise OAuthError("invalid_grant", 50076, resource=grant["resource"])
+        # A refresh token is bound to the user and the app, not to the scopes it was issued for:
+        # it yields tokens for any permission consented for the app (Microsoft's behaviour).
         resource, permissions, _ = parse_scopes(form.get("scope"))
-        if resource and (resource != grant["resource"] or not set(permissions) <= set(grant["permissions"])):
-            if not (resource in EXCHANGE_RESOURCES and grant["resource"] in EXCHANGE_RESOURCES
-                    and set(permissions) <= set(grant["permissions"])):
+        if resource:
+            if resource not in EXCHANGE_RESOURCES or not set(permissions) <= set(app["delegated"]):
                 raise OAuthError("invalid_grant", 70000)
+            grant = {**grant, "resource": resource, "permissions": permissions}
         return identity.issue_user_tokens(app, grant, appidacr)
 
     def _client_credentials(self, form, tenant, alias, token_endpoint):

@@ -71,3 +71,11 @@ class TestSetupFlow(SandboxCase):
         self.assertEqual(form.server, self.sandbox.host)
         self.assertEqual(form.port, self.sandbox.ports["imaps"])
         self.assertTrue(form.is_ssl)
+
+    def test_default_app_registration_in_general_settings(self):
+        settings = self.env["res.config.settings"].create({"microsoft365_default_app_id": self.app_registration.id})
+        settings.execute()
+        self.assertEqual(self.env["microsoft365.app"]._default_app(), self.app_registration)
+        arch = self.env["res.config.settings"].get_views([(False, "form")])["views"]["form"]["arch"]
+        self.assertIn('name="microsoft365_default_app_id"', arch)
+        self.assertIn("microsoft365_oauth_setting", arch)
