@@ -21,7 +21,7 @@ class Microsoft365OAuthController(http.Controller):
     def callback(self, **params):
         """Microsoft's redirect after sign-in (form_post, or query)."""
         params = {k: v for k, v in params.items()
-                  if k in CALLBACK_FIELDS and isinstance(v, str) and len(v) <= MAX_FIELD_LENGTH}
+                  if k in CALLBACK_FIELDS and isinstance(v, str) and len(v) <= MAX_FIELD_LENGTH and "\x00" not in v}
         if request.env.user._is_public():
             if request.httprequest.method == "POST" and not request.params.get("resubmitted"):
                 # A cross-site form_post carries no SameSite=Lax session cookie: post the same

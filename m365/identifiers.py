@@ -71,3 +71,49 @@ def _shorten(value, limit=80):
     text = str(value or "")
     text = text.replace("\r", "\\r").replace("\n", "\\n")
     return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_HOSTNAME = re.compile(r"^(?=.{1,253}$)(?:[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\.)*[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
+NAME_MAX_LENGTH = 128
+SECRET_MAX_LENGTH = 512
+
+
+def parse_display_name(value):
+    """A name shown to people and put into mail headers: one line, reasonably short."""
+    text = (value or "").strip()
+    if _CONTROL.search(text) or len(text) > NAME_MAX_LENGTH:
+        raise InvalidInput(_lt("A name must be a single line of at most %(limit)s characters."),
+                           limit=NAME_MAX_LENGTH)
+    return text
+
+
+def parse_client_secret(value):
+    text = (value or "").strip()
+    if _CONTROL.search(text) or len(text) > SECRET_MAX_LENGTH:
+        raise InvalidInput(_lt("This is not a client secret: paste the secret's Value from Entra ID > "
+                               "Certificates & secrets."))
+    return text
+
+
+def parse_hostname(value):
+    """A mail server host: DNS name or IPv4 address, no scheme, port or path."""
+    text = (value or "").strip().lower()
+    if not text:
+        return text
+    if not _HOSTNAME.match(text):
+        raise InvalidInput(_lt("%(value)s is not a host name (for example outlook.office365.com)."),
+                           value=_shorten(value))
+    return text
+
+
+def parse_https_origin(value):
+    """The sign-in service of a custom cloud: https://host[:port], nothing after it."""
+    text = (value or "").strip().rstrip("/")
+    if not text:
+        return text
+    match = re.fullmatch(r"https://([^/:?#\s]+)(:\d{1,5})?", text, re.IGNORECASE)
+    if not match or not _HOSTNAME.match(match[1].lower()):
+        raise InvalidInput(_lt("The sign-in service must be an https:// address without a path, for example "
+                               "https://login.microsoftonline.com."))
+    return text.lower()

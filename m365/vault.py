@@ -20,7 +20,8 @@ class Vault:
         """``keys``: newest first; older keys still decrypt (key rotation)."""
         if not keys:
             raise VaultError("No encryption key is configured.")
-        self._fernet = MultiFernet([Fernet(k) for k in parse_keys("\n".join(keys))])
+        self._keys = parse_keys("\n".join(keys))
+        self._fernet = MultiFernet([Fernet(k) for k in self._keys])
 
     def encrypt(self, text):
         return self._fernet.encrypt(text.encode()).decode("ascii") if text else False

@@ -70,11 +70,13 @@ class Microsoft365Account(models.Model):
         return super().write(self._normalise(vals))
 
     def _normalise(self, vals):
-        if vals.get("email") is not None:
-            try:
+        try:
+            if vals.get("email") is not None:
                 vals = dict(vals, email=identifiers.parse_mailbox(vals["email"]))
-            except InvalidInput as exc:
-                raise ValidationError(self.env._(exc.message, **exc.params)) from None
+            if vals.get("sender_name"):
+                vals = dict(vals, sender_name=identifiers.parse_display_name(vals["sender_name"]))
+        except InvalidInput as exc:
+            raise ValidationError(self.env._(exc.message, **exc.params)) from None
         return vals
 
     @api.model

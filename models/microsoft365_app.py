@@ -1,3 +1,5 @@
+import os
+
 from odoo import api, fields, models
 from odoo.exceptions import ValidationError
 
@@ -64,14 +66,38 @@ class Microsoft365App(models.Model):
 
     def _normalise(self, vals):
         vals = dict(vals)
+        parsers = {
+            "name": identifiers.parse_display_name,
+            "client_secret": identifiers.parse_client_secret,
+            "authority_host": identifiers.parse_https_origin,
+            "imap_host": identifiers.parse_hostname,
+            "pop_host": identifiers.parse_hostname,
+            "smtp_host": identifiers.parse_hostname,
+            "delegated_resource": identifiers.parse_https_origin,
+            "app_resource": identifiers.parse_https_origin,
+        }
         try:
             if "tenant" in vals:
                 vals["tenant"] = identifiers.parse_tenant(vals["tenant"])
             if vals.get("client_id") is not None:
                 vals["client_id"] = identifiers.parse_client_id(vals["client_id"])
+            for name, parse in parsers.items():
+                if vals.get(name):
+                    vals[name] = parse(vals[name])
+            if vals.get("ca_file"):
+                vals["ca_file"] = self._check_ca_file(vals["ca_file"])
         except InvalidInput as exc:
             raise ValidationError(self.env._(exc.message, **exc.params)) from None
         return vals
+
+    @api.model
+    def _check_ca_file(self, path):
+        path = path.strip()
+        readable = len(path) <= 4096 and not any(ord(c) < 32 for c in path) and os.path.isabs(path) \
+            and os.path.isfile(path) and os.access(path, os.R_OK)
+        if not readable:
+            raise ValidationError(self.env._("%s is not a readable file on the Odoo server.", path[:120]))
+        return path
 
     @api.model
     def _default_app(self):

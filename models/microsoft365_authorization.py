@@ -1,5 +1,6 @@
 import json
 import logging
+import re
 from datetime import timedelta
 
 from odoo import api, fields, models
@@ -7,6 +8,7 @@ from odoo import api, fields, models
 _logger = logging.getLogger(__name__)
 
 LIFETIME = timedelta(minutes=10)
+STATE_FORMAT = re.compile(r"[A-Za-z0-9_-]{8,200}")  # what MSAL generates; anything else is not ours
 
 
 class Microsoft365Authorization(models.Model):
@@ -43,7 +45,7 @@ class Microsoft365Authorization(models.Model):
     def _take(self, state, user):
         """The pending sign-in for ``state`` started by ``user``, removed so it cannot be replayed;
         an empty recordset when it is unknown, expired or someone else's."""
-        if not state or not isinstance(state, str) or len(state) > 200:
+        if not isinstance(state, str) or not STATE_FORMAT.fullmatch(state):
             return self.browse(), None
         self.env.cr.execute(
             "DELETE FROM microsoft365_authorization WHERE state = %s AND user_id = %s "

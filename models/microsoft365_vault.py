@@ -5,6 +5,12 @@ from odoo import api, models, tools
 from ..m365.vault import Vault, load_or_create_key_file, parse_keys
 
 KEY_OPTION = "microsoft365_oauth_keys"
+# Every encrypted column of this addon (table, column): constants, never user input.
+SEALED_COLUMNS = (
+    ("microsoft365_app", "client_secret_sealed"),
+    ("microsoft365_account", "token_cache_sealed"),
+    ("microsoft365_authorization", "flow_sealed"),
+)
 
 
 class Microsoft365Vault(models.AbstractModel):
@@ -31,3 +37,17 @@ class Microsoft365Vault(models.AbstractModel):
     @api.model
     def _decrypt(self, token):
         return self._vault().decrypt(token)
+
+    @api.model
+    def _rotate_all(self):
+        """Re-encrypt every stored secret with the newest key, after a new key was put first in
+        ``microsoft365_oauth_keys``; the old key can then be removed. Returns how many values."""
+        vault = self._vault()
+        rotated = 0
+        for table, column in SEALED_COLUMNS:
+            self.env.cr.execute(f"SELECT id, {column} FROM {table} WHERE {column} IS NOT NULL FOR UPDATE")
+            for row_id, sealed in self.env.cr.fetchall():
+                self.env.cr.execute(f"UPDATE {table} SET {column} = %s WHERE id = %s", [vault.rotate(sealed), row_id])
+                rotated += 1
+        self.env.invalidate_all()
+        return rotated

@@ -1,7 +1,10 @@
+from unittest.mock import patch
+
 from odoo.exceptions import AccessError
 from odoo.tests import new_test_user, tagged
 from odoo.tools import mute_logger
 
+from ..m365.vault import VaultError
 from .common import SandboxCase
 
 
@@ -71,3 +74,39 @@ class TestAccessRights(SandboxCase):
         self.assertEqual(self.env["microsoft365.account"].with_user(admin).search([("id", "in", (self.account | self.private).ids)]),
                          self.account | self.private)
         self.private.with_user(admin).write({"sender_name": "Bob"})
+
+
+@tagged("post_install", "-at_install")
+class TestCompaniesAndKeys(SandboxCase):
+    def test_accounts_of_another_company_stay_invisible(self):
+        other_company = self.env["res.company"].create({"name": "Fabrikam GmbH"})
+        other_app = self.env["microsoft365.app"].create(dict(self.sandbox.odoo_app_values(), name="Fabrikam app",
+                                                             company_id=other_company.id))
+        theirs = self.new_account(email="bob@contoso.com", app_id=other_app.id)
+        ours = self.new_account()
+        admin = self.env.ref("base.user_admin")
+        visible = self.env["microsoft365.account"].with_user(admin).with_context(
+            allowed_company_ids=admin.company_id.ids).search([("id", "in", (theirs | ours).ids)])
+        self.assertEqual(visible, ours)
+        self.assertFalse(self.env["microsoft365.app"].with_user(admin).with_context(
+            allowed_company_ids=admin.company_id.ids).search([("id", "=", other_app.id)]))
+
+    def test_encryption_key_rotation(self):
+        from odoo.tools import config
+
+        from ..m365.vault import new_key
+
+        account = self.connect(self.new_account())
+        token = account._access_token()
+        self.env.flush_all()
+        vault = self.env["microsoft365.vault"]
+        current = ",".join(vault._vault()._keys)  # the key file in the data directory
+        newest = new_key()
+        with patch.dict(config.options, {"microsoft365_oauth_keys": f"{newest},{current}"}):
+            self.assertGreaterEqual(vault._rotate_all(), 2)  # the app's secret and the token cache
+        with patch.dict(config.options, {"microsoft365_oauth_keys": newest}):  # the old key is gone
+            self.assertEqual(account._access_token(), token)
+            self.assertTrue(self.app_registration._credentials().client_secret)
+        with patch.dict(config.options, {"microsoft365_oauth_keys": current}):  # and no longer opens anything
+            with self.assertRaises(VaultError):
+                self.app_registration._credentials()

@@ -18,6 +18,13 @@ class Microsoft365ConnectWizard(models.TransientModel):
                                     help="Empty: administrators only.")
     sender_name = fields.Char(string="Name displayed")
 
+    @api.model_create_multi
+    def create(self, vals_list):
+        # Same rules as the account it creates, checked before anything is stored.
+        Account = self.env["microsoft365.account"]
+        return super().create([dict(vals, **Account._normalise(
+            {k: vals[k] for k in ("email", "sender_name") if vals.get(k)})) for vals in vals_list])
+
     def action_connect(self):
         account = self._connect()
         return account.action_authorize()
@@ -52,7 +59,3 @@ class Microsoft365ConnectWizard(models.TransientModel):
             })
         return account
 
-    @api.onchange("email")
-    def _onchange_email(self):
-        if self.email:
-            self.email = self.email.strip()
