@@ -47,6 +47,13 @@ class TestSwitchToOAuth(SandboxCase):
         self.assertFalse(self.incoming.password)
         self.assertFalse(self.incoming.microsoft365_password_pending)
 
+    def test_every_microsoft_cloud_host_is_recognised(self):
+        for host in ("smtp.office365.com", "smtp-mail.outlook.com", "smtp.office365.us", "outlook-dod.office365.us",
+                     "partner.outlook.cn", "SMTP.Office365.com "):
+            server = self.env["ir.mail_server"].new({"smtp_host": host, "smtp_authentication": "login"})
+            self.assertTrue(server.microsoft365_switchable, host)
+        self.assertFalse(self.env["ir.mail_server"].new({"smtp_host": "smtp.gmail.com"}).microsoft365_switchable)
+
     def test_outgoing_server_switches_and_forgets_its_password_after_a_good_test(self):
         self.outgoing.action_microsoft365_switch()
         self.assertEqual(self.outgoing.smtp_authentication, "microsoft365")

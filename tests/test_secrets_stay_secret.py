@@ -4,6 +4,7 @@ import json
 import logging
 from unittest.mock import patch
 
+from odoo.exceptions import UserError
 from odoo.tests import tagged
 
 from .common import SandboxCase
@@ -62,6 +63,12 @@ class TestSecretsStaySecret(SandboxCase):
             message = outgoing.build_email("alice@contoso.com", ["bob@contoso.com"], "Logged send", "Body")
             outgoing.send_email(message, mail_server_id=outgoing.id)
             token = account._access_token()
+            self.sandbox.control("revoke_sessions", user="alice@contoso.com")
+            with self.assertRaises(UserError) as refused:  # the error a person sees
+                incoming.button_confirm_login()
+        self.assertIn("revoked", str(refused.exception))
+        log.lines.append(str(refused.exception))
+        log.lines.append(account.last_error or "")
         cache = self.env["microsoft365.vault"]._decrypt(account.sudo().token_cache_sealed)
         secrets = {"access token": token, "client secret": self.sandbox.secret()}
         for entry in json.loads(cache)["RefreshToken"].values():
