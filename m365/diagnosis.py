@@ -111,6 +111,16 @@ def diagnose_transport(exc):
     )
 
 
+def diagnose_unavailable(detail):
+    """Diagnosis of a 5xx or throttling answer that outlasted the retries."""
+    return Diagnosis(
+        "UNAVAILABLE", TRANSIENT,
+        _lt("Microsoft's sign-in service is busy or unavailable for now."),
+        _lt("Nothing to change: Odoo tries again at the next fetch or send."),
+        str(detail)[:300],
+    )
+
+
 def diagnose_connection(protocol, host, port, exc):
     """Diagnosis of a mail server that could not be reached or spoke no TLS with us."""
     return Diagnosis(

@@ -51,7 +51,7 @@ class AppCredentials:
     client_secret: str = None
     certificate: dict = None  # {"private_key": PEM, "thumbprint": hex SHA-1[, "public_certificate": PEM]}
     ca_file: str = None  # trust anchor of a private authority (the sandbox, a TLS-inspecting proxy)
-    timeout: float = 15.0
+    timeout: float = 10.0  # per request; retries are bounded too (_TimeoutSession)
 
     def __repr__(self):  # never show the secret or key, not even in a traceback's locals
         return f"AppCredentials(client_id={self.client_id!r}, authority={self.authority!r})"
@@ -207,6 +207,8 @@ class IdentityClient:
             return function()
         except requests.RequestException as exc:
             raise TransientFailure(diagnosis.diagnose_transport(exc)) from None
+        except msal.exceptions.MsalServiceError as exc:  # MSAL raises on 5xx answers
+            raise TransientFailure(diagnosis.diagnose_unavailable(exc)) from None
 
     @staticmethod
     def _raise_for(result, **params):
@@ -235,19 +237,56 @@ def _access_token(result):
 
 
 class _TimeoutSession:
-    """requests.Session with a default timeout: MSAL only applies its own when it builds the session."""
+    """The HTTP client MSAL uses: pooled, with bounded timeouts, and patient with a busy identity
+    platform: 429 and 5xx answers and timeouts are retried a few times, honouring Retry-After, so
+    that one slow moment does not fail a fetch; what still fails is reported as transient."""
 
-    def __init__(self, session, timeout):
+    RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
+    ATTEMPTS = 3
+    MAX_WAIT = 10.0  # seconds; a longer Retry-After is left to MSAL (it answers from its throttle cache)
+
+    def __init__(self, session, timeout, sleep=time.sleep):
         self._session = session
         self._timeout = timeout
+        self._sleep = sleep
 
     def get(self, url, **kwargs):
-        kwargs.setdefault("timeout", self._timeout)
-        return self._session.get(url, **kwargs)
+        return self._send(self._session.get, url, **kwargs)
 
     def post(self, url, **kwargs):
+        return self._send(self._session.post, url, **kwargs)
+
+    def _send(self, method, url, **kwargs):
         kwargs.setdefault("timeout", self._timeout)
-        return self._session.post(url, **kwargs)
+        for attempt in range(1, self.ATTEMPTS + 1):
+            last = attempt == self.ATTEMPTS
+            try:
+                response = method(url, **kwargs)
+            except (requests.Timeout, requests.ConnectionError):
+                if last:
+                    raise
+                _logger.info("Microsoft identity platform did not answer (attempt %s); retrying", attempt)
+                self._sleep(_backoff(attempt))
+                continue
+            if response.status_code not in self.RETRY_STATUSES or last:
+                return response
+            wait = _retry_after(response, default=_backoff(attempt))
+            if wait > self.MAX_WAIT:
+                return response
+            _logger.info("Microsoft identity platform answered %s; retrying in %.1f s", response.status_code, wait)
+            self._sleep(wait)
+        return response
 
     def close(self):
         pass  # the pooled session outlives this client
+
+
+def _backoff(attempt):
+    return min(0.5 * 2 ** (attempt - 1), 4.0)
+
+
+def _retry_after(response, default):
+    try:
+        return max(0.0, float(response.headers.get("Retry-After", "")))
+    except ValueError:
+        return default

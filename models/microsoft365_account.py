@@ -211,8 +211,12 @@ class Microsoft365Account(models.Model):
         return True
 
     def _access_token(self):
-        """A valid access token for this mailbox; refreshes (and saves the rotated refresh token)
-        under a row lock so two workers never spend the same refresh token."""
+        """A valid access token for this mailbox.
+
+        Served from MSAL's cache while it has more than 5 minutes left, without any write. A refresh
+        runs in its own short transaction, under a row lock and committed at once: two workers never
+        spend the same refresh token, and the rotated one is kept even if the caller's transaction
+        is rolled back later (a failed fetch, a failed send)."""
         self.ensure_one()
         account = self.sudo()
         if account.status == "not_connected" or not account.token_cache_sealed:
@@ -220,34 +224,57 @@ class Microsoft365Account(models.Model):
                               account.email))
         fresh = account.token_expires_at and \
             account.token_expires_at.timestamp() - time.time() > REFRESH_MARGIN
-        if not fresh:
-            self.env.cr.execute(
-                "SELECT id FROM microsoft365_account WHERE id = %s FOR NO KEY UPDATE", [account.id])
-            account.invalidate_recordset(["token_cache_sealed", "token_expires_at", "home_account_id"])
-        vault = self.env["microsoft365.vault"]
-        client = account.app_id._identity_client(vault._decrypt(account.token_cache_sealed))
-        scopes = account.app_id._cloud().delegated_scopes()
-        try:
-            token = client.access_token(scopes, account.home_account_id)
-        except ReconnectRequired as exc:
-            account._record_failure("reconnect", exc)
-            raise
-        except TransientFailure as exc:
-            account._record_failure(account.status, exc)
-            raise
-        except AuthorizationFailed as exc:
-            account._record_failure("reconnect", exc)
-            raise
+        if fresh:
+            client = account._identity_client_from(account.token_cache_sealed)
+            token = account._token_from(client, self.env.cr, committed=False)
+            if client.changed_cache_state() is None:
+                return token.token
+        return account._refresh_serialised()
+
+    def _refresh_serialised(self):
+        self.flush_recordset()  # the SQL below must see what this transaction wrote
+        if not self.env.registry.in_test_mode():
+            with self.env.registry.cursor() as cr:
+                # READ COMMITTED: after waiting for the lock, read what the other worker committed.
+                cr.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                token = self._refresh_locked(cr, committed=True)
+                if token is not None:
+                    return token
+        # The account was created by the calling transaction (invisible to any other), or tests
+        # share one transaction: refresh in it.
+        token = self._refresh_locked(self.env.cr, committed=False)
+        self.invalidate_recordset()
+        if token is None:
+            raise UserError(_("The mailbox %s is not connected to Microsoft 365 yet: click Authorize.", self.email))
+        return token
+
+    def _refresh_locked(self, cr, committed):
+        cr.execute("SELECT token_cache_sealed FROM microsoft365_account WHERE id = %s FOR NO KEY UPDATE", [self.id])
+        row = cr.fetchone()
+        if row is None or not row[0]:
+            return None
+        client = self._identity_client_from(row[0])
+        token = self._token_from(client, cr, committed)
         changed = client.changed_cache_state()
         if changed:
-            account.write({
-                "token_cache_sealed": vault._encrypt(changed),
-                "token_expires_at": _datetime(token.expires_at),
-                "last_refresh": fields.Datetime.now(),
-                "status": "connected",
-                "last_error": False,
-            })
+            cr.execute(
+                "UPDATE microsoft365_account SET token_cache_sealed = %s, token_expires_at = %s, "
+                "last_refresh = (now() at time zone 'UTC'), status = 'connected', last_error = NULL, "
+                "write_date = (now() at time zone 'UTC') WHERE id = %s",
+                [self.env["microsoft365.vault"]._encrypt(changed), _datetime(token.expires_at), self.id])
         return token.token
+
+    def _identity_client_from(self, sealed_cache):
+        return self.app_id._identity_client(self.env["microsoft365.vault"]._decrypt(sealed_cache))
+
+    def _token_from(self, client, cr, committed):
+        """MSAL's answer; a refusal is recorded on the account (in `cr`) and raised."""
+        try:
+            return client.access_token(self.app_id._cloud().delegated_scopes(), self.home_account_id)
+        except (ReconnectRequired, AuthorizationFailed) as exc:
+            status = self.status if isinstance(exc, TransientFailure) else "reconnect"
+            self._record_failure(status, exc, cr if committed else None)
+            raise
 
     def _access_token_for_use(self):
         """_access_token() for buttons and mail servers: Microsoft's refusal as a UserError in plain
@@ -258,9 +285,14 @@ class Microsoft365Account(models.Model):
             found = getattr(exc, "diagnosis", None)
             raise UserError(explain(self.env, found) if found else str(exc)) from None
 
-    def _record_failure(self, status, exc):
+    def _record_failure(self, status, exc, own_cursor=None):
         _logger.warning("Microsoft 365 account %s: %s", self.id, exc.diagnosis.code)
         values = {"status": status, "last_error": explain(self.env, exc.diagnosis)}
+        if own_cursor is not None:  # the refresh's own transaction: commit the failure with it
+            own_cursor.execute("UPDATE microsoft365_account SET status = %s, last_error = %s WHERE id = %s",
+                               [status, values["last_error"], self.id])
+            own_cursor.commit()
+            return
         self.write(values)  # kept when the caller goes on (fetchmail's cron catches and commits)
         account_id = self.id
 

@@ -1,5 +1,6 @@
 import imaplib
 import ssl
+import time
 from unittest.mock import patch
 
 from odoo.exceptions import UserError, ValidationError
@@ -55,11 +56,14 @@ class TestAccountConnection(SandboxCase):
         self.assertEqual(self.sandbox.counter("token_requests"), requests_before)
 
     def test_refresh_saves_the_rotated_refresh_token(self):
-        self.sandbox.control("settings", access_token_lifetime=120)  # MSAL refreshes under 5 minutes
+        self.sandbox.control("settings", access_token_lifetime=1)  # every access token is stale a second later
         account = self.connect(self.new_account())
         sealed_before = account.sudo().token_cache_sealed
+        time.sleep(1.1)
         first = account._access_token()
+        time.sleep(1.1)
         second = account._access_token()  # would fail if the first refresh's new token were lost
+        self.assertTrue(first and second)
         self.assertNotEqual(first, second)
         self.assertNotEqual(account.sudo().token_cache_sealed, sealed_before)
         self.assertEqual(self.sandbox.counter("token:refresh_token"), 2)
