@@ -22,6 +22,7 @@
         "views/res_config_settings_views.xml",
         "views/microsoft365_switch_actions.xml",
         "views/menus.xml",
+        "data/ir_cron.xml",
     ],
     "installable": True,
     "application": False,

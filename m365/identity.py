@@ -173,15 +173,17 @@ class IdentityClient:
             expires_at=time.time() + int(result.get("expires_in", 0)),
         )
 
-    def access_token(self, scopes, home_account_id=None):
-        """A valid access token, from the cache or by refreshing (rotating the refresh token)."""
+    def access_token(self, scopes, home_account_id=None, force_refresh=False):
+        """A valid access token, from the cache or by refreshing (rotating the refresh token);
+        `force_refresh` redeems the refresh token anyway (keeps an idle grant alive)."""
         accounts = self.msal_app.get_accounts()
         account = next((a for a in accounts if a["home_account_id"] == home_account_id), None) \
             if home_account_id else (accounts[0] if accounts else None)
         if account is None:
             raise ReconnectRequired(diagnosis.diagnose_oauth(
                 {"error": "invalid_grant", "error_description": "AADSTS70008: no sign-in is stored."}))
-        result = self._call(lambda: self.msal_app.acquire_token_silent_with_error(scopes, account))
+        result = self._call(lambda: self.msal_app.acquire_token_silent_with_error(
+            scopes, account, force_refresh=force_refresh))
         if result is None:  # nothing usable in the cache at all
             raise ReconnectRequired(diagnosis.diagnose_oauth(
                 {"error": "invalid_grant", "error_description": "AADSTS70008: no refresh token is stored."}))

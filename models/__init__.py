@@ -7,3 +7,4 @@ from . import fetchmail_server
 from . import ir_mail_server
 from . import res_config_settings
 from . import microsoft365_outlook_import
+from . import microsoft365_health

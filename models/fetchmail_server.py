@@ -18,6 +18,9 @@ class FetchmailServer(models.Model):
         help="Password: Odoo's usual login. Microsoft 365: OAuth 2.0 (XOAUTH2) with the mailbox's OAuth "
         "account; no password is stored.")
 
+    microsoft365_fetch_error = fields.Text(string="Last fetch error", readonly=True, copy=False)
+    microsoft365_fetch_failed_at = fields.Datetime(string="Last fetch failed on", readonly=True, copy=False)
+
     def _microsoft365_in_use(self):
         return self.connect_with == "microsoft365"
 
@@ -81,7 +84,21 @@ class FetchmailServer(models.Model):
 
     def connect(self, allow_archived=False):
         self.ensure_one()
-        if not self._microsoft365_in_use() or self._get_connection_type() != "pop":
+        if not self._microsoft365_in_use():
+            return super().connect(allow_archived=allow_archived)
+        try:
+            connection = self._microsoft365_connect(allow_archived)
+        except Exception as exc:
+            # Kept for the health check: in the cron, fetchmail logs the error and goes on.
+            self.write({"microsoft365_fetch_error": exc.args[0] if isinstance(exc, UserError) else str(exc),
+                        "microsoft365_fetch_failed_at": fields.Datetime.now()})
+            raise
+        if self.microsoft365_fetch_error:
+            self.write({"microsoft365_fetch_error": False, "microsoft365_fetch_failed_at": False})
+        return connection
+
+    def _microsoft365_connect(self, allow_archived):
+        if self._get_connection_type() != "pop":
             try:
                 return super().connect(allow_archived=allow_archived)
             except M365Error as exc:

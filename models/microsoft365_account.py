@@ -20,6 +20,7 @@ class Microsoft365Account(models.Model):
     """One Microsoft 365 mailbox connected with OAuth: its grant, token cache and status."""
 
     _name = "microsoft365.account"
+    _inherit = ["mail.thread", "mail.activity.mixin"]
     _description = "Microsoft 365 OAuth account"
     _order = "email, id"
     _rec_name = "email"
@@ -210,7 +211,7 @@ class Microsoft365Account(models.Model):
         self._store_sign_in(client, sign_in)
         return True
 
-    def _access_token(self):
+    def _access_token(self, force_refresh=False):
         """A valid access token for this mailbox.
 
         Served from MSAL's cache while it has more than 5 minutes left, without any write. A refresh
@@ -224,37 +225,37 @@ class Microsoft365Account(models.Model):
                               account.email))
         fresh = account.token_expires_at and \
             account.token_expires_at.timestamp() - time.time() > REFRESH_MARGIN
-        if fresh:
+        if fresh and not force_refresh:
             client = account._identity_client_from(account.token_cache_sealed)
             token = account._token_from(client, self.env.cr, committed=False)
             if client.changed_cache_state() is None:
                 return token.token
-        return account._refresh_serialised()
+        return account._refresh_serialised(force_refresh)
 
-    def _refresh_serialised(self):
+    def _refresh_serialised(self, force_refresh=False):
         self.flush_recordset()  # the SQL below must see what this transaction wrote
         if not self.env.registry.in_test_mode():
             with self.env.registry.cursor() as cr:
                 # READ COMMITTED: after waiting for the lock, read what the other worker committed.
                 cr.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                token = self._refresh_locked(cr, committed=True)
+                token = self._refresh_locked(cr, committed=True, force_refresh=force_refresh)
                 if token is not None:
                     return token
         # The account was created by the calling transaction (invisible to any other), or tests
         # share one transaction: refresh in it.
-        token = self._refresh_locked(self.env.cr, committed=False)
+        token = self._refresh_locked(self.env.cr, committed=False, force_refresh=force_refresh)
         self.invalidate_recordset()
         if token is None:
             raise UserError(_("The mailbox %s is not connected to Microsoft 365 yet: click Authorize.", self.email))
         return token
 
-    def _refresh_locked(self, cr, committed):
+    def _refresh_locked(self, cr, committed, force_refresh=False):
         cr.execute("SELECT token_cache_sealed FROM microsoft365_account WHERE id = %s FOR NO KEY UPDATE", [self.id])
         row = cr.fetchone()
         if row is None or not row[0]:
             return None
         client = self._identity_client_from(row[0])
-        token = self._token_from(client, cr, committed)
+        token = self._token_from(client, cr, committed, force_refresh)
         changed = client.changed_cache_state()
         if changed:
             cr.execute(
@@ -267,10 +268,11 @@ class Microsoft365Account(models.Model):
     def _identity_client_from(self, sealed_cache):
         return self.app_id._identity_client(self.env["microsoft365.vault"]._decrypt(sealed_cache))
 
-    def _token_from(self, client, cr, committed):
+    def _token_from(self, client, cr, committed, force_refresh=False):
         """MSAL's answer; a refusal is recorded on the account (in `cr`) and raised."""
         try:
-            return client.access_token(self.app_id._cloud().delegated_scopes(), self.home_account_id)
+            return client.access_token(self.app_id._cloud().delegated_scopes(), self.home_account_id,
+                                       force_refresh=force_refresh)
         except (ReconnectRequired, AuthorizationFailed) as exc:
             status = self.status if isinstance(exc, TransientFailure) else "reconnect"
             self._record_failure(status, exc, cr if committed else None)

@@ -16,6 +16,7 @@ class Microsoft365App(models.Model):
     """An app registration in Microsoft Entra ID, as entered by the administrator."""
 
     _name = "microsoft365.app"
+    _inherit = ["mail.thread", "mail.activity.mixin"]
     _description = "Microsoft 365 app registration"
     _order = "name, id"
 

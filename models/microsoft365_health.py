@@ -1,0 +1,116 @@
+"""Health of OAuth accounts and app registrations: checked by a daily scheduled action, shown on
+the records, and brought to the responsible people once per problem."""
+from datetime import timedelta
+
+from odoo import _, api, fields, models
+from odoo.exceptions import UserError
+
+from ..m365.errors import M365Error
+
+# Refresh tokens die after 90 days without use: an idle one is redeemed well before that.
+KEEPALIVE_AFTER = timedelta(days=14)
+SECRET_WARNING = timedelta(days=30)
+HEALTH_PROBLEMS = [
+    ("ok", "OK"),
+    ("reconnect", "Reconnect needed"),
+    ("fetch_failing", "Fetching fails"),
+    ("secret_expiring", "Client secret expires soon"),
+]
+
+
+class Microsoft365Account(models.Model):
+    _inherit = "microsoft365.account"
+
+    health = fields.Selection(HEALTH_PROBLEMS, default="ok", required=True, readonly=True, copy=False)
+    health_message = fields.Text(readonly=True, copy=False)
+    health_notified = fields.Char(readonly=True, copy=False, groups="base.group_system",
+                                  help="The problem the responsible people were last told about.")
+
+    @api.model
+    def _cron_health_check(self):
+        now = fields.Datetime.now()
+        for account in self.search([]):
+            if account.status == "connected" and (not account.last_refresh
+                                                  or account.last_refresh < now - KEEPALIVE_AFTER):
+                try:
+                    account._access_token(force_refresh=True)
+                except (M365Error, UserError):
+                    pass  # recorded on the account, reported below
+                account.invalidate_recordset()
+            account._update_health()
+        self.env["microsoft365.app"].search([])._update_health()
+
+    def _current_problem(self):
+        self.ensure_one()
+        if self.status == "reconnect":
+            return "reconnect", self.last_error or _("Authorize the mailbox again.")
+        failing = self.sudo().incoming_server_ids.filtered("microsoft365_fetch_error")
+        if failing:
+            server = failing[0]
+            return "fetch_failing", _("The last fetch of %(server)s failed on %(when)s: %(error)s",
+                                      server=server.name, when=server.microsoft365_fetch_failed_at,
+                                      error=server.microsoft365_fetch_error)
+        if self.app_id._secret_expiring():
+            return "secret_expiring", self.app_id._secret_expiry_message()
+        return "ok", False
+
+    def _update_health(self):
+        for account in self.sudo():
+            problem, message = account._current_problem()
+            if (account.health, account.health_message) != (problem, message):
+                account.write({"health": problem, "health_message": message})
+            key = f"{problem}:{message}"
+            if problem == "ok":
+                if account.health_notified:
+                    account.health_notified = False
+            elif account.health_notified != key:
+                account._notify_responsible(message)
+                account.health_notified = key
+
+    def _responsible_users(self):
+        if self.owner_user_id:
+            return self.owner_user_id
+        return self.env.ref("base.group_system").sudo().users.filtered(
+            lambda user: user.active and not user.share and user.id != self.env.ref("base.user_root").id)
+
+    def _notify_responsible(self, message):
+        for user in self._responsible_users():
+            self.activity_schedule("mail.mail_activity_data_todo", user_id=user.id,
+                                   summary=_("Microsoft 365 mailbox %s needs attention", self.email),
+                                   note=message)
+
+
+class Microsoft365App(models.Model):
+    _inherit = "microsoft365.app"
+
+    health_message = fields.Text(compute="_compute_health_message")
+    secret_expiry_notified = fields.Date(readonly=True, copy=False)
+
+    @api.depends("secret_expires_on")
+    def _compute_health_message(self):
+        for app in self:
+            app.health_message = app._secret_expiry_message() if app._secret_expiring() else False
+
+    def _secret_expiring(self):
+        self.ensure_one()
+        return bool(self.secret_expires_on) and \
+            self.secret_expires_on <= fields.Date.today() + SECRET_WARNING
+
+    def _secret_expiry_message(self):
+        if self.secret_expires_on < fields.Date.today():
+            return _("The client secret of %(app)s expired on %(date)s: create a new one in Entra ID > Certificates "
+                     "& secrets and enter it here.", app=self.name, date=self.secret_expires_on)
+        return _("The client secret of %(app)s expires on %(date)s: create a new one in Entra ID > Certificates "
+                 "& secrets and enter it here before then.", app=self.name, date=self.secret_expires_on)
+
+    def _update_health(self):
+        admins = self.env.ref("base.group_system").sudo().users.filtered(
+            lambda user: user.active and not user.share and user.id != self.env.ref("base.user_root").id)
+        for app in self.sudo():
+            if not app._secret_expiring() or app.secret_expiry_notified == app.secret_expires_on:
+                continue
+            for user in admins:
+                app.activity_schedule("mail.mail_activity_data_todo", user_id=user.id,
+                                      summary=_("Client secret of %s expires soon", app.name),
+                                      note=app._secret_expiry_message())
+            app.secret_expiry_notified = app.secret_expires_on
