@@ -1,11 +1,23 @@
+import email
+import email.policy
+import hashlib
+import logging
+from datetime import timedelta
+from imaplib import IMAP4
+
 from odoo import _, api, fields, models
-from odoo.exceptions import UserError
+from odoo.exceptions import UserError, ValidationError
 
 from odoo.addons.mail.models.fetchmail import POP3Connection
 
 from ..m365.errors import M365Error
 from ..m365.mailcheck import imap_authenticate, pop3_authenticate
 from .microsoft365_account import explain
+
+_logger = logging.getLogger(__name__)
+
+MAX_PROCESSING_ATTEMPTS = 3
+FAILED_KEYWORD = "OdooFailed"
 
 
 class FetchmailServer(models.Model):
@@ -20,6 +32,23 @@ class FetchmailServer(models.Model):
 
     microsoft365_fetch_error = fields.Text(string="Last fetch error", readonly=True, copy=False)
     microsoft365_fetch_failed_at = fields.Datetime(string="Last fetch failed on", readonly=True, copy=False)
+    microsoft365_failed_messages = fields.Json(
+        readonly=True, copy=False,
+        help="Messages Odoo could not process: Message-ID -> failures, subject, sender, last error.")
+    microsoft365_failed_summary = fields.Text(
+        string="Messages left on the server", compute="_compute_microsoft365_failed_summary")
+    microsoft365_retry_at = fields.Datetime(
+        string="Throttled until", readonly=True, copy=False,
+        help="Microsoft asked Odoo to back off: no connection is attempted before this time.")
+
+    @api.depends("microsoft365_failed_messages")
+    def _compute_microsoft365_failed_summary(self):
+        for server in self:
+            given_up = [entry for entry in (server.microsoft365_failed_messages or {}).values()
+                        if entry["failures"] >= MAX_PROCESSING_ATTEMPTS]
+            server.microsoft365_failed_summary = "\n".join(
+                _("%(subject)s (from %(sender)s): %(error)s", subject=entry["subject"], sender=entry["sender"],
+                  error=entry["error"]) for entry in given_up) or False
 
     def _microsoft365_in_use(self):
         return self.connect_with == "microsoft365"
@@ -86,6 +115,9 @@ class FetchmailServer(models.Model):
         self.ensure_one()
         if not self._microsoft365_in_use():
             return super().connect(allow_archived=allow_archived)
+        if self.microsoft365_retry_at and self.microsoft365_retry_at > fields.Datetime.now():
+            raise UserError(_("Microsoft 365 is throttling this mailbox: Odoo waits until %s before it connects "
+                              "again.", fields.Datetime.to_string(self.microsoft365_retry_at)))
         try:
             connection = self._microsoft365_connect(allow_archived)
         except Exception as exc:
@@ -102,6 +134,7 @@ class FetchmailServer(models.Model):
             try:
                 return super().connect(allow_archived=allow_archived)
             except M365Error as exc:
+                self._microsoft365_honour_backoff(exc.diagnosis)
                 raise UserError(explain(self.env, exc.diagnosis)) from None
         # Odoo's POP branch logs in with USER/PASS and offers no hook.
         if not allow_archived and not self.active:
@@ -112,8 +145,93 @@ class FetchmailServer(models.Model):
             pop3_authenticate(connection.__obj__, self._microsoft365_account().email, self._microsoft365_token())
         except M365Error as exc:
             connection.close()
+            self._microsoft365_honour_backoff(exc.diagnosis)
             raise UserError(explain(self.env, exc.diagnosis)) from None
         return connection
+
+    def _microsoft365_honour_backoff(self, found):
+        backoff_ms = found.params.get("backoff_ms") if found else None
+        if backoff_ms:
+            self.microsoft365_retry_at = fields.Datetime.now() + timedelta(milliseconds=backoff_ms)
+
+    def fetch_mail(self, raise_exception=True):
+        """IMAP servers of this addon fetch with a safety net: Odoo's own loop marks a message read
+        even when processing it failed, so it is never fetched again. Here a failed message stays
+        unread and is retried by the next fetches; after a few failures it is left on the server
+        with the keyword OdooFailed, listed on the server, and no longer blocks the others."""
+        ours = self.filtered(lambda s: s._microsoft365_in_use() and s._get_connection_type() == "imap")
+        for server in ours:
+            try:
+                server._microsoft365_fetch_imap()
+            except Exception as exc:
+                if raise_exception:
+                    raise ValidationError(_("Couldn't get your emails. Check out the error message below for more "
+                                            "info:\n%s", exc.args[0] if exc.args else exc)) from exc
+                _logger.info("General failure when trying to fetch mail from %s server %s.", server.server_type,
+                             server.name, exc_info=True)
+        return super(FetchmailServer, self - ours).fetch_mail(raise_exception=raise_exception)
+
+    def _microsoft365_fetch_imap(self):
+        self.ensure_one()
+        MailThread = self.env["mail.thread"].with_context(fetchmail_cron_running=True,
+                                                            default_fetchmail_server_id=self.id)
+        imap = self.connect()
+        count = failed = 0
+        try:
+            imap.select()
+            _status, data = imap.search(None, f"(UNSEEN UNKEYWORD {FAILED_KEYWORD})")
+            for number in data[0].split():
+                _status, fetched = imap.fetch(number, "(RFC822)")
+                imap.store(number, "-FLAGS", "\\Seen")  # FETCH set it; it is earned by processing
+                raw = fetched[0][1]
+                try:
+                    with self.env.cr.savepoint():
+                        MailThread.message_process(self.object_id.model, raw, save_original=self.original,
+                                                   strip_attachments=not self.attach)
+                except Exception as exc:  # any message may be malformed: never let it stop the others
+                    failed += 1
+                    gave_up = self._microsoft365_record_failed_message(raw, exc)
+                    _logger.info("Failed to process mail from %s server %s.", self.server_type, self.name,
+                                 exc_info=True)
+                    if gave_up:
+                        imap.store(number, "+FLAGS", FAILED_KEYWORD)
+                else:
+                    imap.store(number, "+FLAGS", "\\Seen")
+                    self._microsoft365_forget_failed_message(raw)
+                self.env.cr.commit()
+                count += 1
+            _logger.info("Fetched %d email(s) on %s server %s; %d succeeded, %d failed.", count,
+                         self.server_type, self.name, count - failed, failed)
+        finally:
+            try:
+                imap.close()
+                imap.logout()
+            except (OSError, IMAP4.abort, IMAP4.error):
+                _logger.warning("Failed to properly finish imap connection: %s.", self.name, exc_info=True)
+        self.date = fields.Datetime.now()
+
+    @staticmethod
+    def _microsoft365_message_key(raw):
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+        key = message.get("Message-ID") or hashlib.sha256(raw).hexdigest()
+        return str(key).strip(), message
+
+    def _microsoft365_record_failed_message(self, raw, exc):
+        key, message = self._microsoft365_message_key(raw)
+        failures = dict(self.microsoft365_failed_messages or {})
+        entry = failures.get(key) or {"failures": 0, "subject": str(message.get("Subject", ""))[:200],
+                                      "sender": str(message.get("From", ""))[:200]}
+        entry = dict(entry, failures=entry["failures"] + 1, error=str(exc)[:300])
+        failures[key] = entry
+        self.microsoft365_failed_messages = failures
+        return entry["failures"] >= MAX_PROCESSING_ATTEMPTS
+
+    def _microsoft365_forget_failed_message(self, raw):
+        key, _message = self._microsoft365_message_key(raw)
+        if key in (self.microsoft365_failed_messages or {}):
+            failures = dict(self.microsoft365_failed_messages)
+            del failures[key]
+            self.microsoft365_failed_messages = failures
 
     def button_confirm_login(self):
         ours = self.filtered(lambda s: s._microsoft365_in_use())

@@ -50,6 +50,10 @@ class Microsoft365Account(models.Model):
             return "fetch_failing", _("The last fetch of %(server)s failed on %(when)s: %(error)s",
                                       server=server.name, when=server.microsoft365_fetch_failed_at,
                                       error=server.microsoft365_fetch_error)
+        given_up = self.sudo().incoming_server_ids.filtered("microsoft365_failed_summary")
+        if given_up:
+            return "fetch_failing", _("%(server)s left messages it could not process on the server:\n%(messages)s",
+                                      server=given_up[0].name, messages=given_up[0].microsoft365_failed_summary)
         if self.app_id._secret_expiring():
             return "secret_expiring", self.app_id._secret_expiry_message()
         return "ok", False

@@ -135,6 +135,7 @@ class Directory:
         self.sessions = {}  # sign-in page cookie -> upn
         self.counters = {}
         self.fault = None
+        self.mail_throttles = {}  # mailbox -> {"backoff_ms", "remaining"}
 
     # persistence ---------------------------------------------------------------------------
 
@@ -144,6 +145,7 @@ class Directory:
             self.data.setdefault("refresh_tokens", {})
             self.data.setdefault("access_tokens_valid_after", {})
             self.codes, self.sessions, self.counters, self.fault = {}, {}, {}, None
+            self.mail_throttles = {}
             self.save()
 
     def save(self):
@@ -152,6 +154,15 @@ class Directory:
             temporary.write_text(json.dumps(self.data, indent=1))
             temporary.chmod(0o600)
             temporary.replace(self.path)
+
+    def take_mail_throttle(self, mailbox):
+        """True when this login must be throttled (and counts it)."""
+        with self.lock:
+            throttle = self.mail_throttles.get(mailbox)
+            if not throttle or throttle["remaining"] <= 0:
+                return False
+            throttle["remaining"] -= 1
+            return True
 
     def count(self, name, amount=1):
         with self.lock:

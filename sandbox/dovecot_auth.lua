@@ -33,5 +33,11 @@ function auth_password_verify(req, password)
   if status == 200 then
     return dovecot.auth.PASSDB_RESULT_OK, ""
   end
+  if status == 409 then
+    -- Exchange accepted the token but refuses the session, with its own words ("User is
+    -- authenticated but not connected.", "Request is throttled. ..."): Dovecot answers
+    -- "NO [CONTACTADMIN] <reason>".
+    return dovecot.auth.PASSDB_RESULT_OK, { nologin = "y", reason = table.concat(answer) }
+  end
   return dovecot.auth.PASSDB_RESULT_PASSWORD_MISMATCH, table.concat(answer)
 end

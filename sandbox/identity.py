@@ -790,7 +790,14 @@ def _deliver(identity, body):
     return {"message_id": message["Message-ID"]}
 
 
+def _mail_throttle(identity, body):
+    with identity.directory.lock:
+        identity.directory.mail_throttles[body["mailbox"].lower()] = {
+            "backoff_ms": int(body.get("backoff_ms", 2000)), "remaining": int(body.get("count", 1))}
+
+
 _CONTROL = {
+    "mail_throttle": _mail_throttle,
     "deliver": _deliver,
     "token_fault": _set_fault,
     "reset": _reset,

@@ -133,9 +133,12 @@ class _VerifyHandler(BaseHTTPRequestHandler):
                                        mechanism)
         if not login.ok:
             _logger.info("sandbox %s login refused for %s: %s", form.get("service"), form.get("user"), login.reason)
-        body = json.dumps({"ok": login.ok, "reason": login.reason}).encode()
-        self.send_response(200 if login.ok else 403)
-        self.send_header("Content-Type", "application/json")
+        if login.session_refusal:  # the token is fine, the session is not (Lua: nologin + reason)
+            body, status = login.session_refusal.encode(), 409
+        else:
+            body, status = json.dumps({"ok": login.ok, "reason": login.reason}).encode(), 200 if login.ok else 403
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain" if status == 409 else "application/json")
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)

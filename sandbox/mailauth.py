@@ -31,6 +31,22 @@ class MailLogin:
     identity: str  # a user's UPN, or "app:<client id>" for app-only
     reason: str  # one line for logs
     smtp_reply: str  # Exchange's reply line to AUTH
+    # Exchange accepts the token but refuses the session with this text (IMAP/POP3): an app without
+    # mailbox permission, or throttling.
+    session_refusal: str = ""
+
+
+NOT_CONNECTED = "User is authenticated but not connected."
+THROTTLED = "Request is throttled. Suggested Backoff Time: {backoff_ms} milliseconds"
+
+
+def _throttled(directory, login, protocol):
+    """A mailbox the control interface throttles refuses IMAP/POP3 sessions for a while."""
+    if protocol == "smtp" or not directory.take_mail_throttle(login.mailbox):
+        return login
+    backoff_ms = directory.mail_throttles[login.mailbox]["backoff_ms"]
+    return MailLogin(False, login.mailbox, login.identity, "throttled", SMTP_REJECTED,
+                     session_refusal=THROTTLED.format(backoff_ms=backoff_ms))
 
 
 def _refused(mailbox, identity, reason, smtp_reply=SMTP_REJECTED):
@@ -38,6 +54,7 @@ def _refused(mailbox, identity, reason, smtp_reply=SMTP_REJECTED):
 
 
 def check_mail_login(directory, mailbox, protocol, secret, mechanism):
+    directory.count(f"mail_login:{protocol}")
     mailbox = (mailbox or "").strip().lower()
     box = directory.mailbox(mailbox)
     if box is None:
@@ -63,7 +80,7 @@ def check_mail_login(directory, mailbox, protocol, secret, mechanism):
         upn = claims.get("upn", "").lower()
         if upn != mailbox and not directory.has_full_access(upn, mailbox):
             return _refused(mailbox, upn, f"{upn} has no access to mailbox {mailbox}")
-        return MailLogin(True, mailbox, upn, "token accepted", SMTP_OK)
+        return _throttled(directory, MailLogin(True, mailbox, upn, "token accepted", SMTP_OK), protocol)
     # app-only: roles granted by admin consent, mailbox access granted in Exchange
     identity = f"app:{claims.get('appid', '')}"
     if claims.get("aud") not in EXCHANGE_AUDIENCES:
@@ -74,8 +91,9 @@ def check_mail_login(directory, mailbox, protocol, secret, mechanism):
     if not directory.service_principal_registered(claims.get("appid"), claims.get("tid")):
         return _refused(mailbox, identity, "the app has no service principal in Exchange Online")
     if not directory.has_full_access(identity, mailbox):
-        return _refused(mailbox, identity, f"the app has no FullAccess permission on {mailbox}")
-    return MailLogin(True, mailbox, identity, "token accepted", SMTP_OK)
+        return MailLogin(False, mailbox, identity, f"the app has no FullAccess permission on {mailbox}",
+                         SMTP_REJECTED, session_refusal=NOT_CONNECTED)
+    return _throttled(directory, MailLogin(True, mailbox, identity, "token accepted", SMTP_OK), protocol)
 
 
 def may_send_as(directory, login, from_address):

@@ -126,7 +126,16 @@ def test_shared_mailbox_through_a_delegate_with_full_access(box):
 def test_app_only_token_opens_only_granted_mailboxes(box):
     token = app_token(box)
     imap_login(box, "info@contoso.com", token).logout()
-    assert_imap_refused(box, "bob@contoso.com", token)
+    with pytest.raises(imaplib.IMAP4.error, match="User is authenticated but not connected"):
+        imap_login(box, "bob@contoso.com", token)  # as Exchange says without Add-MailboxPermission
+
+
+def test_throttled_mailbox_says_how_long_to_back_off(box):
+    token = user_token(box)
+    box.control("mail_throttle", mailbox="alice@contoso.com", backoff_ms=1500, count=1)
+    with pytest.raises(imaplib.IMAP4.error, match="Request is throttled. Suggested Backoff Time: 1500 milliseconds"):
+        imap_login(box, "alice@contoso.com", token)
+    imap_login(box, "alice@contoso.com", token).logout()  # only once
 
 
 def test_app_only_token_without_admin_consent_is_refused(box):

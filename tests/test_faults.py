@@ -1,0 +1,98 @@
+import imaplib
+import ssl
+import time
+from unittest.mock import patch
+
+from odoo import fields
+from odoo.tests import tagged
+from odoo.tools import mute_logger
+
+from .common import SandboxCase
+
+QUIET = ("odoo.addons.mail_microsoft365_oauth.models.microsoft365_account",
+         "odoo.addons.mail_microsoft365_oauth.models.fetchmail_server", "odoo.addons.mail.models.fetchmail",
+         "odoo.addons.mail_microsoft365_oauth.m365.identity")
+
+
+@tagged("post_install", "-at_install")
+class TestFaults(SandboxCase):
+    """Mail never stops silently: throttling, an unavailable identity platform, poison messages."""
+
+    def incoming(self, account, name=None):
+        return self.env["fetchmail.server"].create({
+            "name": name or account.email, "connect_with": "microsoft365", "microsoft365_account_id": account.id,
+            "server_type": "imap", "server": self.sandbox.host, "port": self.sandbox.ports["imaps"],
+            "is_ssl": True, "user": account.email, "state": "done",
+            "object_id": self.env.ref("base.model_res_partner").id,
+        })
+
+    def cron_fetch(self):
+        with patch.object(self.env.cr, "commit", lambda: None):
+            self.env["fetchmail.server"]._fetch_mails()
+
+    def partners(self, name):
+        return self.env["res.partner"].search_count([("name", "=", name)])
+
+    @mute_logger(*QUIET)
+    def test_poison_message_is_retried_then_left_flagged_and_reported(self):
+        account = self.connect(self.new_account())
+        server = self.incoming(account)
+        self.sandbox.control("deliver", mailbox="alice@contoso.com", subject="Poison", sender="x@fabrikam.example")
+        self.sandbox.control("deliver", mailbox="alice@contoso.com", subject="Wholesome", sender="y@fabrikam.example")
+        MailThread = type(self.env["mail.thread"])
+        original, attempts = MailThread.message_process, []
+
+        def message_process(thread, model, message, *args, **kwargs):
+            if b"Subject: Poison" in message:
+                attempts.append(1)
+                raise ValueError("cannot route this message")
+            return original(thread, model, message, *args, **kwargs)
+
+        with patch.object(MailThread, "message_process", message_process):
+            for _run in range(4):
+                self.cron_fetch()
+        self.assertEqual(self.partners("Wholesome"), 1)  # processed once, not blocked by the poison
+        self.assertEqual(len(attempts), 3)  # retried, then left alone
+        self.assertIn("Poison (from x@fabrikam.example): cannot route this message", server.microsoft365_failed_summary)
+        context = ssl.create_default_context(cafile=self.sandbox.ca_file)
+        with imaplib.IMAP4_SSL(self.sandbox.host, self.sandbox.ports["imaps"], ssl_context=context) as imap:
+            imap.authenticate("XOAUTH2", lambda _: f"user=alice@contoso.com\x01auth=Bearer {account._access_token()}"
+                                                   "\x01\x01".encode())
+            imap.select("INBOX")
+            self.assertEqual(len(imap.search(None, "KEYWORD", "OdooFailed")[1][0].split()), 1)
+            self.assertEqual(len(imap.search(None, "UNSEEN")[1][0].split()), 1)  # still there, unread
+        self.env["microsoft365.account"]._cron_health_check()
+        self.assertEqual(account.health, "fetch_failing")
+        self.assertIn("Poison", account.health_message)
+
+    @mute_logger(*QUIET)
+    def test_throttling_is_honoured(self):
+        account = self.connect(self.new_account())
+        server = self.incoming(account)
+        self.sandbox.control("deliver", mailbox="alice@contoso.com", subject="After the pause")
+        self.sandbox.control("mail_throttle", mailbox="alice@contoso.com", backoff_ms=1500, count=1)
+        self.cron_fetch()
+        self.assertIn("throttling", server.microsoft365_fetch_error)
+        self.assertTrue(server.microsoft365_retry_at > fields.Datetime.now())
+        logins = self.sandbox.counter("mail_login:imap")
+        self.cron_fetch()  # too early: Odoo does not even connect
+        self.assertEqual(self.sandbox.counter("mail_login:imap"), logins)
+        time.sleep((server.microsoft365_retry_at - fields.Datetime.now()).total_seconds() + 0.2)
+        self.cron_fetch()
+        self.assertEqual(self.partners("After the pause"), 1)
+        self.assertFalse(server.microsoft365_fetch_error)
+
+    @mute_logger(*QUIET)
+    def test_an_unavailable_identity_platform_is_transient_and_other_servers_go_on(self):
+        steady = self.connect(self.new_account(email="bob@contoso.com"), upn="bob@contoso.com")
+        self.sandbox.control("settings", access_token_lifetime=1)
+        stalled = self.connect(self.new_account())
+        time.sleep(1.1)  # stalled's access token is stale: it needs the token endpoint
+        self.incoming(stalled, "stalled")
+        self.incoming(steady, "steady")
+        self.sandbox.control("deliver", mailbox="bob@contoso.com", subject="Still arriving")
+        self.sandbox.control("token_fault", kind="503", count=3, retry_after=0)
+        self.cron_fetch()
+        self.assertEqual(self.partners("Still arriving"), 1)
+        self.assertEqual(stalled.status, "connected")  # not "reconnect needed"
+        self.assertIn("busy or unavailable", stalled.last_error)
