@@ -121,12 +121,23 @@ class IdentityClient:
                     instance_discovery=None if _is_microsoft_authority(self.app.authority) else False,
                 )
             except ValueError as exc:
-                # MSAL reports an unknown tenant or a refused discovery as ValueError.
+                # MSAL reports an unknown tenant or a refused discovery as a ValueError without
+                # Microsoft's answer: ask for it, to say which (AADSTS90002 for an unknown tenant).
                 raise AuthorizationFailed(diagnosis.diagnose_oauth(
-                    {"error": "invalid_request", "error_description": str(exc)})) from None
+                    self._discovery_error(session) or {"error": "invalid_request", "error_description": str(exc)},
+                )) from None
             except requests.RequestException as exc:
                 raise TransientFailure(diagnosis.diagnose_transport(exc)) from None
         return self._msal
+
+    def _discovery_error(self, session):
+        try:
+            response = session.get(f"{self.app.authority}/v2.0/.well-known/openid-configuration",
+                                   timeout=self.app.timeout)
+            answer = response.json()
+        except (requests.RequestException, ValueError):
+            return None
+        return answer if isinstance(answer, dict) and answer.get("error") else None
 
     def changed_cache_state(self):
         """The serialized cache if MSAL changed it since the last call, else None."""

@@ -49,6 +49,10 @@ MESSAGES = {
     50194: "Application '{client_id}'({app_name}) is not configured as a multi-tenant application. Usage of "
            "the /{tenant} endpoint is not supported for such applications created after '10/15/2018'. Use a "
            "tenant-specific endpoint or configure the application to be multi-tenant.",
+    50079: "Due to a configuration change made by your administrator, or because you moved to a new "
+           "location, you must enroll in multi-factor authentication to access '{resource}'.",
+    53003: "Access has been blocked by Conditional Access policies. The access policy does not allow token "
+           "issuance.",
     54005: "OAuth2 Authorization code was already redeemed, please retry with a new valid code or use an "
            "existing refresh token.",
     65001: "The user or administrator has not consented to use the application with ID '{client_id}' named "
@@ -592,6 +596,9 @@ no password is asked.</p><p class="problem">{html.escape(problem)}</p>
 
     def _redeem_code(self, app, form, appidacr):
         directory = self.identity.directory
+        if form.get("redirect_uri") not in app["redirect_uris"]:
+            raise OAuthError("invalid_request", 50011, redirect_uri=form.get("redirect_uri", ""),
+                             client_id=app["client_id"])
         with directory.lock:
             entry = directory.codes.get(form.get("code") or "")
             if entry is None or entry["client_id"] != app["client_id"]:
@@ -629,6 +636,10 @@ no password is asked.</p><p class="problem">{html.escape(problem)}</p>
                              valid_from=_iso(user["sessions_valid_after"]))
         if not identity.delegated_consent(app, user["tenant"], user["upn"]):
             raise OAuthError("invalid_grant", 65001, client_id=app["client_id"], app_name=app["name"])
+        if user.get("blocked_by_conditional_access"):
+            raise OAuthError("invalid_grant", 53003)
+        if user.get("must_register_mfa"):
+            raise OAuthError("invalid_grant", 50079, resource=grant["resource"])
         if user["require_mfa"] and not grant.get("mfa"):
             raise OAuthError("invalid_grant", 50076, resource=grant["resource"])
         # A refresh token is bound to the user and the app, not to the scopes it was issued for:
@@ -730,6 +741,12 @@ def _require_mfa(identity, body):
     identity.directory.update("users", {"upn": body["user"].lower()}, {"require_mfa": bool(body.get("required", True))})
 
 
+def _user_policy(identity, body):
+    values = {k: bool(body[k]) for k in ("blocked_by_conditional_access", "must_register_mfa", "require_mfa")
+              if k in body}
+    identity.directory.update("users", {"upn": body["user"].lower()}, values)
+
+
 def _consent(identity, body):
     directory = identity.directory
     entry = {"client_id": body["client_id"], "tenant": body["tenant"], "delegated": bool(body.get("delegated", True)),
@@ -797,6 +814,7 @@ def _mail_throttle(identity, body):
 
 
 _CONTROL = {
+    "user_policy": _user_policy,
     "mail_throttle": _mail_throttle,
     "deliver": _deliver,
     "token_fault": _set_fault,
