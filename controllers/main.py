@@ -11,7 +11,8 @@ from ..models.microsoft365_app import CALLBACK_PATH
 _logger = logging.getLogger(__name__)
 
 # What Microsoft sends back; anything else is ignored, and nothing long is kept.
-CALLBACK_FIELDS = ("code", "state", "session_state", "client_info", "error", "error_description", "error_uri")
+CALLBACK_FIELDS = ("code", "state", "session_state", "client_info", "error", "error_description", "error_uri",
+                   "admin_consent", "tenant")
 MAX_FIELD_LENGTH = 8192
 
 
@@ -30,6 +31,14 @@ class Microsoft365OAuthController(http.Controller):
                                       {"action": CALLBACK_PATH, "fields": params})
             return self._page(request.env._("Sign in to Odoo first"), request.env._(
                 "Open Odoo in this browser, sign in, and start the authorization again from the mailbox."))
+
+        if "admin_consent" in params:  # back from the tenant-wide admin consent link: nothing to store
+            if params["admin_consent"] == "True":
+                return self._page(request.env._("Administrator consent granted"), request.env._(
+                    "Microsoft recorded the consent for the whole organisation. You can close this page and use "
+                    "Test connection on the mailboxes."))
+            found = diagnosis.diagnose_oauth(params)
+            return self._page(request.env._("Microsoft did not record the consent"), explain(request.env, found))
 
         account, flow = request.env["microsoft365.authorization"].sudo()._take(
             params.get("state"), request.env.user)

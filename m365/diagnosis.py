@@ -195,3 +195,48 @@ def _codes_in(description):
 
 def _first_line(text):
     return (text or "").strip().splitlines()[0][:500] if (text or "").strip() else ""
+
+
+APP_ROLES = {"IMAP": "IMAP.AccessAsApp", "POP3": "POP.AccessAsApp", "SMTP": "SMTP.SendAsApp"}
+
+
+def diagnose_app_only(protocol, found, roles, **params):
+    """An app-only login refused by the mail server: name the missing prerequisite and give the
+    exact PowerShell lines (Exchange Online PowerShell), as far as the reply allows to tell."""
+    params = dict(found.params, **params)
+    role = APP_ROLES[protocol]
+    if role not in roles:
+        return Diagnosis(
+            "APP CONSENT", CONFIGURATION,
+            _lt("The app has no admin consent for %(role)s."),
+            _lt("In Entra ID > App registrations > %(app_name)s > API permissions, add Office 365 Exchange Online > "
+                "Application permissions > %(role)s, then \"Grant admin consent\" (or open the admin consent link "
+                "on the app registration)."),
+            found.detail, dict(params, role=role))
+    if found.code.endswith("NOT CONNECTED"):
+        return Diagnosis(
+            "APP MAILBOX PERMISSION", CONFIGURATION,
+            _lt("The app may sign in, but has no permission on the mailbox %(mailbox)s."),
+            _lt("In Exchange Online PowerShell run:\n"
+                "Add-MailboxPermission -Identity \"%(mailbox)s\" -User (Get-ServicePrincipal -Identity "
+                "%(app_id)s).Identity -AccessRights FullAccess"),
+            found.detail, params)
+    if protocol == "SMTP":
+        return Diagnosis(
+            "APP SMTP", CONFIGURATION,
+            _lt("Exchange Online refused the app's token for %(mailbox)s."),
+            _lt("In Exchange Online PowerShell, register the app once and give it the mailbox:\n"
+                "New-ServicePrincipal -AppId %(app_id)s -ObjectId <object ID of the Enterprise application "
+                "\"%(app_name)s\">\n"
+                "Add-MailboxPermission -Identity \"%(mailbox)s\" -User (Get-ServicePrincipal -Identity "
+                "%(app_id)s).Identity -AccessRights FullAccess"),
+            found.detail, params)
+    return Diagnosis(
+        "APP SERVICE PRINCIPAL", CONFIGURATION,
+        _lt("Exchange Online does not know the app yet (no service principal)."),
+        _lt("In Exchange Online PowerShell run:\n"
+            "New-ServicePrincipal -AppId %(app_id)s -ObjectId <object ID of the Enterprise application "
+            "\"%(app_name)s\">\n"
+            "Add-MailboxPermission -Identity \"%(mailbox)s\" -User (Get-ServicePrincipal -Identity "
+            "%(app_id)s).Identity -AccessRights FullAccess"),
+        found.detail, params)

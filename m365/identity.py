@@ -4,6 +4,8 @@ One IdentityClient serves one token cache (one OAuth account, or one app-only re
 MSAL objects are cheap once the authority's OpenID configuration is known, so the discovery
 responses are kept in a process-wide http cache and HTTP sessions are pooled per trust anchor.
 """
+import base64
+import json
 import logging
 import re
 import threading
@@ -234,6 +236,16 @@ class IdentityClient:
         if found.transient:
             raise TransientFailure(found)
         raise AuthorizationFailed(found)
+
+
+def unverified_claims(access_token):
+    """The claims of a JWT access token, unverified: only to explain a refusal (which roles an
+    app-only token carries), never to trust it."""
+    try:
+        payload = access_token.split(".")[1]
+        return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (IndexError, ValueError, AttributeError):
+        return {}
 
 
 def _is_microsoft_authority(authority):

@@ -5,7 +5,8 @@ from collections import defaultdict
 from odoo import _, api, fields, models
 from odoo.exceptions import AccessError, UserError, ValidationError
 
-from ..m365 import identifiers, mailcheck
+from ..m365 import diagnosis, identifiers, mailcheck
+from ..m365.identity import unverified_claims
 from ..m365.errors import AuthorizationFailed, InvalidInput, M365Error, MailLoginFailed, ReconnectRequired, \
     TransientFailure
 
@@ -36,7 +37,7 @@ class Microsoft365Account(models.Model):
     provider = fields.Char(default="Microsoft 365", readonly=True)
     status = fields.Selection(
         [("not_connected", "Not connected"), ("connected", "Connected"),
-         ("reconnect", "Reconnect needed")],
+         ("reconnect", "Reconnect needed"), ("app_only", "App-only (no sign-in)")],
         default="not_connected", required=True, readonly=True, copy=False)
     username = fields.Char(string="Signed-in account", readonly=True, copy=False)
     tenant_id = fields.Char(string="Tenant", readonly=True, copy=False)
@@ -65,10 +66,24 @@ class Microsoft365Account(models.Model):
 
     @api.model_create_multi
     def create(self, vals_list):
-        return super().create([self._normalise(vals) for vals in vals_list])
+        accounts = super().create([self._normalise(vals) for vals in vals_list])
+        accounts._sync_app_only_status()
+        return accounts
 
     def write(self, vals):
-        return super().write(self._normalise(vals))
+        result = super().write(self._normalise(vals))
+        if "app_id" in vals:
+            self._sync_app_only_status()
+        return result
+
+    def _sync_app_only_status(self):
+        """Mailboxes of an app-only registration need no sign-in: their status says so."""
+        for account in self:
+            app_only = account.app_id.flow == "app_only"
+            if app_only and account.status != "app_only":
+                account.status = "app_only"
+            elif not app_only and account.status == "app_only":
+                account.status = "not_connected"
 
     def _normalise(self, vals):
         try:
@@ -160,7 +175,12 @@ class Microsoft365Account(models.Model):
             try:
                 check(host, int(port), account.email, token, ca_file=ca_file)
             except MailLoginFailed as exc:
-                failures.append("%s %s:%s: %s" % (protocol, host, port, explain(self.env, exc.diagnosis)))
+                found = exc.diagnosis
+                if app.flow == "app_only":
+                    found = diagnosis.diagnose_app_only(
+                        protocol, found, unverified_claims(token).get("roles", []), app_id=app.client_id,
+                        app_name=app.name, mailbox=account.email)
+                failures.append("%s %s:%s: %s" % (protocol, host, port, explain(self.env, found)))
         tested = ", ".join(f"{protocol} {host}:{port}" for protocol, _check, host, port in checks)
         if failures:
             raise UserError(_("Connection test failed for %(mailbox)s.", mailbox=account.email) + "\n\n"
@@ -220,6 +240,12 @@ class Microsoft365Account(models.Model):
         is rolled back later (a failed fetch, a failed send)."""
         self.ensure_one()
         account = self.sudo()
+        if account.app_id.flow == "app_only":
+            try:
+                return account.app_id._app_access_token().token
+            except (ReconnectRequired, AuthorizationFailed) as exc:
+                account._record_failure(account.status, exc)
+                raise
         if account.status == "not_connected" or not account.token_cache_sealed:
             raise UserError(_("The mailbox %s is not connected to Microsoft 365 yet: click Authorize.",
                               account.email))

@@ -1,9 +1,14 @@
+import base64
+import datetime
+import json
 import os
+import time
+from urllib.parse import urlencode
 
 from odoo import api, fields, models
 from odoo.exceptions import ValidationError
 
-from ..m365 import identifiers
+from ..m365 import certificates, identifiers
 from ..m365.clouds import CLOUDS
 from ..m365.errors import InvalidInput
 from ..m365.identity import AppCredentials, IdentityClient
@@ -33,6 +38,27 @@ class Microsoft365App(models.Model):
         help="The Directory (tenant) ID or a verified domain of a single-tenant app. "
         "Leave empty for a multi-tenant app (work and school accounts).")
     client_id = fields.Char(string="Application (client) ID", required=True)
+    flow = fields.Selection(
+        [("delegated", "Delegated: a user signs in"), ("app_only", "Application (app-only)")],
+        string="Access", default="delegated", required=True,
+        help="Delegated: each mailbox is authorized once by a user who may open it. Application: no sign-in; "
+        "the app reads and sends with Exchange application permissions, admin consent and a mailbox "
+        "permission in Exchange Online.")
+    credential_type = fields.Selection([("secret", "Client secret"), ("certificate", "Certificate")],
+                                       string="Credential", default="secret", required=True)
+    certificate_file = fields.Binary(
+        string="Certificate and private key", compute="_compute_certificate_upload", readonly=False, store=False,
+        help="PEM file with the private key and the certificate, or a PFX file. Stored encrypted, never shown "
+        "again; upload the certificate (public part) to Entra ID > Certificates & secrets.")
+    certificate_passphrase = fields.Char(compute="_compute_certificate_upload", readonly=False, store=False,
+                                         help="Passphrase of the PFX file or of the encrypted private key.")
+    certificate_sealed = fields.Text(groups=fields.NO_ACCESS, copy=False)
+    certificate_thumbprint = fields.Char(readonly=True, copy=False,
+                                         help="Compare with the thumbprint Entra ID shows for the certificate.")
+    certificate_expires_on = fields.Date(readonly=True, copy=False)
+    app_token_cache_sealed = fields.Text(groups=fields.NO_ACCESS, copy=False)
+    app_token_expires_at = fields.Datetime(readonly=True, copy=False)
+    admin_consent_url = fields.Char(compute="_compute_admin_consent_url", string="Admin consent link")
     client_secret = fields.Char(
         compute="_compute_client_secret", inverse="_inverse_client_secret", store=False,
         help="The secret's Value from Entra ID > Certificates & secrets. It is stored encrypted "
@@ -63,7 +89,12 @@ class Microsoft365App(models.Model):
         return super().create([self._normalise(vals) for vals in vals_list])
 
     def write(self, vals):
-        return super().write(self._normalise(vals))
+        result = super().write(self._normalise(vals))
+        if "flow" in vals:
+            self.account_ids._sync_app_only_status()
+        if {"flow", "client_id", "tenant", "credential_type", "client_secret", "certificate_file"} & set(vals):
+            self.sudo().app_token_cache_sealed = False  # tokens of the old credentials are not ours any more
+        return result
 
     def _normalise(self, vals):
         vals = dict(vals)
@@ -80,6 +111,9 @@ class Microsoft365App(models.Model):
         try:
             if "tenant" in vals:
                 vals["tenant"] = identifiers.parse_tenant(vals["tenant"])
+                cloud = vals.get("cloud") or (self[:1].cloud if len(self) == 1 else None)
+                if cloud == "consumer" and vals["tenant"] == "organizations":
+                    vals["tenant"] = "consumers"  # personal Outlook.com accounts
             if vals.get("client_id") is not None:
                 vals["client_id"] = identifiers.parse_client_id(vals["client_id"])
             for name, parse in parsers.items():
@@ -87,6 +121,18 @@ class Microsoft365App(models.Model):
                     vals[name] = parse(vals[name])
             if vals.get("ca_file"):
                 vals["ca_file"] = self._check_ca_file(vals["ca_file"])
+            passphrase = vals.pop("certificate_passphrase", None)
+            upload = vals.pop("certificate_file", None)
+            if upload:
+                credential = certificates.load_certificate_credential(base64.b64decode(upload), passphrase)
+                vals.update(
+                    certificate_sealed=self.env["microsoft365.vault"]._encrypt(json.dumps(
+                        {"private_key": credential.private_key, "certificate": credential.certificate})),
+                    certificate_thumbprint=credential.thumbprint,
+                    certificate_expires_on=credential.expires_at.date(),
+                    credential_type=vals.get("credential_type", "certificate"),
+                    app_token_cache_sealed=False,
+                )
         except InvalidInput as exc:
             raise ValidationError(self.env._(exc.message, **exc.params)) from None
         return vals
@@ -120,6 +166,20 @@ class Microsoft365App(models.Model):
     def _compute_client_secret(self):
         self.client_secret = False  # write-only
 
+    def _compute_certificate_upload(self):
+        self.certificate_file = False  # write-only
+        self.certificate_passphrase = False
+
+    @api.depends("cloud", "tenant", "client_id", "authority_host")
+    def _compute_admin_consent_url(self):
+        for app in self:
+            if not app.client_id or app.tenant in ("organizations", "common", "consumers", False):
+                app.admin_consent_url = False
+                continue
+            app.admin_consent_url = "%s/%s/adminconsent?%s" % (
+                app._cloud().authority_host, app.tenant,
+                urlencode({"client_id": app.client_id, "redirect_uri": app.redirect_uri}))
+
     def _inverse_client_secret(self):
         for app in self:
             if app.client_secret:
@@ -145,13 +205,60 @@ class Microsoft365App(models.Model):
 
     def _credentials(self):
         self.ensure_one()
-        secret = self.env["microsoft365.vault"]._decrypt(self.sudo().client_secret_sealed)
+        vault, app = self.env["microsoft365.vault"], self.sudo()
+        certificate = None
+        if app.credential_type == "certificate" and app.certificate_sealed:
+            stored = json.loads(vault._decrypt(app.certificate_sealed))
+            certificate = {"private_key": stored["private_key"], "thumbprint": app.certificate_thumbprint,
+                           "public_certificate": stored["certificate"]}
+        default_tenant = "consumers" if app.cloud == "consumer" else "organizations"
         return AppCredentials(
-            client_id=self.client_id,
-            authority=self._cloud().authority(self.tenant or "organizations"),
-            client_secret=secret or None,
-            ca_file=(self.cloud == "custom" and self.ca_file) or None,
+            client_id=app.client_id,
+            authority=app._cloud().authority(app.tenant or default_tenant),
+            client_secret=(vault._decrypt(app.client_secret_sealed) or None) if not certificate else None,
+            certificate=certificate,
+            ca_file=(app.cloud == "custom" and app.ca_file) or None,
         )
+
+    def _credential_expires_on(self):
+        self.ensure_one()
+        return self.certificate_expires_on if self.credential_type == "certificate" else self.secret_expires_on
+
+    def _app_access_token(self):
+        """App-only: one token for every mailbox of this app, from the app's own MSAL cache; a new
+        one is requested under the app's row lock, so 100 mailboxes cost one request per lifetime."""
+        self.ensure_one()
+        app = self.sudo()
+        if app.app_token_cache_sealed and app.app_token_expires_at and \
+                app.app_token_expires_at.timestamp() - time.time() > 330:
+            client = app._identity_client(self.env["microsoft365.vault"]._decrypt(app.app_token_cache_sealed))
+            token = client.app_access_token(app._cloud().app_scopes())
+            if token.from_cache:
+                return token
+        app.flush_recordset()
+        if not self.env.registry.in_test_mode():
+            with self.env.registry.cursor() as cr:
+                cr.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                found = app._app_token_locked(cr)
+                if found is not None:
+                    return found
+        found = app._app_token_locked(self.env.cr)
+        self.invalidate_recordset(["app_token_cache_sealed", "app_token_expires_at"])
+        return found
+
+    def _app_token_locked(self, cr):
+        cr.execute("SELECT app_token_cache_sealed FROM microsoft365_app WHERE id = %s FOR NO KEY UPDATE", [self.id])
+        row = cr.fetchone()
+        if row is None:
+            return None
+        vault = self.env["microsoft365.vault"]
+        client = self._identity_client(vault._decrypt(row[0]) if row[0] else None)
+        token = client.app_access_token(self._cloud().app_scopes())
+        changed = client.changed_cache_state()
+        if changed:
+            cr.execute("UPDATE microsoft365_app SET app_token_cache_sealed = %s, app_token_expires_at = %s WHERE id = %s",
+                       [vault._encrypt(changed), datetime.datetime.utcfromtimestamp(int(token.expires_at)), self.id])
+        return token
 
     def _mail_ca_file(self):
         """CA of a private mail endpoint (custom cloud), else None: the system's trust store."""

@@ -90,31 +90,38 @@ class Microsoft365App(models.Model):
     health_message = fields.Text(compute="_compute_health_message")
     secret_expiry_notified = fields.Date(readonly=True, copy=False)
 
-    @api.depends("secret_expires_on")
+    @api.depends("secret_expires_on", "certificate_expires_on", "credential_type")
     def _compute_health_message(self):
         for app in self:
             app.health_message = app._secret_expiry_message() if app._secret_expiring() else False
 
     def _secret_expiring(self):
         self.ensure_one()
-        return bool(self.secret_expires_on) and \
-            self.secret_expires_on <= fields.Date.today() + SECRET_WARNING
+        expires_on = self._credential_expires_on()
+        return bool(expires_on) and expires_on <= fields.Date.today() + SECRET_WARNING
 
     def _secret_expiry_message(self):
-        if self.secret_expires_on < fields.Date.today():
+        expires_on = self._credential_expires_on()
+        if self.credential_type == "certificate":
+            if expires_on < fields.Date.today():
+                return _("The certificate of %(app)s expired on %(date)s: create a new one, upload it to Entra ID > "
+                         "Certificates & secrets and here.", app=self.name, date=expires_on)
+            return _("The certificate of %(app)s expires on %(date)s: create a new one, upload it to Entra ID > "
+                     "Certificates & secrets and here before then.", app=self.name, date=expires_on)
+        if expires_on < fields.Date.today():
             return _("The client secret of %(app)s expired on %(date)s: create a new one in Entra ID > Certificates "
-                     "& secrets and enter it here.", app=self.name, date=self.secret_expires_on)
+                     "& secrets and enter it here.", app=self.name, date=expires_on)
         return _("The client secret of %(app)s expires on %(date)s: create a new one in Entra ID > Certificates "
-                 "& secrets and enter it here before then.", app=self.name, date=self.secret_expires_on)
+                 "& secrets and enter it here before then.", app=self.name, date=expires_on)
 
     def _update_health(self):
         admins = self.env.ref("base.group_system").sudo().users.filtered(
             lambda user: user.active and not user.share and user.id != self.env.ref("base.user_root").id)
         for app in self.sudo():
-            if not app._secret_expiring() or app.secret_expiry_notified == app.secret_expires_on:
+            if not app._secret_expiring() or app.secret_expiry_notified == app._credential_expires_on():
                 continue
             for user in admins:
                 app.activity_schedule("mail.mail_activity_data_todo", user_id=user.id,
                                       summary=_("Client secret of %s expires soon", app.name),
                                       note=app._secret_expiry_message())
-            app.secret_expiry_notified = app.secret_expires_on
+            app.secret_expiry_notified = app._credential_expires_on()

@@ -386,6 +386,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(200, self.identity.directory.signer.jwks)
             if segments[1:] == ["oauth2", "v2.0", "authorize"]:
                 return self._authorize(segments[0], query, submitted=None)
+            if segments[1:] == ["adminconsent"]:
+                return self._admin_consent(segments[0], query, submitted=None)
             if segments[:1] == ["_sandbox"] and segments[1:] == ["state"]:
                 return self._send(200, _control_state(self.identity))
         except OAuthError as error:
@@ -399,6 +401,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._token(segments[0])
             if segments[1:] == ["oauth2", "v2.0", "authorize"]:
                 return self._authorize(segments[0], query, submitted=self._form())
+            if segments[1:] == ["adminconsent"]:
+                return self._admin_consent(segments[0], query, submitted=self._form())
             if segments == ["_sandbox", "introspect"]:
                 return self._introspect(self._form())
             if segments[:1] == ["_sandbox"] and len(segments) == 2:
@@ -489,6 +493,36 @@ class _Handler(BaseHTTPRequestHandler):
         return self._complete_sign_in(app, params, resource, permissions, upn,
                                       consent=submitted.get("consent") == "yes",
                                       for_organization=submitted.get("consent_org") == "yes")
+
+    def _admin_consent(self, segment, query, submitted):
+        """Tenant-wide admin consent (the /adminconsent endpoint): an administrator of the tenant
+        accepts every permission of the app, delegated and application, for the whole organisation."""
+        identity, directory = self.identity, self.identity.directory
+        params = dict(submitted or query)
+        try:
+            tenant, _alias = identity.resolve_tenant(segment)
+            app = directory.app(params.get("client_id"))
+            if tenant is None or app is None:
+                raise OAuthError("unauthorized_client", 700016, client_id=params.get("client_id", ""),
+                                 tenant_name=tenant["name"] if tenant else segment)
+            if params.get("redirect_uri") not in app["redirect_uris"]:
+                raise OAuthError("invalid_request", 50011, redirect_uri=params.get("redirect_uri", ""),
+                                 client_id=app["client_id"])
+        except OAuthError as error:
+            return self._error_page(error)
+        admins = [u for u in directory.users_of(tenant["id"]) if u["admin"]]
+        if submitted is None:
+            return self._sign_in_page(app, params, admins, "", app["delegated"] + app["application"])
+        if submitted.get("action") != "accept" or submitted.get("account") not in {u["upn"] for u in admins}:
+            return self._reply_to_client(dict(params, response_mode="query"), {
+                "error": "access_denied", "error_description": "AADSTS65004: User declined to consent to access the app."})
+        entry = {"client_id": app["client_id"], "tenant": tenant["id"], "delegated": True, "application": True}
+        with directory.lock:
+            directory.data["consents"] = [c for c in directory.data["consents"]
+                                          if not (c["client_id"] == app["client_id"] and c["tenant"] == tenant["id"])]
+            directory.data["consents"].append(entry)
+            directory.save()
+        self._reply_to_client(dict(params, response_mode="query"), {"admin_consent": "True", "tenant": tenant["id"]})
 
     def _session_cookie(self):
         jar = cookies.SimpleCookie(self.headers.get("Cookie") or "")
