@@ -140,8 +140,9 @@ _SMTP_RULES = [
          "-SmtpClientAuthenticationDisabled $false for the organisation).")),
     (re.compile(r"5\.2\.252|SendAsDenied|5\.7\.60", re.I), "SMTP SendAsDenied", CONFIGURATION,
      _lt("Microsoft refused to send as this sender address."),
-     _lt("Send from the mailbox's own address, or grant Send As on the sender's mailbox "
-         "(Add-RecipientPermission).")),
+     _lt("Send from the mailbox's own address, or grant Send As on the sender's address in Exchange Online "
+         "PowerShell: Add-RecipientPermission -Identity <sender address> -Trustee <the mailbox, or for app-only "
+         "(Get-ServicePrincipal -Identity <application ID>).Identity> -AccessRights SendAs")),
     (re.compile(r"5\.7\.3|5\.7\.8|535"), "SMTP 5.7.3", CONFIGURATION,
      _lt("The SMTP server rejected the access token."),
      _lt("Check that the app has the SMTP.Send permission (or SMTP.SendAsApp with the mailbox "

@@ -1,6 +1,9 @@
 from odoo import _, api, fields, models
 from odoo.exceptions import UserError
 
+from odoo.addons.base.models.ir_mail_server import MailDeliveryException
+
+from ..m365.diagnosis import diagnose_smtp
 from ..m365.errors import M365Error
 from ..m365.mailcheck import smtp_authenticate
 from .microsoft365_account import explain
@@ -80,6 +83,17 @@ class IrMailServer(models.Model):
         if {"smtp_authentication", "smtp_user", "from_filter", "microsoft365_account_id"} & set(vals):
             self._microsoft365_link_accounts()
         return result
+
+    def send_email(self, message, *args, **kwargs):
+        try:
+            return super().send_email(message, *args, **kwargs)
+        except MailDeliveryException as exc:
+            # Exchange refuses some sends only after the message (Send As): add what to do about it.
+            detail = str(exc.args[1]) if len(exc.args) > 1 else ""
+            found = diagnose_smtp(550, detail)
+            if found.code not in ("SMTP SendAsDenied", "SMTP 5.7.139"):
+                raise
+            raise MailDeliveryException(exc.args[0], "%s\n%s" % (detail, explain(self.env, found))) from exc
 
     def _smtp_login(self, connection, smtp_user, smtp_password):
         # Odoo calls this on an empty recordset when no server record is involved.

@@ -74,6 +74,17 @@ class TestAppOnly(SandboxCase):
         self.assertIn("The app has no admin consent for IMAP.AccessAsApp", str(refused.exception))
         self.assertIn("Grant admin consent", str(refused.exception))
 
+    def test_send_as_another_address_says_how_to_grant_it(self):
+        from odoo.addons.base.models.ir_mail_server import MailDeliveryException
+
+        info = self.new_account(email="info@contoso.com")
+        _imap, _pop, smtp = self.servers(info)
+        message = smtp.build_email("ceo@contoso.com", ["bob@contoso.com"], "From the top", "Hello")
+        with self.assertRaises(MailDeliveryException) as refused:
+            smtp.send_email(message, mail_server_id=smtp.id)
+        self.assertIn("SendAsDenied", str(refused.exception.args[1]))
+        self.assertIn("Add-RecipientPermission -Identity <sender address>", str(refused.exception.args[1]))
+
     def test_admin_consent_link_records_consent_for_the_organisation(self):
         client_id, tenant = self.app_registration.client_id, self.sandbox.tenant()["id"]
         self.sandbox.control("consent", client_id=client_id, tenant=tenant, granted=False)
