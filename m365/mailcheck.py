@@ -14,10 +14,22 @@ from .xoauth2 import xoauth2_base64, xoauth2_string
 
 
 def imap_authenticate(connection, mailbox, access_token):
-    """AUTHENTICATE XOAUTH2 then SELECT INBOX, as Exchange needs both before a fetch."""
+    """AUTHENTICATE XOAUTH2 then SELECT INBOX, as Exchange needs both before a fetch.
+
+    With SASL-IR (Exchange Online announces it) the token goes with the command itself: one round
+    trip to Microsoft less per connection than imaplib's challenge-response."""
+    connection = getattr(connection, "__obj__", connection)  # Odoo's wrapper hides imaplib's internals
     raw = xoauth2_string(mailbox, access_token)
     try:
-        connection.authenticate("XOAUTH2", lambda _challenge: raw.encode())
+        if "SASL-IR" in connection.capabilities:
+            # A refusal comes as a SASL error challenge first; an empty response ends the exchange.
+            connection.literal = imaplib._Authenticator(lambda _challenge: b"").process
+            status, data = connection._simple_command("AUTHENTICATE", "XOAUTH2", xoauth2_base64(mailbox, access_token))
+            if status != "OK":
+                raise imaplib.IMAP4.error(b" ".join(d for d in data if isinstance(d, bytes)).decode(errors="replace"))
+            connection.state = "AUTH"
+        else:
+            connection.authenticate("XOAUTH2", lambda _challenge: raw.encode())
     except imaplib.IMAP4.error as exc:
         raise MailLoginFailed(diagnosis.diagnose_mailbox(
             "IMAP", str(exc), mailbox=mailbox, scope="IMAP.AccessAsUser.All")) from None

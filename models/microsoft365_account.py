@@ -1,3 +1,4 @@
+import hashlib
 import logging
 import time
 from collections import defaultdict
@@ -252,9 +253,14 @@ class Microsoft365Account(models.Model):
         fresh = account.token_expires_at and \
             account.token_expires_at.timestamp() - time.time() > REFRESH_MARGIN
         if fresh and not force_refresh:
+            memo_key = (self.env.cr.dbname, account.id, hashlib.sha256(account.token_cache_sealed.encode()).digest())
+            remembered = _TOKEN_MEMO.get(memo_key)
+            if remembered and remembered.expires_at - time.time() > REFRESH_MARGIN:
+                return remembered.token  # no decryption, no MSAL object: this very cache state's token
             client = account._identity_client_from(account.token_cache_sealed)
             token = account._token_from(client, self.env.cr, committed=False)
             if client.changed_cache_state() is None:
+                _remember(memo_key, token)
                 return token.token
         return account._refresh_serialised(force_refresh)
 
@@ -331,6 +337,18 @@ class Microsoft365Account(models.Model):
                 self.env(cr=cr)[self._name].browse(account_id).sudo().write(values)
 
         self.env.cr.postrollback.add(keep_after_rollback)
+
+
+# Access tokens already read from a given stored cache state, per process: a cache hit then costs a
+# dictionary lookup. Keyed by the sealed state itself, so any refresh (by any worker) misses it.
+_TOKEN_MEMO = {}
+_TOKEN_MEMO_SIZE = 10000
+
+
+def _remember(key, token):
+    if len(_TOKEN_MEMO) >= _TOKEN_MEMO_SIZE:
+        _TOKEN_MEMO.clear()
+    _TOKEN_MEMO[key] = token
 
 
 _DISCONNECTED = {

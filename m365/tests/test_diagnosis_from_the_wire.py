@@ -172,3 +172,20 @@ def test_imap_throttling(box):
     box.control("mail_throttle", mailbox="alice@contoso.com", backoff_ms=2500)
     found = mail_code(check_imap, "alice@contoso.com", token, box)
     assert found.code == "IMAP THROTTLED" and found.params["backoff_ms"] == 2500 and found.transient
+
+
+@pytest.mark.parametrize("sasl_ir", [True, False])
+def test_imap_login_with_and_without_sasl_initial_response(box, sasl_ir):
+    import imaplib
+
+    from m365.mailcheck import imap_authenticate
+
+    identity, sign_in = signed_in(box)
+    token = identity.access_token(SCOPES, sign_in.home_account_id).token
+    imap = imaplib.IMAP4_SSL(box.host, box.ports["imaps"], ssl_context=ssl.create_default_context(cafile=box.ca_file))
+    assert "SASL-IR" in imap.capabilities  # as Exchange Online announces it
+    if not sasl_ir:
+        imap.capabilities = tuple(c for c in imap.capabilities if c != "SASL-IR")
+    imap_authenticate(imap, "alice@contoso.com", token)
+    assert imap.state == "SELECTED" and imap.select("INBOX")[0] == "OK"
+    imap.logout()

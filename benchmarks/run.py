@@ -1,0 +1,252 @@
+# Piped into `odoo shell` by bin/benchmark (`env` is the shell's environment). Every figure is
+# measured in this one run, next to its baseline, against the in-process Microsoft 365 sandbox.
+import gc
+import imaplib
+import os
+import platform
+import ssl
+import statistics
+import sys
+import time
+import tracemalloc
+from contextlib import contextmanager
+from unittest.mock import patch
+
+sys.path.insert(0, os.environ["M365_REPOSITORY"])
+from sandbox.client import shared_sandbox  # noqa: E402
+
+from odoo.addons.mail_microsoft365_oauth.m365.mailcheck import imap_authenticate  # noqa: E402
+from odoo.addons.mail_microsoft365_oauth.m365.xoauth2 import xoauth2_string  # noqa: E402
+
+QUICK = "--quick" in os.environ.get("M365_BENCHMARK_ARGS", "")
+CONNECTIONS = 40 if QUICK else 200
+MESSAGES = 100 if QUICK else 1000
+SENDS = 40 if QUICK else 200
+HEALTH_ACCOUNTS = 100 if QUICK else 1000
+rows = []
+
+
+def row(what, ours, baseline=None, unit="", note=""):
+    ratio = f"{ours / baseline:.2f}" if baseline else ""
+    rows.append((what, f"{ours:,.3f} {unit}".strip() if isinstance(ours, float) else f"{ours} {unit}".strip(),
+                 f"{baseline:,.3f} {unit}".strip() if isinstance(baseline, float) else (str(baseline) if baseline else ""),
+                 ratio, note))
+    print(f"  {what}: {rows[-1][1]}" + (f" vs {rows[-1][2]} (ratio {ratio})" if baseline else ""), flush=True)
+
+
+sandbox = shared_sandbox()
+sandbox.control("settings", basic_auth_allowed=True)
+os.environ["REQUESTS_CA_BUNDLE"] = sandbox.ca_file  # microsoft_outlook uses plain requests
+context = ssl.create_default_context(cafile=sandbox.ca_file)
+password = sandbox.user("alice@contoso.com")["password"]
+env["ir.config_parameter"].set_param("web.base.url", "http://localhost:8069")
+app = env["microsoft365.app"].create(sandbox.odoo_app_values())
+account = env["microsoft365.account"].create({"email": "alice@contoso.com", "app_id": app.id})
+client = app._identity_client()
+flow = client.start_sign_in(app.redirect_uri, app._cloud().delegated_scopes(), login_hint=account.email)
+account._store_sign_in(client, client.finish_sign_in(flow, sandbox.sign_in(flow["auth_uri"], account.email)))
+env.cr.commit()
+
+# microsoft_outlook, configured against the same sandbox with its own sign-in
+parameters = env["ir.config_parameter"]
+parameters.set_param("microsoft_outlook_client_id", app.client_id)
+parameters.set_param("microsoft_outlook_client_secret", sandbox.secret())
+parameters.set_param("microsoft_outlook.endpoint", f"{sandbox.authority()}/oauth2/v2.0/")
+outlook_client = app._identity_client()
+flow = outlook_client.start_sign_in(app.redirect_uri, ["https://outlook.office.com/IMAP.AccessAsUser.All"],
+                                    login_hint=account.email)
+outlook_client.finish_sign_in(flow, sandbox.sign_in(flow["auth_uri"], account.email))
+outlook_refresh_token = next(iter(outlook_client.cache.search(outlook_client.cache.CredentialType.REFRESH_TOKEN)))["secret"]
+host, ports = sandbox.host, sandbox.ports
+partner_model = env.ref("base.model_res_partner")
+
+
+def incoming(name, **values):
+    return env["fetchmail.server"].create(dict({
+        "name": name, "server_type": "imap", "server": host, "port": ports["imaps"], "is_ssl": True,
+        "user": account.email, "state": "done", "object_id": partner_model.id}, **values))
+
+
+outlook_server = incoming("outlook", server_type="outlook", microsoft_outlook_refresh_token=outlook_refresh_token)
+env.cr.commit()
+
+
+def timed(function, repeat):
+    samples = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        function()
+        samples.append(time.perf_counter() - started)
+    return statistics.median(samples) * 1000  # ms
+
+
+def imap_password():
+    imap = imaplib.IMAP4_SSL(host, ports["imaps"], ssl_context=context)
+    imap.login(account.email, password)
+    imap.select("INBOX")  # as the XOAUTH2 paths do
+    imap.logout()
+
+
+def imap_oauth():
+    imap = imaplib.IMAP4_SSL(host, ports["imaps"], ssl_context=context)
+    imap_authenticate(imap, account.email, account._access_token())
+    imap.logout()
+
+
+def imap_outlook():
+    imap = imaplib.IMAP4_SSL(host, ports["imaps"], ssl_context=context)
+    raw = outlook_server._generate_outlook_oauth2_string(account.email)
+    imap.authenticate("XOAUTH2", lambda _challenge: raw.encode())
+    imap.select("INBOX")
+    imap.logout()
+
+
+print("== IMAP: connect, authenticate, logout", flush=True)
+imap_oauth(), imap_password(), imap_outlook()  # warm up (discovery, first token)
+env.cr.commit()
+password_ms, oauth_ms, outlook_ms = [], [], []
+for _ in range(CONNECTIONS):  # interleaved, so that load on the machine hits all three alike
+    password_ms.append(timed(imap_password, 1))
+    oauth_ms.append(timed(imap_oauth, 1))
+    outlook_ms.append(timed(imap_outlook, 1))
+row("IMAP connection, median", statistics.median(oauth_ms), statistics.median(password_ms), "ms",
+    "XOAUTH2 through this addon vs LOGIN with a password")
+row("IMAP connection, microsoft_outlook", statistics.median(outlook_ms), statistics.median(password_ms), "ms",
+    "Odoo's own module vs LOGIN")
+
+# The addon's own share of a connection: token from the cache + the XOAUTH2 string
+account.invalidate_recordset()
+queries_before = env.cr.sql_log_count
+env.cr.execute("SELECT xmin::text FROM microsoft365_account WHERE id = %s", [account.id])
+row_version = env.cr.fetchone()[0]
+samples = []
+for _ in range(CONNECTIONS * 5):
+    account.invalidate_recordset()  # as a new request or cron run would
+    started = time.perf_counter()
+    xoauth2_string(account.email, account._access_token())
+    samples.append(time.perf_counter() - started)
+queries = (env.cr.sql_log_count - queries_before - 1) / (CONNECTIONS * 5)
+env.cr.execute("SELECT xmin::text FROM microsoft365_account WHERE id = %s", [account.id])
+writes = 0 if env.cr.fetchone()[0] == row_version else 1
+row("addon overhead per connection", statistics.median(samples) * 1e6, unit="µs",
+    note=f"{queries:.1f} queries, {writes} writes on a cache hit")
+
+
+print("== fetch through Odoo's fetchmail", flush=True)
+
+
+def fetch(server, subject):
+    for number in range(MESSAGES):
+        sandbox.control("deliver", mailbox=account.email, subject=f"{subject} {number}")
+    env.cr.commit()
+    started = time.perf_counter()
+    server.fetch_mail()
+    elapsed = time.perf_counter() - started
+    assert env["res.partner"].search_count([("name", "=like", f"{subject} %")]) == MESSAGES, subject
+    return elapsed
+
+
+oauth_fetch = fetch(incoming("oauth", connect_with="microsoft365", microsoft365_account_id=account.id), "OAuth")
+password_fetch = fetch(incoming("password", password=password), "Password")
+outlook_fetch = fetch(outlook_server, "Outlook")
+row(f"fetch {MESSAGES} messages", oauth_fetch, password_fetch, "s", "this addon vs a password server")
+row(f"fetch {MESSAGES} messages, microsoft_outlook", outlook_fetch, password_fetch, "s", "Odoo's module vs password")
+
+print("== SMTP through Odoo's mail queue", flush=True)
+
+
+def queue_and_send(server, subject):
+    mails = env["mail.mail"].create([{
+        "subject": f"{subject} {n}", "email_from": account.email, "email_to": "bob@contoso.com",
+        "body_html": "<p>Quote attached.</p>", "mail_server_id": server.id} for n in range(SENDS)])
+    env.cr.commit()
+    started = time.perf_counter()
+    mails.send()
+    elapsed = time.perf_counter() - started
+    assert set(mails.mapped("state")) == {"sent"}, mails.mapped("failure_reason")[:3]
+    return elapsed
+
+
+oauth_smtp = env["ir.mail_server"].create({
+    "name": "oauth", "smtp_authentication": "microsoft365", "microsoft365_account_id": account.id,
+    "smtp_host": host, "smtp_port": ports["smtp"], "smtp_encryption": "starttls", "smtp_user": account.email})
+plain_smtp = env["ir.mail_server"].create({
+    "name": "plain", "smtp_authentication": "login", "smtp_host": host, "smtp_port": ports["smtp"],
+    "smtp_encryption": "starttls", "smtp_user": account.email, "smtp_pass": password})
+row(f"send {SENDS} messages", queue_and_send(oauth_smtp, "OAuth"), queue_and_send(plain_smtp, "Plain"), "s",
+    "XOAUTH2 vs AUTH LOGIN")
+
+print("== token endpoint over a simulated day", flush=True)
+
+
+@contextmanager
+def virtual_clock():
+    clock = [time.time()]
+    with patch("time.time", lambda: clock[0]):
+        yield clock
+
+
+sandbox.reset()
+sandbox.control("settings", access_token_lifetime=3600)
+account.sudo().write({"token_cache_sealed": False, "status": "not_connected"})
+client = app._identity_client()
+flow = client.start_sign_in(app.redirect_uri, app._cloud().delegated_scopes(), login_hint=account.email)
+account._store_sign_in(client, client.finish_sign_in(flow, sandbox.sign_in(flow["auth_uri"], account.email)))
+outlook_client = app._identity_client()
+flow = outlook_client.start_sign_in(app.redirect_uri, ["https://outlook.office.com/IMAP.AccessAsUser.All"],
+                                    login_hint=account.email)
+outlook_client.finish_sign_in(flow, sandbox.sign_in(flow["auth_uri"], account.email))
+outlook_server.write({
+    "microsoft_outlook_refresh_token": next(iter(outlook_client.cache.search(
+        outlook_client.cache.CredentialType.REFRESH_TOKEN)))["secret"],
+    "microsoft_outlook_access_token": False, "microsoft_outlook_access_token_expiration": False})
+env.cr.commit()
+before = sandbox.state()["counters"]
+with virtual_clock() as clock:
+    for _run in range(24 * 12):  # fetchmail's cron every 5 minutes
+        account._access_token()
+        clock[0] += 300
+ours_requests = sandbox.counter("token:refresh_token") - before.get("token:refresh_token", 0)
+with virtual_clock() as clock:
+    for _run in range(24 * 12):
+        outlook_server._generate_outlook_oauth2_string(account.email)
+        clock[0] += 300
+outlook_requests = sandbox.counter("token:refresh_token") - before.get("token:refresh_token", 0) - ours_requests
+row("token requests per account per day (cron every 5 min)", ours_requests, outlook_requests,
+    note="this addon vs microsoft_outlook; access tokens live 60 minutes")
+
+app_only = env["microsoft365.app"].create(dict(sandbox.odoo_app_values(), name="app-only", flow="app_only"))
+mailboxes = env["microsoft365.account"].create([{"email": f"box{n}@contoso.com", "app_id": app_only.id}
+                                                for n in range(100)])
+env.cr.commit()
+before = sandbox.counter("token:client_credentials")
+with virtual_clock() as clock:
+    for _run in range(24 * 12):
+        for mailbox in mailboxes:
+            mailbox._access_token()
+        clock[0] += 300
+row("token requests per day, 100 mailboxes on one app-only registration",
+    sandbox.counter("token:client_credentials") - before, note="one per token lifetime for all of them")
+
+print("== health check", flush=True)
+env["microsoft365.account"].create([{"email": f"health{n}@contoso.com", "app_id": app.id}
+                                    for n in range(HEALTH_ACCOUNTS)])
+env.cr.commit()
+gc.collect()
+tracemalloc.start()
+started = time.perf_counter()
+env["microsoft365.account"]._cron_health_check()
+elapsed = time.perf_counter() - started
+_current, peak = tracemalloc.get_traced_memory()
+tracemalloc.stop()
+row(f"health check over {HEALTH_ACCOUNTS + 102} accounts", elapsed, unit="s", note=f"peak {peak / 2**20:.1f} MiB traced")
+env.cr.rollback()
+
+print()
+print(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+      f"{'quick run' if QUICK else 'full run'}")
+print()
+print("| measurement | this addon | baseline | ratio | note |")
+print("|---|---|---|---|---|")
+for what, ours, baseline, ratio, note in rows:
+    print(f"| {what} | {ours} | {baseline} | {ratio} | {note} |")
