@@ -50,6 +50,8 @@ class FetchmailServer(models.Model):
                 _("%(subject)s (from %(sender)s): %(error)s", subject=entry["subject"], sender=entry["sender"],
                   error=entry["error"]) for entry in given_up) or False
 
+    _microsoft365_link_fields = {"connect_with", "user", "microsoft365_account_id"}
+
     def _microsoft365_in_use(self):
         return self.connect_with == "microsoft365"
 
@@ -101,8 +103,7 @@ class FetchmailServer(models.Model):
 
     def write(self, vals):
         result = super().write(vals)
-        if {"connect_with", "user", "microsoft365_account_id"} & set(vals):
-            self._microsoft365_link_accounts()
+        self._microsoft365_link_accounts(changed=vals)
         return result
 
     def _imap_login(self, connection):

@@ -17,6 +17,8 @@ class IrMailServer(models.Model):
         selection_add=[("microsoft365", "Microsoft 365 (OAuth)")],
         ondelete={"microsoft365": "set default"})
 
+    _microsoft365_link_fields = {"smtp_authentication", "smtp_user", "from_filter", "microsoft365_account_id"}
+
     def _microsoft365_in_use(self):
         return self.smtp_authentication == "microsoft365"
 
@@ -37,8 +39,8 @@ class IrMailServer(models.Model):
         self._microsoft365_after_successful_test()  # only reached when the test succeeded
         return result
 
-    def _microsoft365_link_accounts(self):
-        super()._microsoft365_link_accounts()
+    def _microsoft365_link_accounts(self, changed=None):
+        super()._microsoft365_link_accounts(changed)
         # Odoo logs in only when a username is set: the mailbox is the username.
         for server in self.filtered(lambda s: s._microsoft365_in_use() and not s.smtp_user):
             server.smtp_user = server.microsoft365_account_id.email
@@ -80,8 +82,7 @@ class IrMailServer(models.Model):
 
     def write(self, vals):
         result = super().write(vals)
-        if {"smtp_authentication", "smtp_user", "from_filter", "microsoft365_account_id"} & set(vals):
-            self._microsoft365_link_accounts()
+        self._microsoft365_link_accounts(changed=vals)
         return result
 
     def send_email(self, message, *args, **kwargs):

@@ -92,7 +92,11 @@ class Microsoft365ServerMixin(models.AbstractModel):
             server._microsoft365_clear_password()
             server.microsoft365_password_pending = False
 
-    def _microsoft365_link_accounts(self):
+    _microsoft365_link_fields = set()  # fields whose change may need another OAuth account
+
+    def _microsoft365_link_accounts(self, changed=None):
+        if changed is not None and not self._microsoft365_link_fields & set(changed):
+            return
         for server in self.filtered(lambda s: s._microsoft365_in_use() and not s.microsoft365_account_id):
             mailbox = server._microsoft365_mailbox()
             if not mailbox:
