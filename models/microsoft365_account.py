@@ -8,6 +8,7 @@ from odoo.exceptions import AccessError, UserError, ValidationError
 
 from ..m365 import diagnosis, identifiers, mailcheck
 from ..m365.identity import unverified_claims
+from .microsoft365_app import _TOKEN_MEMO, _remember
 from ..m365.errors import AuthorizationFailed, InvalidInput, M365Error, MailLoginFailed, ReconnectRequired, \
     TransientFailure
 
@@ -337,18 +338,6 @@ class Microsoft365Account(models.Model):
                 self.env(cr=cr)[self._name].browse(account_id).sudo().write(values)
 
         self.env.cr.postrollback.add(keep_after_rollback)
-
-
-# Access tokens already read from a given stored cache state, per process: a cache hit then costs a
-# dictionary lookup. Keyed by the sealed state itself, so any refresh (by any worker) misses it.
-_TOKEN_MEMO = {}
-_TOKEN_MEMO_SIZE = 10000
-
-
-def _remember(key, token):
-    if len(_TOKEN_MEMO) >= _TOKEN_MEMO_SIZE:
-        _TOKEN_MEMO.clear()
-    _TOKEN_MEMO[key] = token
 
 
 _DISCONNECTED = {

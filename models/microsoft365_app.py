@@ -1,5 +1,6 @@
 import base64
 import datetime
+import hashlib
 import json
 import os
 import time
@@ -15,6 +16,18 @@ from ..m365.identity import AppCredentials, IdentityClient
 
 CALLBACK_PATH = "/microsoft365/oauth/callback"
 DEFAULT_APP_PARAMETER = "mail_microsoft365_oauth.default_app_id"
+
+# Access tokens already read from a given stored token cache (an account's or an app's), per
+# process: a cache hit then costs a dictionary lookup. Keyed by the sealed state itself, so any
+# refresh (by any worker) misses it.
+_TOKEN_MEMO = {}
+_TOKEN_MEMO_SIZE = 10000
+
+
+def _remember(key, token):
+    if len(_TOKEN_MEMO) >= _TOKEN_MEMO_SIZE:
+        _TOKEN_MEMO.clear()
+    _TOKEN_MEMO[key] = token
 
 
 class Microsoft365App(models.Model):
@@ -231,9 +244,15 @@ class Microsoft365App(models.Model):
         app = self.sudo()
         if app.app_token_cache_sealed and app.app_token_expires_at and \
                 app.app_token_expires_at.timestamp() - time.time() > 330:
+            memo_key = (self.env.cr.dbname, "app", app.id,
+                        hashlib.sha256(app.app_token_cache_sealed.encode()).digest())
+            remembered = _TOKEN_MEMO.get(memo_key)
+            if remembered and remembered.expires_at - time.time() > 330:
+                return remembered
             client = app._identity_client(self.env["microsoft365.vault"]._decrypt(app.app_token_cache_sealed))
             token = client.app_access_token(app._cloud().app_scopes())
             if token.from_cache:
+                _remember(memo_key, token)
                 return token
         app.flush_recordset()
         if not self.env.registry.in_test_mode():

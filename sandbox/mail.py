@@ -32,7 +32,7 @@ from aiosmtpd.smtp import SMTP, AuthResult
 from .mailauth import SMTP_REJECTED
 
 _logger = logging.getLogger(__name__)
-logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd logs every command at INFO
+logging.getLogger("mail.log").setLevel(logging.ERROR)  # aiosmtpd: every command at INFO, deprecations at WARNING
 
 HOST = "127.0.0.1"
 SMTP_GREETING_NAME = "SANDBOX.PROD.OUTLOOK.COM"
