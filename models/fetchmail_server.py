@@ -228,6 +228,8 @@ class FetchmailServer(models.Model):
         return entry["failures"] >= MAX_PROCESSING_ATTEMPTS
 
     def _microsoft365_forget_failed_message(self, raw):
+        if not self.microsoft365_failed_messages:  # the usual case: nothing to parse
+            return
         key, _message = self._microsoft365_message_key(raw)
         if key in (self.microsoft365_failed_messages or {}):
             failures = dict(self.microsoft365_failed_messages)
