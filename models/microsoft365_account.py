@@ -147,7 +147,8 @@ class Microsoft365Account(models.Model):
     def action_revoke(self):
         self._check_may_manage()
         for account in self.sudo():
-            account.write(dict(_DISCONNECTED, status="not_connected", last_error=False))
+            status = "app_only" if account.app_id.flow == "app_only" else "not_connected"
+            account.write(dict(_DISCONNECTED, status=status, last_error=False))
         return self._notify(_("Authorization revoked"), _(
             "Odoo forgot every token of this mailbox. To remove the consent on Microsoft's side too, "
             "open https://myapps.microsoft.com (your own consent) or Entra ID > Enterprise applications "
