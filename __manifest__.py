@@ -7,7 +7,6 @@
     "license": "LGPL-3",
     "author": "Microsoft 365 Mail OAuth contributors",
     "website": "https://example.invalid/mail_microsoft365_oauth",
-    "maintainers": [],
     "depends": ["mail"],
     "external_dependencies": {"python": ["msal", "cryptography", "requests"]},
     "data": [
@@ -24,6 +23,4 @@
         "views/menus.xml",
         "data/ir_cron.xml",
     ],
-    "installable": True,
-    "application": False,
 }

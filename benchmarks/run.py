@@ -13,10 +13,10 @@ from contextlib import contextmanager
 from unittest.mock import patch
 
 sys.path.insert(0, os.environ["M365_REPOSITORY"])
-from sandbox.client import shared_sandbox  # noqa: E402
-
 from odoo.addons.mail_microsoft365_oauth.m365.mailcheck import imap_authenticate  # noqa: E402
 from odoo.addons.mail_microsoft365_oauth.m365.xoauth2 import xoauth2_string  # noqa: E402
+
+from sandbox.client import shared_sandbox  # noqa: E402
 
 QUICK = "--quick" in os.environ.get("M365_BENCHMARK_ARGS", "")
 CONNECTIONS = 40 if QUICK else 200
@@ -28,9 +28,15 @@ rows = []
 
 def row(what, ours, baseline=None, unit="", note=""):
     ratio = f"{ours / baseline:.2f}" if baseline else ""
-    rows.append((what, f"{ours:,.3f} {unit}".strip() if isinstance(ours, float) else f"{ours} {unit}".strip(),
-                 f"{baseline:,.3f} {unit}".strip() if isinstance(baseline, float) else (str(baseline) if baseline else ""),
-                 ratio, note))
+    rows.append(
+        (
+            what,
+            f"{ours:,.3f} {unit}".strip() if isinstance(ours, float) else f"{ours} {unit}".strip(),
+            f"{baseline:,.3f} {unit}".strip() if isinstance(baseline, float) else (str(baseline) if baseline else ""),
+            ratio,
+            note,
+        )
+    )
     print(f"  {what}: {rows[-1][1]}" + (f" vs {rows[-1][2]} (ratio {ratio})" if baseline else ""), flush=True)
 
 
@@ -53,18 +59,33 @@ parameters.set_param("microsoft_outlook_client_id", app.client_id)
 parameters.set_param("microsoft_outlook_client_secret", sandbox.secret())
 parameters.set_param("microsoft_outlook.endpoint", f"{sandbox.authority()}/oauth2/v2.0/")
 outlook_client = app._identity_client()
-flow = outlook_client.start_sign_in(app.redirect_uri, ["https://outlook.office.com/IMAP.AccessAsUser.All"],
-                                    login_hint=account.email)
+flow = outlook_client.start_sign_in(
+    app.redirect_uri, ["https://outlook.office.com/IMAP.AccessAsUser.All"], login_hint=account.email
+)
 outlook_client.finish_sign_in(flow, sandbox.sign_in(flow["auth_uri"], account.email))
-outlook_refresh_token = next(iter(outlook_client.cache.search(outlook_client.cache.CredentialType.REFRESH_TOKEN)))["secret"]
+outlook_refresh_token = next(iter(outlook_client.cache.search(outlook_client.cache.CredentialType.REFRESH_TOKEN)))[
+    "secret"
+]
 host, ports = sandbox.host, sandbox.ports
 partner_model = env.ref("base.model_res_partner")
 
 
 def incoming(name, **values):
-    return env["fetchmail.server"].create(dict({
-        "name": name, "server_type": "imap", "server": host, "port": ports["imaps"], "is_ssl": True,
-        "user": account.email, "state": "done", "object_id": partner_model.id}, **values))
+    return env["fetchmail.server"].create(
+        dict(
+            {
+                "name": name,
+                "server_type": "imap",
+                "server": host,
+                "port": ports["imaps"],
+                "is_ssl": True,
+                "user": account.email,
+                "state": "done",
+                "object_id": partner_model.id,
+            },
+            **values,
+        )
+    )
 
 
 outlook_server = incoming("outlook", server_type="outlook", microsoft_outlook_refresh_token=outlook_refresh_token)
@@ -109,10 +130,20 @@ for _ in range(CONNECTIONS):  # interleaved, so that load on the machine hits al
     password_ms.append(timed(imap_password, 1))
     oauth_ms.append(timed(imap_oauth, 1))
     outlook_ms.append(timed(imap_outlook, 1))
-row("IMAP connection, median", statistics.median(oauth_ms), statistics.median(password_ms), "ms",
-    "XOAUTH2 through this addon vs LOGIN with a password")
-row("IMAP connection, microsoft_outlook", statistics.median(outlook_ms), statistics.median(password_ms), "ms",
-    "Odoo's own module vs LOGIN")
+row(
+    "IMAP connection, median",
+    statistics.median(oauth_ms),
+    statistics.median(password_ms),
+    "ms",
+    "XOAUTH2 through this addon vs LOGIN with a password",
+)
+row(
+    "IMAP connection, microsoft_outlook",
+    statistics.median(outlook_ms),
+    statistics.median(password_ms),
+    "ms",
+    "Odoo's own module vs LOGIN",
+)
 
 # The addon's own share of a connection: token from the cache + the XOAUTH2 string
 account.invalidate_recordset()
@@ -128,8 +159,12 @@ for _ in range(CONNECTIONS * 5):
 queries = (env.cr.sql_log_count - queries_before - 1) / (CONNECTIONS * 5)
 env.cr.execute("SELECT xmin::text FROM microsoft365_account WHERE id = %s", [account.id])
 writes = 0 if env.cr.fetchone()[0] == row_version else 1
-row("addon overhead per connection", statistics.median(samples) * 1e6, unit="µs",
-    note=f"{queries:.1f} queries, {writes} writes on a cache hit")
+row(
+    "addon overhead per connection",
+    statistics.median(samples) * 1e6,
+    unit="µs",
+    note=f"{queries:.1f} queries, {writes} writes on a cache hit",
+)
 
 
 print("== fetch through Odoo's fetchmail", flush=True)
@@ -166,9 +201,18 @@ print("== SMTP through Odoo's mail queue", flush=True)
 
 
 def queue_and_send(server, subject):
-    mails = env["mail.mail"].create([{
-        "subject": f"{subject} {n}", "email_from": account.email, "email_to": "bob@contoso.com",
-        "body_html": "<p>Quote attached.</p>", "mail_server_id": server.id} for n in range(SENDS)])
+    mails = env["mail.mail"].create(
+        [
+            {
+                "subject": f"{subject} {n}",
+                "email_from": account.email,
+                "email_to": "bob@contoso.com",
+                "body_html": "<p>Quote attached.</p>",
+                "mail_server_id": server.id,
+            }
+            for n in range(SENDS)
+        ]
+    )
     env.cr.commit()
     started = time.perf_counter()
     mails.send()
@@ -177,14 +221,35 @@ def queue_and_send(server, subject):
     return elapsed
 
 
-oauth_smtp = env["ir.mail_server"].create({
-    "name": "oauth", "smtp_authentication": "microsoft365", "microsoft365_account_id": account.id,
-    "smtp_host": host, "smtp_port": ports["smtp"], "smtp_encryption": "starttls", "smtp_user": account.email})
-plain_smtp = env["ir.mail_server"].create({
-    "name": "plain", "smtp_authentication": "login", "smtp_host": host, "smtp_port": ports["smtp"],
-    "smtp_encryption": "starttls", "smtp_user": account.email, "smtp_pass": password})
-row(f"send {SENDS} messages", queue_and_send(oauth_smtp, "OAuth"), queue_and_send(plain_smtp, "Plain"), "s",
-    "XOAUTH2 vs AUTH LOGIN")
+oauth_smtp = env["ir.mail_server"].create(
+    {
+        "name": "oauth",
+        "smtp_authentication": "microsoft365",
+        "microsoft365_account_id": account.id,
+        "smtp_host": host,
+        "smtp_port": ports["smtp"],
+        "smtp_encryption": "starttls",
+        "smtp_user": account.email,
+    }
+)
+plain_smtp = env["ir.mail_server"].create(
+    {
+        "name": "plain",
+        "smtp_authentication": "login",
+        "smtp_host": host,
+        "smtp_port": ports["smtp"],
+        "smtp_encryption": "starttls",
+        "smtp_user": account.email,
+        "smtp_pass": password,
+    }
+)
+row(
+    f"send {SENDS} messages",
+    queue_and_send(oauth_smtp, "OAuth"),
+    queue_and_send(plain_smtp, "Plain"),
+    "s",
+    "XOAUTH2 vs AUTH LOGIN",
+)
 
 print("== token endpoint over a simulated day", flush=True)
 
@@ -203,13 +268,19 @@ client = app._identity_client()
 flow = client.start_sign_in(app.redirect_uri, app._cloud().delegated_scopes(), login_hint=account.email)
 account._store_sign_in(client, client.finish_sign_in(flow, sandbox.sign_in(flow["auth_uri"], account.email)))
 outlook_client = app._identity_client()
-flow = outlook_client.start_sign_in(app.redirect_uri, ["https://outlook.office.com/IMAP.AccessAsUser.All"],
-                                    login_hint=account.email)
+flow = outlook_client.start_sign_in(
+    app.redirect_uri, ["https://outlook.office.com/IMAP.AccessAsUser.All"], login_hint=account.email
+)
 outlook_client.finish_sign_in(flow, sandbox.sign_in(flow["auth_uri"], account.email))
-outlook_server.write({
-    "microsoft_outlook_refresh_token": next(iter(outlook_client.cache.search(
-        outlook_client.cache.CredentialType.REFRESH_TOKEN)))["secret"],
-    "microsoft_outlook_access_token": False, "microsoft_outlook_access_token_expiration": False})
+outlook_server.write(
+    {
+        "microsoft_outlook_refresh_token": next(
+            iter(outlook_client.cache.search(outlook_client.cache.CredentialType.REFRESH_TOKEN))
+        )["secret"],
+        "microsoft_outlook_access_token": False,
+        "microsoft_outlook_access_token_expiration": False,
+    }
+)
 env.cr.commit()
 before = sandbox.state()["counters"]
 with virtual_clock() as clock:
@@ -222,30 +293,42 @@ with virtual_clock() as clock:
         outlook_server._generate_outlook_oauth2_string(account.email)
         clock[0] += 300
 outlook_requests = sandbox.counter("token:refresh_token") - before.get("token:refresh_token", 0) - ours_requests
-row("token requests per account per day (cron every 5 min)", ours_requests, outlook_requests,
-    note="this addon vs microsoft_outlook; access tokens live 60 minutes")
+row(
+    "token requests per account per day (cron every 5 min)",
+    ours_requests,
+    outlook_requests,
+    note="this addon vs microsoft_outlook; access tokens live 60 minutes",
+)
 
 app_only = env["microsoft365.app"].create(dict(sandbox.odoo_app_values(), name="app-only", flow="app_only"))
-mailboxes = env["microsoft365.account"].create([{"email": f"box{n}@contoso.com", "app_id": app_only.id}
-                                                for n in range(100)])
+mailboxes = env["microsoft365.account"].create(
+    [{"email": f"box{n}@contoso.com", "app_id": app_only.id} for n in range(100)]
+)
 env.cr.commit()
 before = sandbox.counter("token:client_credentials")
 for mailbox in mailboxes:  # one cron run over all of them
     mailbox._access_token()
-row("token requests for 100 app-only mailboxes in one cron run", sandbox.counter("token:client_credentials") - before,
-    note="target: one")
+row(
+    "token requests for 100 app-only mailboxes in one cron run",
+    sandbox.counter("token:client_credentials") - before,
+    note="target: one",
+)
 before = sandbox.counter("token:client_credentials")
 with virtual_clock() as clock:
     for _run in range(24 * 12):
         for mailbox in mailboxes:
             mailbox._access_token()
         clock[0] += 300
-row("token requests per day, 100 mailboxes on one app-only registration",
-    sandbox.counter("token:client_credentials") - before, note="one per token lifetime for all of them")
+row(
+    "token requests per day, 100 mailboxes on one app-only registration",
+    sandbox.counter("token:client_credentials") - before,
+    note="one per token lifetime for all of them",
+)
 
 print("== health check", flush=True)
-env["microsoft365.account"].create([{"email": f"health{n}@contoso.com", "app_id": app.id}
-                                    for n in range(HEALTH_ACCOUNTS)])
+env["microsoft365.account"].create(
+    [{"email": f"health{n}@contoso.com", "app_id": app.id} for n in range(HEALTH_ACCOUNTS)]
+)
 env.cr.commit()
 gc.collect()
 tracemalloc.start()
@@ -254,12 +337,16 @@ env["microsoft365.account"]._cron_health_check()
 elapsed = time.perf_counter() - started
 _current, peak = tracemalloc.get_traced_memory()
 tracemalloc.stop()
-row(f"health check over {HEALTH_ACCOUNTS + 102} accounts", elapsed, unit="s", note=f"peak {peak / 2**20:.1f} MiB traced")
+row(
+    f"health check over {HEALTH_ACCOUNTS + 102} accounts", elapsed, unit="s", note=f"peak {peak / 2**20:.1f} MiB traced"
+)
 env.cr.rollback()
 
 print()
-print(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
-      f"{'quick run' if QUICK else 'full run'}")
+print(
+    f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+    f"{'quick run' if QUICK else 'full run'}"
+)
 print()
 print("| measurement | this addon | baseline | ratio | note |")
 print("|---|---|---|---|---|")

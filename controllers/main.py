@@ -11,60 +11,101 @@ from ..models.microsoft365_app import CALLBACK_PATH
 _logger = logging.getLogger(__name__)
 
 # What Microsoft sends back; anything else is ignored, and nothing long is kept.
-CALLBACK_FIELDS = ("code", "state", "session_state", "client_info", "error", "error_description", "error_uri",
-                   "admin_consent", "tenant")
+CALLBACK_FIELDS = (
+    "code",
+    "state",
+    "session_state",
+    "client_info",
+    "error",
+    "error_description",
+    "error_uri",
+    "admin_consent",
+    "tenant",
+)
 MAX_FIELD_LENGTH = 8192
 
 
 class Microsoft365OAuthController(http.Controller):
-    @http.route(CALLBACK_PATH, type="http", auth="public", methods=["GET", "POST"], csrf=False,
-                sitemap=False, save_session=False)
+    @http.route(
+        CALLBACK_PATH,
+        type="http",
+        auth="public",
+        methods=["GET", "POST"],
+        csrf=False,
+        sitemap=False,
+        save_session=False,
+    )
     def callback(self, **params):
         """Microsoft's redirect after sign-in (form_post, or query)."""
-        params = {k: v for k, v in params.items()
-                  if k in CALLBACK_FIELDS and isinstance(v, str) and len(v) <= MAX_FIELD_LENGTH and "\x00" not in v}
+        params = {
+            k: v
+            for k, v in params.items()
+            if k in CALLBACK_FIELDS and isinstance(v, str) and len(v) <= MAX_FIELD_LENGTH and "\x00" not in v
+        }
         if request.env.user._is_public():
             if request.httprequest.method == "POST" and not request.params.get("resubmitted"):
                 # A cross-site form_post carries no SameSite=Lax session cookie: post the same
                 # fields again from our own origin, which does.
-                return request.render("mail_microsoft365_oauth.callback_resubmit",
-                                      {"action": CALLBACK_PATH, "fields": params})
-            return self._page(request.env._("Sign in to Odoo first"), request.env._(
-                "Open Odoo in this browser, sign in, and start the authorization again from the mailbox."))
+                return request.render(
+                    "mail_microsoft365_oauth.callback_resubmit", {"action": CALLBACK_PATH, "fields": params}
+                )
+            return self._page(
+                request.env._("Sign in to Odoo first"),
+                request.env._(
+                    "Open Odoo in this browser, sign in, and start the authorization again from the mailbox."
+                ),
+            )
 
         if "admin_consent" in params:  # back from the tenant-wide admin consent link: nothing to store
             if params["admin_consent"] == "True":
-                return self._page(request.env._("Administrator consent granted"), request.env._(
-                    "Microsoft recorded the consent for the whole organisation. You can close this page and use "
-                    "Test connection on the mailboxes."))
+                return self._page(
+                    request.env._("Administrator consent granted"),
+                    request.env._(
+                        "Microsoft recorded the consent for the whole organisation. You can close this page and use "
+                        "Test connection on the mailboxes."
+                    ),
+                )
             found = diagnosis.diagnose_oauth(params)
             return self._page(request.env._("Microsoft did not record the consent"), explain(request.env, found))
 
-        account, flow = request.env["microsoft365.authorization"].sudo()._take(
-            params.get("state"), request.env.user)
+        account, flow = request.env["microsoft365.authorization"].sudo()._take(params.get("state"), request.env.user)
         if not flow:
-            return self._page(request.env._("This sign-in cannot be used"), request.env._(
-                "The sign-in is unknown, was already used, has expired (after 10 minutes), or was started "
-                "by another Odoo user. Nothing was changed. Start again with Authorize on the mailbox."))
+            return self._page(
+                request.env._("This sign-in cannot be used"),
+                request.env._(
+                    "The sign-in is unknown, was already used, has expired (after 10 minutes), or was started "
+                    "by another Odoo user. Nothing was changed. Start again with Authorize on the mailbox."
+                ),
+            )
         if params.get("error"):
             found = diagnosis.diagnose_oauth(params, redirect_uri=account.app_id.redirect_uri)
-            return self._page(request.env._("Microsoft did not authorize the mailbox"),
-                              explain(request.env, found), account)
+            return self._page(
+                request.env._("Microsoft did not authorize the mailbox"), explain(request.env, found), account
+            )
         client = account.app_id._identity_client()
         try:
             sign_in = client.finish_sign_in(flow, params)
         except (AuthorizationFailed, TransientFailure) as exc:
-            return self._page(request.env._("Microsoft did not authorize the mailbox"),
-                              explain(request.env, exc.diagnosis), account)
+            return self._page(
+                request.env._("Microsoft did not authorize the mailbox"), explain(request.env, exc.diagnosis), account
+            )
         except ValueError:  # MSAL: state or nonce mismatch
             _logger.warning("Microsoft 365 sign-in refused by MSAL: state or nonce mismatch")
-            return self._page(request.env._("This sign-in cannot be used"), request.env._(
-                "The answer from Microsoft does not match the sign-in Odoo started. Nothing was changed."))
+            return self._page(
+                request.env._("This sign-in cannot be used"),
+                request.env._(
+                    "The answer from Microsoft does not match the sign-in Odoo started. Nothing was changed."
+                ),
+            )
         account._store_sign_in(client, sign_in)
         return request.redirect(f"/odoo/microsoft365-accounts/{account.id}")
 
     def _page(self, title, message, account=None):
-        return request.render("mail_microsoft365_oauth.callback_result", {
-            "title": title, "lines": message.splitlines(),
-            "back_url": account and f"/odoo/microsoft365-accounts/{account.id}",
-        })
+        return request.render(
+            "mail_microsoft365_oauth.callback_result",
+            {
+                "title": title,
+                "lines": message.splitlines(),
+                "back_url": account and f"/odoo/microsoft365-accounts/{account.id}",
+            },
+        )

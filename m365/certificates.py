@@ -1,5 +1,6 @@
 """Certificate credentials (Microsoft's recommendation over client secrets): what an administrator
 uploads (PEM with key and certificate, or PFX with a passphrase) turned into what MSAL needs."""
+
 import datetime
 from dataclasses import dataclass
 
@@ -24,8 +25,7 @@ class CertificateCredential:
         return f"CertificateCredential(thumbprint={self.thumbprint!r}, expires_at={self.expires_at!r})"
 
     def for_msal(self):
-        return {"private_key": self.private_key, "thumbprint": self.thumbprint,
-                "public_certificate": self.certificate}
+        return {"private_key": self.private_key, "thumbprint": self.thumbprint, "public_certificate": self.certificate}
 
 
 def load_certificate_credential(data, passphrase=None, now=None):
@@ -43,16 +43,20 @@ def load_certificate_credential(data, passphrase=None, now=None):
     if key is None or certificate is None:
         raise InvalidInput(_lt("The file must contain both the private key and the certificate."))
     public = serialization.PublicFormat.SubjectPublicKeyInfo
-    if key.public_key().public_bytes(serialization.Encoding.DER, public) != \
-            certificate.public_key().public_bytes(serialization.Encoding.DER, public):
+    if key.public_key().public_bytes(serialization.Encoding.DER, public) != certificate.public_key().public_bytes(
+        serialization.Encoding.DER, public
+    ):
         raise InvalidInput(_lt("The private key does not belong to the certificate."))
     now = now or datetime.datetime.utcnow()
     if certificate.not_valid_after < now:
-        raise InvalidInput(_lt("This certificate expired on %(date)s: create a new one and upload it to Entra ID "
-                               "and here."), date=certificate.not_valid_after.strftime("%Y-%m-%d"))
+        raise InvalidInput(
+            _lt("This certificate expired on %(date)s: create a new one and upload it to Entra ID and here."),
+            date=certificate.not_valid_after.strftime("%Y-%m-%d"),
+        )
     return CertificateCredential(
-        private_key=key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                      serialization.NoEncryption()).decode(),
+        private_key=key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ).decode(),
         certificate=certificate.public_bytes(serialization.Encoding.PEM).decode(),
         thumbprint=certificate.fingerprint(hashes.SHA1()).hex().upper(),
         expires_at=certificate.not_valid_after,

@@ -3,6 +3,7 @@
 Values come from Microsoft's national-cloud documentation (see ../shared/docs/microsoft365.md);
 rows Microsoft does not confirm are only defaults, every one can be overridden by the "custom" cloud.
 """
+
 from dataclasses import dataclass, replace
 
 PROTOCOL_SCOPES = {

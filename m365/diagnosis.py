@@ -4,11 +4,11 @@ One table maps AADSTS codes and IMAP/POP3/SMTP replies to a Diagnosis. Texts are
 marked with ``_lt`` so Odoo's translation extractor collects them; the Odoo layer translates
 ``summary`` and ``fix`` when it shows them, then fills in ``params``.
 """
+
 import re
 from dataclasses import dataclass, field
 
 from .i18n import _lt
-
 
 RECONNECT = "reconnect"  # the grant is gone: sign in again
 TRANSIENT = "transient"  # try again later, nothing to change
@@ -34,53 +34,109 @@ class Diagnosis:
 
 
 _AADSTS = {
-    50011: (CONFIGURATION, _lt("The redirect URI is not registered for this app."),
-            _lt("In Entra ID > App registrations > Authentication, add exactly %(redirect_uri)s under "
-                "platform \"Web\". Behind a reverse proxy, check the system parameter web.base.url.")),
-    50194: (CONFIGURATION, _lt("This app registration is single-tenant but was used without a tenant."),
-            _lt("Enter the directory (tenant) ID of the app registration.")),
-    90002: (CONFIGURATION, _lt("Microsoft does not know this tenant."),
-            _lt("Check the directory (tenant) ID and the cloud of the app registration.")),
-    700016: (CONFIGURATION, _lt("Microsoft does not know this application (client) ID in this tenant."),
-             _lt("Copy the Application (client) ID from the app's overview in Entra ID; check the tenant.")),
-    7000215: (CONFIGURATION, _lt("The client secret is wrong."),
-              _lt("Paste the secret's Value (not its Secret ID) from Entra ID > Certificates & secrets.")),
-    7000222: (CONFIGURATION, _lt("The client secret has expired."),
-              _lt("Create a new client secret in Entra ID > Certificates & secrets and enter it here "
-                  "(or switch to a certificate).")),
-    700027: (CONFIGURATION, _lt("Microsoft rejected the certificate of this app registration."),
-             _lt("Upload the same certificate in Entra ID > Certificates & secrets and check its thumbprint "
-                 "and expiry date.")),
-    700024: (CONFIGURATION, _lt("The client assertion is outside its validity period."),
-             _lt("Check the server clock of Odoo.")),
-    65001: (CONFIGURATION, _lt("Consent for this app is missing."),
-            _lt("An administrator must grant consent for the organisation in Entra ID > API permissions "
-                "(\"Grant admin consent\"), then authorize again.")),
-    65004: (CONFIGURATION, _lt("The sign-in was cancelled: consent was declined."),
-            _lt("Authorize again and accept the requested permissions.")),
-    500011: (CONFIGURATION, _lt("Exchange Online is not available in this tenant."),
-             _lt("Check that the tenant has Exchange Online licences, and the cloud of the app registration.")),
-    700022: (CONFIGURATION, _lt("The requested scopes name more than one resource."),
-             _lt("Request only Exchange Online scopes in one sign-in.")),
-    54005: (RECONNECT, _lt("The authorization code was already used."),
-            _lt("Authorize again.")),
-    70008: (RECONNECT, _lt("The sign-in has expired."),
-            _lt("Authorize the mailbox again.")),
-    700082: (RECONNECT, _lt("The sign-in expired after 90 days without use."),
-             _lt("Authorize the mailbox again.")),
-    50173: (RECONNECT, _lt("The sign-in was revoked (sessions revoked or password reset by an administrator)."),
-            _lt("Authorize the mailbox again.")),
-    50076: (RECONNECT, _lt("Multi-factor authentication is now required for this account."),
-            _lt("Authorize the mailbox again and complete the MFA prompt; ask the administrator about "
-                "Conditional Access if this repeats.")),
-    50079: (RECONNECT, _lt("The account must register for multi-factor authentication."),
-            _lt("Authorize the mailbox again and complete the MFA registration.")),
-    53003: (RECONNECT, _lt("A Conditional Access policy blocked the sign-in."),
-            _lt("Ask the Entra ID administrator to allow this app or this server's location, then authorize again.")),
+    50011: (
+        CONFIGURATION,
+        _lt("The redirect URI is not registered for this app."),
+        _lt(
+            "In Entra ID > App registrations > Authentication, add exactly %(redirect_uri)s under "
+            'platform "Web". Behind a reverse proxy, check the system parameter web.base.url.'
+        ),
+    ),
+    50194: (
+        CONFIGURATION,
+        _lt("This app registration is single-tenant but was used without a tenant."),
+        _lt("Enter the directory (tenant) ID of the app registration."),
+    ),
+    90002: (
+        CONFIGURATION,
+        _lt("Microsoft does not know this tenant."),
+        _lt("Check the directory (tenant) ID and the cloud of the app registration."),
+    ),
+    700016: (
+        CONFIGURATION,
+        _lt("Microsoft does not know this application (client) ID in this tenant."),
+        _lt("Copy the Application (client) ID from the app's overview in Entra ID; check the tenant."),
+    ),
+    7000215: (
+        CONFIGURATION,
+        _lt("The client secret is wrong."),
+        _lt("Paste the secret's Value (not its Secret ID) from Entra ID > Certificates & secrets."),
+    ),
+    7000222: (
+        CONFIGURATION,
+        _lt("The client secret has expired."),
+        _lt(
+            "Create a new client secret in Entra ID > Certificates & secrets and enter it here "
+            "(or switch to a certificate)."
+        ),
+    ),
+    700027: (
+        CONFIGURATION,
+        _lt("Microsoft rejected the certificate of this app registration."),
+        _lt(
+            "Upload the same certificate in Entra ID > Certificates & secrets and check its thumbprint and expiry date."
+        ),
+    ),
+    700024: (
+        CONFIGURATION,
+        _lt("The client assertion is outside its validity period."),
+        _lt("Check the server clock of Odoo."),
+    ),
+    65001: (
+        CONFIGURATION,
+        _lt("Consent for this app is missing."),
+        _lt(
+            "An administrator must grant consent for the organisation in Entra ID > API permissions "
+            '("Grant admin consent"), then authorize again.'
+        ),
+    ),
+    65004: (
+        CONFIGURATION,
+        _lt("The sign-in was cancelled: consent was declined."),
+        _lt("Authorize again and accept the requested permissions."),
+    ),
+    500011: (
+        CONFIGURATION,
+        _lt("Exchange Online is not available in this tenant."),
+        _lt("Check that the tenant has Exchange Online licences, and the cloud of the app registration."),
+    ),
+    700022: (
+        CONFIGURATION,
+        _lt("The requested scopes name more than one resource."),
+        _lt("Request only Exchange Online scopes in one sign-in."),
+    ),
+    54005: (RECONNECT, _lt("The authorization code was already used."), _lt("Authorize again.")),
+    70008: (RECONNECT, _lt("The sign-in has expired."), _lt("Authorize the mailbox again.")),
+    700082: (RECONNECT, _lt("The sign-in expired after 90 days without use."), _lt("Authorize the mailbox again.")),
+    50173: (
+        RECONNECT,
+        _lt("The sign-in was revoked (sessions revoked or password reset by an administrator)."),
+        _lt("Authorize the mailbox again."),
+    ),
+    50076: (
+        RECONNECT,
+        _lt("Multi-factor authentication is now required for this account."),
+        _lt(
+            "Authorize the mailbox again and complete the MFA prompt; ask the administrator about "
+            "Conditional Access if this repeats."
+        ),
+    ),
+    50079: (
+        RECONNECT,
+        _lt("The account must register for multi-factor authentication."),
+        _lt("Authorize the mailbox again and complete the MFA registration."),
+    ),
+    53003: (
+        RECONNECT,
+        _lt("A Conditional Access policy blocked the sign-in."),
+        _lt("Ask the Entra ID administrator to allow this app or this server's location, then authorize again."),
+    ),
 }
 
-_UNKNOWN_OAUTH = (_lt("Microsoft refused the request (%(error)s)."),
-                  _lt("Read Microsoft's message below; if it persists, authorize the mailbox again."))
+_UNKNOWN_OAUTH = (
+    _lt("Microsoft refused the request (%(error)s)."),
+    _lt("Read Microsoft's message below; if it persists, authorize the mailbox again."),
+)
 
 
 def diagnose_oauth(result, **params):
@@ -103,10 +159,13 @@ def diagnose_oauth(result, **params):
 def diagnose_transport(exc):
     """Diagnosis of a network failure talking to Microsoft's sign-in service."""
     return Diagnosis(
-        "NETWORK", TRANSIENT,
+        "NETWORK",
+        TRANSIENT,
         _lt("Microsoft's sign-in service could not be reached."),
-        _lt("Nothing to change if this is temporary; otherwise check Odoo's outgoing HTTPS access "
-            "(proxy, firewall, DNS)."),
+        _lt(
+            "Nothing to change if this is temporary; otherwise check Odoo's outgoing HTTPS access "
+            "(proxy, firewall, DNS)."
+        ),
         type(exc).__name__,
     )
 
@@ -114,7 +173,8 @@ def diagnose_transport(exc):
 def diagnose_unavailable(detail):
     """Diagnosis of a 5xx or throttling answer that outlasted the retries."""
     return Diagnosis(
-        "UNAVAILABLE", TRANSIENT,
+        "UNAVAILABLE",
+        TRANSIENT,
         _lt("Microsoft's sign-in service is busy or unavailable for now."),
         _lt("Nothing to change: Odoo tries again at the next fetch or send."),
         str(detail)[:300],
@@ -124,29 +184,48 @@ def diagnose_unavailable(detail):
 def diagnose_connection(protocol, host, port, exc):
     """Diagnosis of a mail server that could not be reached or spoke no TLS with us."""
     return Diagnosis(
-        f"{protocol} CONNECT", TRANSIENT,
+        f"{protocol} CONNECT",
+        TRANSIENT,
         _lt("Odoo could not connect to the %(protocol)s server %(host)s:%(port)s."),
-        _lt("Check the host, port and encryption of the server, and that Odoo may reach it "
-            "(firewall, proxy, DNS)."),
-        f"{type(exc).__name__}: {exc}"[:300], {"protocol": protocol, "host": host, "port": port},
+        _lt("Check the host, port and encryption of the server, and that Odoo may reach it (firewall, proxy, DNS)."),
+        f"{type(exc).__name__}: {exc}"[:300],
+        {"protocol": protocol, "host": host, "port": port},
     )
 
 
 _SMTP_RULES = [
-    (re.compile(r"5\.7\.139"), "SMTP 5.7.139", CONFIGURATION,
-     _lt("SMTP AUTH is disabled for this mailbox or the whole organisation."),
-     _lt("In Exchange Online PowerShell run Set-CASMailbox -Identity %(mailbox)s "
-         "-SmtpClientAuthenticationDisabled $false (or Set-TransportConfig "
-         "-SmtpClientAuthenticationDisabled $false for the organisation).")),
-    (re.compile(r"5\.2\.252|SendAsDenied|5\.7\.60", re.I), "SMTP SendAsDenied", CONFIGURATION,
-     _lt("Microsoft refused to send as this sender address."),
-     _lt("Send from the mailbox's own address, or grant Send As on the sender's address in Exchange Online "
-         "PowerShell: Add-RecipientPermission -Identity <sender address> -Trustee <the mailbox, or for app-only "
-         "(Get-ServicePrincipal -Identity <application ID>).Identity> -AccessRights SendAs")),
-    (re.compile(r"5\.7\.3|5\.7\.8|535"), "SMTP 5.7.3", CONFIGURATION,
-     _lt("The SMTP server rejected the access token."),
-     _lt("Check that the app has the SMTP.Send permission (or SMTP.SendAsApp with the mailbox "
-         "permission for app-only) and that the token belongs to this mailbox; then authorize again.")),
+    (
+        re.compile(r"5\.7\.139"),
+        "SMTP 5.7.139",
+        CONFIGURATION,
+        _lt("SMTP AUTH is disabled for this mailbox or the whole organisation."),
+        _lt(
+            "In Exchange Online PowerShell run Set-CASMailbox -Identity %(mailbox)s "
+            "-SmtpClientAuthenticationDisabled $false (or Set-TransportConfig "
+            "-SmtpClientAuthenticationDisabled $false for the organisation)."
+        ),
+    ),
+    (
+        re.compile(r"5\.2\.252|SendAsDenied|5\.7\.60", re.I),
+        "SMTP SendAsDenied",
+        CONFIGURATION,
+        _lt("Microsoft refused to send as this sender address."),
+        _lt(
+            "Send from the mailbox's own address, or grant Send As on the sender's address in Exchange Online "
+            "PowerShell: Add-RecipientPermission -Identity <sender address> -Trustee <the mailbox, or for app-only "
+            "(Get-ServicePrincipal -Identity <application ID>).Identity> -AccessRights SendAs"
+        ),
+    ),
+    (
+        re.compile(r"5\.7\.3|5\.7\.8|535"),
+        "SMTP 5.7.3",
+        CONFIGURATION,
+        _lt("The SMTP server rejected the access token."),
+        _lt(
+            "Check that the app has the SMTP.Send permission (or SMTP.SendAsApp with the mailbox "
+            "permission for app-only) and that the token belongs to this mailbox; then authorize again."
+        ),
+    ),
 ]
 
 
@@ -154,15 +233,25 @@ def diagnose_smtp(code, message, **params):
     """Diagnosis of an SMTP failure reply (code and text as smtplib gives them)."""
     text = f"{code} {message.decode(errors='replace') if isinstance(message, bytes) else message}"
     if 400 <= code < 500:
-        return Diagnosis(f"SMTP {code}", TRANSIENT,
-                         _lt("The mail server asked to try again later."),
-                         _lt("Nothing to change; Odoo retries."), _first_line(text), params)
+        return Diagnosis(
+            f"SMTP {code}",
+            TRANSIENT,
+            _lt("The mail server asked to try again later."),
+            _lt("Nothing to change; Odoo retries."),
+            _first_line(text),
+            params,
+        )
     for pattern, key, kind, summary, fix in _SMTP_RULES:
         if pattern.search(text):
             return Diagnosis(key, kind, summary, fix, _first_line(text), params)
-    return Diagnosis(f"SMTP {code}", CONFIGURATION,
-                     _lt("The SMTP server refused the login."),
-                     _lt("Read the server's reply below."), _first_line(text), params)
+    return Diagnosis(
+        f"SMTP {code}",
+        CONFIGURATION,
+        _lt("The SMTP server refused the login."),
+        _lt("Read the server's reply below."),
+        _first_line(text),
+        params,
+    )
 
 
 _THROTTLED = re.compile(r"Request is throttled\. Suggested Backoff Time: (\d+) milliseconds", re.I)
@@ -173,21 +262,37 @@ def diagnose_mailbox(protocol, reply, **params):
     text = reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
     match = _THROTTLED.search(text)
     if match:
-        return Diagnosis(f"{protocol} THROTTLED", TRANSIENT,
-                         _lt("The mail server is throttling this mailbox."),
-                         _lt("Nothing to change; the next fetch waits %(backoff_ms)s ms."),
-                         _first_line(text), dict(params, backoff_ms=int(match[1])))
+        return Diagnosis(
+            f"{protocol} THROTTLED",
+            TRANSIENT,
+            _lt("The mail server is throttling this mailbox."),
+            _lt("Nothing to change; the next fetch waits %(backoff_ms)s ms."),
+            _first_line(text),
+            dict(params, backoff_ms=int(match[1])),
+        )
     if "authenticated but not connected" in text:
-        return Diagnosis(f"{protocol} NOT CONNECTED", CONFIGURATION,
-                         _lt("The app may sign in, but has no access to this mailbox."),
-                         _lt("In Exchange Online PowerShell run Add-MailboxPermission -Identity %(mailbox)s "
-                             "-User <service principal id> -AccessRights FullAccess."),
-                         _first_line(text), params)
-    return Diagnosis(f"{protocol} AUTHENTICATE", CONFIGURATION,
-                     _lt("The mail server rejected the access token."),
-                     _lt("Check that the app has the %(scope)s permission and that the signed-in account "
-                         "owns or has Full Access to %(mailbox)s; then authorize again."),
-                     _first_line(text), params)
+        return Diagnosis(
+            f"{protocol} NOT CONNECTED",
+            CONFIGURATION,
+            _lt("The app may sign in, but has no access to this mailbox."),
+            _lt(
+                "In Exchange Online PowerShell run Add-MailboxPermission -Identity %(mailbox)s "
+                "-User <service principal id> -AccessRights FullAccess."
+            ),
+            _first_line(text),
+            params,
+        )
+    return Diagnosis(
+        f"{protocol} AUTHENTICATE",
+        CONFIGURATION,
+        _lt("The mail server rejected the access token."),
+        _lt(
+            "Check that the app has the %(scope)s permission and that the signed-in account "
+            "owns or has Full Access to %(mailbox)s; then authorize again."
+        ),
+        _first_line(text),
+        params,
+    )
 
 
 def _codes_in(description):
@@ -208,36 +313,56 @@ def diagnose_app_only(protocol, found, roles, **params):
     role = APP_ROLES[protocol]
     if role not in roles:
         return Diagnosis(
-            "APP CONSENT", CONFIGURATION,
+            "APP CONSENT",
+            CONFIGURATION,
             _lt("The app has no admin consent for %(role)s."),
-            _lt("In Entra ID > App registrations > %(app_name)s > API permissions, add Office 365 Exchange Online > "
-                "Application permissions > %(role)s, then \"Grant admin consent\" (or open the admin consent link "
-                "on the app registration)."),
-            found.detail, dict(params, role=role))
+            _lt(
+                "In Entra ID > App registrations > %(app_name)s > API permissions, add Office 365 Exchange Online > "
+                'Application permissions > %(role)s, then "Grant admin consent" (or open the admin consent link '
+                "on the app registration)."
+            ),
+            found.detail,
+            dict(params, role=role),
+        )
     if found.code.endswith("NOT CONNECTED"):
         return Diagnosis(
-            "APP MAILBOX PERMISSION", CONFIGURATION,
+            "APP MAILBOX PERMISSION",
+            CONFIGURATION,
             _lt("The app may sign in, but has no permission on the mailbox %(mailbox)s."),
-            _lt("In Exchange Online PowerShell run:\n"
-                "Add-MailboxPermission -Identity \"%(mailbox)s\" -User (Get-ServicePrincipal -Identity "
-                "%(app_id)s).Identity -AccessRights FullAccess"),
-            found.detail, params)
+            _lt(
+                "In Exchange Online PowerShell run:\n"
+                'Add-MailboxPermission -Identity "%(mailbox)s" -User (Get-ServicePrincipal -Identity '
+                "%(app_id)s).Identity -AccessRights FullAccess"
+            ),
+            found.detail,
+            params,
+        )
     if protocol == "SMTP":
         return Diagnosis(
-            "APP SMTP", CONFIGURATION,
+            "APP SMTP",
+            CONFIGURATION,
             _lt("Exchange Online refused the app's token for %(mailbox)s."),
-            _lt("In Exchange Online PowerShell, register the app once and give it the mailbox:\n"
+            _lt(
+                "In Exchange Online PowerShell, register the app once and give it the mailbox:\n"
                 "New-ServicePrincipal -AppId %(app_id)s -ObjectId <object ID of the Enterprise application "
-                "\"%(app_name)s\">\n"
-                "Add-MailboxPermission -Identity \"%(mailbox)s\" -User (Get-ServicePrincipal -Identity "
-                "%(app_id)s).Identity -AccessRights FullAccess"),
-            found.detail, params)
+                '"%(app_name)s">\n'
+                'Add-MailboxPermission -Identity "%(mailbox)s" -User (Get-ServicePrincipal -Identity '
+                "%(app_id)s).Identity -AccessRights FullAccess"
+            ),
+            found.detail,
+            params,
+        )
     return Diagnosis(
-        "APP SERVICE PRINCIPAL", CONFIGURATION,
+        "APP SERVICE PRINCIPAL",
+        CONFIGURATION,
         _lt("Exchange Online does not know the app yet (no service principal)."),
-        _lt("In Exchange Online PowerShell run:\n"
+        _lt(
+            "In Exchange Online PowerShell run:\n"
             "New-ServicePrincipal -AppId %(app_id)s -ObjectId <object ID of the Enterprise application "
-            "\"%(app_name)s\">\n"
-            "Add-MailboxPermission -Identity \"%(mailbox)s\" -User (Get-ServicePrincipal -Identity "
-            "%(app_id)s).Identity -AccessRights FullAccess"),
-        found.detail, params)
+            '"%(app_name)s">\n'
+            'Add-MailboxPermission -Identity "%(mailbox)s" -User (Get-ServicePrincipal -Identity '
+            "%(app_id)s).Identity -AccessRights FullAccess"
+        ),
+        found.detail,
+        params,
+    )

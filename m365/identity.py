@@ -4,6 +4,7 @@ One IdentityClient serves one token cache (one OAuth account, or one app-only re
 MSAL objects are cheap once the authority's OpenID configuration is known, so the discovery
 responses are kept in a process-wide http cache and HTTP sessions are pooled per trust anchor.
 """
+
 import base64
 import json
 import logging
@@ -21,6 +22,7 @@ from .clouds import CLOUDS
 from .errors import AuthorizationFailed, ReconnectRequired, TransientFailure
 
 _logger = logging.getLogger(__name__)
+
 
 class _RedactGrantCodes(logging.Filter):
     """MSAL's debug log of each token event masks tokens and secrets but shows the authorization
@@ -125,17 +127,20 @@ class IdentityClient:
             except ValueError as exc:
                 # MSAL reports an unknown tenant or a refused discovery as a ValueError without
                 # Microsoft's answer: ask for it, to say which (AADSTS90002 for an unknown tenant).
-                raise AuthorizationFailed(diagnosis.diagnose_oauth(
-                    self._discovery_error(session) or {"error": "invalid_request", "error_description": str(exc)},
-                )) from None
+                raise AuthorizationFailed(
+                    diagnosis.diagnose_oauth(
+                        self._discovery_error(session) or {"error": "invalid_request", "error_description": str(exc)},
+                    )
+                ) from None
             except requests.RequestException as exc:
                 raise TransientFailure(diagnosis.diagnose_transport(exc)) from None
         return self._msal
 
     def _discovery_error(self, session):
         try:
-            response = session.get(f"{self.app.authority}/v2.0/.well-known/openid-configuration",
-                                   timeout=self.app.timeout)
+            response = session.get(
+                f"{self.app.authority}/v2.0/.well-known/openid-configuration", timeout=self.app.timeout
+            )
             answer = response.json()
         except (requests.RequestException, ValueError):
             return None
@@ -152,10 +157,15 @@ class IdentityClient:
 
     def start_sign_in(self, redirect_uri, scopes, login_hint=None):
         """The auth-code flow with PKCE, state and nonce; keep the returned dict server-side."""
-        return self._call(lambda: self.msal_app.initiate_auth_code_flow(
-            scopes, redirect_uri=redirect_uri, login_hint=login_hint or None,
-            prompt="select_account", response_mode="form_post",
-        ))
+        return self._call(
+            lambda: self.msal_app.initiate_auth_code_flow(
+                scopes,
+                redirect_uri=redirect_uri,
+                login_hint=login_hint or None,
+                prompt="select_account",
+                response_mode="form_post",
+            )
+        )
 
     def finish_sign_in(self, flow, params):
         """Redeem the callback's parameters; raises AuthorizationFailed with a diagnosis."""
@@ -174,8 +184,11 @@ class IdentityClient:
         claims = result.get("id_token_claims") or {}
         accounts = self.msal_app.get_accounts()
         home_account_id = next(
-            (a["home_account_id"] for a in accounts
-             if a.get("username", "").lower() == (claims.get("preferred_username") or "").lower()),
+            (
+                a["home_account_id"]
+                for a in accounts
+                if a.get("username", "").lower() == (claims.get("preferred_username") or "").lower()
+            ),
             accounts[0]["home_account_id"] if accounts else "",
         )
         return SignIn(
@@ -190,16 +203,26 @@ class IdentityClient:
         """A valid access token, from the cache or by refreshing (rotating the refresh token);
         `force_refresh` redeems the refresh token anyway (keeps an idle grant alive)."""
         accounts = self.msal_app.get_accounts()
-        account = next((a for a in accounts if a["home_account_id"] == home_account_id), None) \
-            if home_account_id else (accounts[0] if accounts else None)
+        account = (
+            next((a for a in accounts if a["home_account_id"] == home_account_id), None)
+            if home_account_id
+            else (accounts[0] if accounts else None)
+        )
         if account is None:
-            raise ReconnectRequired(diagnosis.diagnose_oauth(
-                {"error": "invalid_grant", "error_description": "AADSTS70008: no sign-in is stored."}))
-        result = self._call(lambda: self.msal_app.acquire_token_silent_with_error(
-            scopes, account, force_refresh=force_refresh))
+            raise ReconnectRequired(
+                diagnosis.diagnose_oauth(
+                    {"error": "invalid_grant", "error_description": "AADSTS70008: no sign-in is stored."}
+                )
+            )
+        result = self._call(
+            lambda: self.msal_app.acquire_token_silent_with_error(scopes, account, force_refresh=force_refresh)
+        )
         if result is None:  # nothing usable in the cache at all
-            raise ReconnectRequired(diagnosis.diagnose_oauth(
-                {"error": "invalid_grant", "error_description": "AADSTS70008: no refresh token is stored."}))
+            raise ReconnectRequired(
+                diagnosis.diagnose_oauth(
+                    {"error": "invalid_grant", "error_description": "AADSTS70008: no refresh token is stored."}
+                )
+            )
         self._raise_for(result)
         return _access_token(result)
 

@@ -3,6 +3,8 @@
 Works on connections opened by the caller (Odoo's own IMAP/POP/SMTP objects), so Odoo keeps
 its timeouts and TLS handling; this module only authenticates and reads the reply.
 """
+
+import contextlib
 import imaplib
 import poplib
 import smtplib
@@ -31,13 +33,19 @@ def imap_authenticate(connection, mailbox, access_token):
         else:
             connection.authenticate("XOAUTH2", lambda _challenge: raw.encode())
     except imaplib.IMAP4.error as exc:
-        raise MailLoginFailed(diagnosis.diagnose_mailbox(
-            "IMAP", str(exc), mailbox=mailbox, scope="IMAP.AccessAsUser.All")) from None
+        raise MailLoginFailed(
+            diagnosis.diagnose_mailbox("IMAP", str(exc), mailbox=mailbox, scope="IMAP.AccessAsUser.All")
+        ) from None
     status, data = connection.select("INBOX")
     if status != "OK":
-        raise MailLoginFailed(diagnosis.diagnose_mailbox(
-            "IMAP", b" ".join(d for d in data if isinstance(d, bytes)), mailbox=mailbox,
-            scope="IMAP.AccessAsUser.All"))
+        raise MailLoginFailed(
+            diagnosis.diagnose_mailbox(
+                "IMAP",
+                b" ".join(d for d in data if isinstance(d, bytes)),
+                mailbox=mailbox,
+                scope="IMAP.AccessAsUser.All",
+            )
+        )
 
 
 def pop3_authenticate(connection, mailbox, access_token):
@@ -54,8 +62,11 @@ def pop3_authenticate(connection, mailbox, access_token):
         if not reply.startswith(b"+OK"):
             raise poplib.error_proto(reply)
     except poplib.error_proto as exc:
-        raise MailLoginFailed(diagnosis.diagnose_mailbox(
-            "POP3", exc.args[0] if exc.args else b"", mailbox=mailbox, scope="POP.AccessAsUser.All")) from None
+        raise MailLoginFailed(
+            diagnosis.diagnose_mailbox(
+                "POP3", exc.args[0] if exc.args else b"", mailbox=mailbox, scope="POP.AccessAsUser.All"
+            )
+        ) from None
 
 
 def smtp_authenticate(connection, mailbox, access_token):
@@ -78,6 +89,7 @@ def smtp_authenticate(connection, mailbox, access_token):
 # Test connection: a fresh connection per protocol, certificate checked (Microsoft's are public;
 # a private endpoint such as the sandbox names its CA), logged in, and closed without side effects.
 
+
 def _tls_context(ca_file):
     return ssl.create_default_context(cafile=ca_file) if ca_file else ssl.create_default_context()
 
@@ -90,28 +102,26 @@ def _connect(protocol, host, port, opener):
 
 
 def check_imap(host, port, mailbox, access_token, ca_file=None, timeout=30):
-    imap = _connect("IMAP", host, port, lambda: imaplib.IMAP4_SSL(
-        host, port, ssl_context=_tls_context(ca_file), timeout=timeout))
+    imap = _connect(
+        "IMAP", host, port, lambda: imaplib.IMAP4_SSL(host, port, ssl_context=_tls_context(ca_file), timeout=timeout)
+    )
     try:
         imap_authenticate(imap, mailbox, access_token)
     finally:
-        try:
+        with contextlib.suppress(OSError, imaplib.IMAP4.error):  # closing only: the result is already known
             imap.logout()
-        except (OSError, imaplib.IMAP4.error):
-            pass
 
 
 def check_pop3(host, port, mailbox, access_token, ca_file=None, timeout=30):
-    pop = _connect("POP3", host, port, lambda: poplib.POP3_SSL(
-        host, port, context=_tls_context(ca_file), timeout=timeout))
+    pop = _connect(
+        "POP3", host, port, lambda: poplib.POP3_SSL(host, port, context=_tls_context(ca_file), timeout=timeout)
+    )
     try:
         pop3_authenticate(pop, mailbox, access_token)
         pop.stat()
     finally:
-        try:
+        with contextlib.suppress(OSError, poplib.error_proto):  # closing only: the result is already known
             pop.quit()
-        except (OSError, poplib.error_proto):
-            pass
 
 
 def check_smtp(host, port, mailbox, access_token, ca_file=None, timeout=30):
@@ -124,7 +134,5 @@ def check_smtp(host, port, mailbox, access_token, ca_file=None, timeout=30):
     try:
         smtp_authenticate(smtp, mailbox, access_token)
     finally:
-        try:
+        with contextlib.suppress(OSError, smtplib.SMTPException):  # closing only: the result is already known
             smtp.quit()
-        except (OSError, smtplib.SMTPException):
-            pass

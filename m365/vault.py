@@ -3,6 +3,7 @@
 The key lives outside the database (Odoo's configuration or a file in its data directory), so a
 database dump alone reveals no token. Fernet: AES-128-CBC + HMAC-SHA256, authenticated.
 """
+
 import base64
 import os
 

@@ -1,4 +1,5 @@
 """The SASL XOAUTH2 initial response, as Microsoft documents it for IMAP, POP and SMTP."""
+
 import base64
 
 from .errors import InvalidInput

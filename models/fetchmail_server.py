@@ -2,10 +2,10 @@ import email
 import email.policy
 import hashlib
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from imaplib import IMAP4
 
-from odoo import _, api, fields, models
+from odoo import api, fields, models
 from odoo.exceptions import UserError, ValidationError
 
 from odoo.addons.mail.models.fetchmail import POP3Connection
@@ -26,29 +26,50 @@ class FetchmailServer(models.Model):
 
     connect_with = fields.Selection(
         [("password", "Password"), ("microsoft365", "Microsoft 365 (OAuth)")],
-        string="Connect with", default="password", required=True,
+        string="Connect with",
+        default="password",
+        required=True,
         help="Password: Odoo's usual login. Microsoft 365: OAuth 2.0 (XOAUTH2) with the mailbox's OAuth "
-        "account; no password is stored.")
+        "account; no password is stored.",
+    )
 
     microsoft365_fetch_error = fields.Text(string="Last fetch error", readonly=True, copy=False)
     microsoft365_fetch_failed_at = fields.Datetime(string="Last fetch failed on", readonly=True, copy=False)
     microsoft365_failed_messages = fields.Json(
-        readonly=True, copy=False,
-        help="Messages Odoo could not process: Message-ID -> failures, subject, sender, last error.")
+        readonly=True,
+        copy=False,
+        help="Messages Odoo could not process: Message-ID -> failures, subject, sender, last error.",
+    )
     microsoft365_failed_summary = fields.Text(
-        string="Messages left on the server", compute="_compute_microsoft365_failed_summary")
+        string="Messages left on the server", compute="_compute_microsoft365_failed_summary"
+    )
     microsoft365_retry_at = fields.Datetime(
-        string="Throttled until", readonly=True, copy=False,
-        help="Microsoft asked Odoo to back off: no connection is attempted before this time.")
+        string="Throttled until",
+        readonly=True,
+        copy=False,
+        help="Microsoft asked Odoo to back off: no connection is attempted before this time.",
+    )
 
     @api.depends("microsoft365_failed_messages")
     def _compute_microsoft365_failed_summary(self):
         for server in self:
-            given_up = [entry for entry in (server.microsoft365_failed_messages or {}).values()
-                        if entry["failures"] >= MAX_PROCESSING_ATTEMPTS]
-            server.microsoft365_failed_summary = "\n".join(
-                _("%(subject)s (from %(sender)s): %(error)s", subject=entry["subject"], sender=entry["sender"],
-                  error=entry["error"]) for entry in given_up) or False
+            given_up = [
+                entry
+                for entry in (server.microsoft365_failed_messages or {}).values()
+                if entry["failures"] >= MAX_PROCESSING_ATTEMPTS
+            ]
+            server.microsoft365_failed_summary = (
+                "\n".join(
+                    self.env._(
+                        "%(subject)s (from %(sender)s): %(error)s",
+                        subject=entry["subject"],
+                        sender=entry["sender"],
+                        error=entry["error"],
+                    )
+                    for entry in given_up
+                )
+                or False
+            )
 
     _microsoft365_link_fields = {"connect_with", "user", "microsoft365_account_id"}
 
@@ -76,7 +97,8 @@ class FetchmailServer(models.Model):
             return
         if not self.microsoft365_account_id and self.user:
             self.microsoft365_account_id = self.env["microsoft365.account"].search(
-                [("email", "=", self.user.strip().lower())], limit=1)
+                [("email", "=", self.user.strip().lower())], limit=1
+            )
         cloud = self._microsoft365_cloud_for(self.microsoft365_account_id)
         if self.server_type not in ("imap", "pop"):
             self.server_type = "imap"
@@ -91,9 +113,10 @@ class FetchmailServer(models.Model):
     @api.onchange("server_type", "is_ssl", "object_id")
     def onchange_server_type(self):
         # Odoo resets the port to 993/995 here; a Microsoft 365 server keeps its cloud's port.
-        super().onchange_server_type()
+        result = super().onchange_server_type()
         if self.connect_with == "microsoft365":
             self._onchange_connect_with_microsoft365()
+        return result
 
     @api.model_create_multi
     def create(self, vals_list):
@@ -117,43 +140,53 @@ class FetchmailServer(models.Model):
         if not self._microsoft365_in_use():
             return super().connect(allow_archived=allow_archived)
         if self.microsoft365_retry_at and self.microsoft365_retry_at > fields.Datetime.now():
-            raise UserError(_("Microsoft 365 is throttling this mailbox: Odoo waits until %s before it connects "
-                              "again.", fields.Datetime.to_string(self.microsoft365_retry_at)))
+            raise UserError(
+                self.env._(
+                    "Microsoft 365 is throttling this mailbox: Odoo waits until %s before it connects again.",
+                    fields.Datetime.to_string(self.microsoft365_retry_at),
+                )
+            )
         try:
-            connection = self._microsoft365_connect(allow_archived)
+            try:
+                if self._get_connection_type() == "pop":
+                    connection = self._microsoft365_connect_pop3(allow_archived)
+                else:
+                    connection = super().connect(allow_archived=allow_archived)
+            except M365Error as exc:
+                self._microsoft365_honour_backoff(exc.diagnosis)
+                raise UserError(explain(self.env, exc.diagnosis)) from None
         except Exception as exc:
             # Kept for the health check: in the cron, fetchmail logs the error and goes on.
-            self.write({"microsoft365_fetch_error": exc.args[0] if isinstance(exc, UserError) else str(exc),
-                        "microsoft365_fetch_failed_at": fields.Datetime.now()})
+            self.write(
+                {
+                    "microsoft365_fetch_error": exc.args[0] if isinstance(exc, UserError) else str(exc),
+                    "microsoft365_fetch_failed_at": fields.Datetime.now(),
+                }
+            )
             raise
         if self.microsoft365_fetch_error:
             self.write({"microsoft365_fetch_error": False, "microsoft365_fetch_failed_at": False})
         return connection
 
-    def _microsoft365_connect(self, allow_archived):
-        if self._get_connection_type() != "pop":
-            try:
-                return super().connect(allow_archived=allow_archived)
-            except M365Error as exc:
-                self._microsoft365_honour_backoff(exc.diagnosis)
-                raise UserError(explain(self.env, exc.diagnosis)) from None
+    def _microsoft365_connect_pop3(self, allow_archived):
         # Odoo's POP branch logs in with USER/PASS and offers no hook.
         if not allow_archived and not self.active:
-            raise UserError(_('The server "%s" cannot be used because it is archived.', self.display_name))
+            raise UserError(self.env._('The server "%s" cannot be used because it is archived.', self.display_name))
         connection = POP3Connection(self.server, int(self.port), self.is_ssl)
         try:
             # Odoo's wrapper exposes only POP3's public commands; SASL needs the raw client.
             pop3_authenticate(connection.__obj__, self._microsoft365_account().email, self._microsoft365_token())
-        except M365Error as exc:
+        except M365Error:
             connection.close()
-            self._microsoft365_honour_backoff(exc.diagnosis)
-            raise UserError(explain(self.env, exc.diagnosis)) from None
+            raise
         return connection
 
     def _microsoft365_honour_backoff(self, found):
         backoff_ms = found.params.get("backoff_ms") if found else None
         if backoff_ms:
-            self.microsoft365_retry_at = fields.Datetime.now() + timedelta(milliseconds=backoff_ms)
+            # Datetime fields keep whole seconds: round up, never connect before Microsoft's time.
+            retry_at = datetime.now() + timedelta(milliseconds=backoff_ms)
+            self.microsoft365_retry_at = retry_at.replace(microsecond=0) + timedelta(seconds=bool(retry_at.microsecond))
 
     def fetch_mail(self, raise_exception=True):
         """IMAP servers of this addon fetch with a safety net: Odoo's own loop marks a message read
@@ -166,16 +199,25 @@ class FetchmailServer(models.Model):
                 server._microsoft365_fetch_imap()
             except Exception as exc:
                 if raise_exception:
-                    raise ValidationError(_("Couldn't get your emails. Check out the error message below for more "
-                                            "info:\n%s", exc.args[0] if exc.args else exc)) from exc
-                _logger.info("General failure when trying to fetch mail from %s server %s.", server.server_type,
-                             server.name, exc_info=True)
+                    raise ValidationError(
+                        self.env._(
+                            "Couldn't get your emails. Check out the error message below for more info:\n%s",
+                            exc.args[0] if exc.args else exc,
+                        )
+                    ) from exc
+                _logger.info(
+                    "General failure when trying to fetch mail from %s server %s.",
+                    server.server_type,
+                    server.name,
+                    exc_info=True,
+                )
         return super(FetchmailServer, self - ours).fetch_mail(raise_exception=raise_exception)
 
     def _microsoft365_fetch_imap(self):
         self.ensure_one()
-        MailThread = self.env["mail.thread"].with_context(fetchmail_cron_running=True,
-                                                            default_fetchmail_server_id=self.id)
+        MailThread = self.env["mail.thread"].with_context(
+            fetchmail_cron_running=True, default_fetchmail_server_id=self.id
+        )
         imap = self.connect()
         count = failed = 0
         try:
@@ -187,22 +229,31 @@ class FetchmailServer(models.Model):
                 raw = fetched[0][1]
                 try:
                     with self.env.cr.savepoint():
-                        MailThread.message_process(self.object_id.model, raw, save_original=self.original,
-                                                   strip_attachments=not self.attach)
+                        MailThread.message_process(
+                            self.object_id.model, raw, save_original=self.original, strip_attachments=not self.attach
+                        )
                 except Exception as exc:  # any message may be malformed: never let it stop the others
                     failed += 1
                     gave_up = self._microsoft365_record_failed_message(raw, exc)
-                    _logger.info("Failed to process mail from %s server %s.", self.server_type, self.name,
-                                 exc_info=True)
+                    _logger.info(
+                        "Failed to process mail from %s server %s.", self.server_type, self.name, exc_info=True
+                    )
                     if gave_up:
                         imap.store(number, "+FLAGS", FAILED_KEYWORD)
                 else:
                     imap.store(number, "+FLAGS", "\\Seen")
                     self._microsoft365_forget_failed_message(raw)
-                self.env.cr.commit()
+                # As Odoo's own fetch loop: each message is kept once processed, whatever follows.
+                self.env.cr.commit()  # pylint: disable=invalid-commit
                 count += 1
-            _logger.info("Fetched %d email(s) on %s server %s; %d succeeded, %d failed.", count,
-                         self.server_type, self.name, count - failed, failed)
+            _logger.info(
+                "Fetched %d email(s) on %s server %s; %d succeeded, %d failed.",
+                count,
+                self.server_type,
+                self.name,
+                count - failed,
+                failed,
+            )
         finally:
             try:
                 imap.close()
@@ -220,8 +271,11 @@ class FetchmailServer(models.Model):
     def _microsoft365_record_failed_message(self, raw, exc):
         key, message = self._microsoft365_message_key(raw)
         failures = dict(self.microsoft365_failed_messages or {})
-        entry = failures.get(key) or {"failures": 0, "subject": str(message.get("Subject", ""))[:200],
-                                      "sender": str(message.get("From", ""))[:200]}
+        entry = failures.get(key) or {
+            "failures": 0,
+            "subject": str(message.get("Subject", ""))[:200],
+            "sender": str(message.get("From", ""))[:200],
+        }
         entry = dict(entry, failures=entry["failures"] + 1, error=str(exc)[:300])
         failures[key] = entry
         self.microsoft365_failed_messages = failures
@@ -247,9 +301,9 @@ class FetchmailServer(models.Model):
                 else:
                     connection.logout()
             except UserError as exc:
-                raise UserError(_("Connection test failed: %s", exc.args[0])) from None
+                raise UserError(self.env._("Connection test failed: %s", exc.args[0])) from None
             except Exception as exc:  # network, TLS: Odoo's own wording
-                raise UserError(_("Connection test failed: %s", exc)) from None
+                raise UserError(self.env._("Connection test failed: %s", exc)) from None
             server.state = "done"
             server._microsoft365_after_successful_test()
         return super(FetchmailServer, self - ours).button_confirm_login()

@@ -1,4 +1,4 @@
-from odoo import _, api, fields, models
+from odoo import api, fields, models
 from odoo.exceptions import UserError
 
 from odoo.addons.base.models.ir_mail_server import MailDeliveryException
@@ -14,8 +14,8 @@ class IrMailServer(models.Model):
     _inherit = ["ir.mail_server", "microsoft365.server.mixin"]
 
     smtp_authentication = fields.Selection(
-        selection_add=[("microsoft365", "Microsoft 365 (OAuth)")],
-        ondelete={"microsoft365": "set default"})
+        selection_add=[("microsoft365", "Microsoft 365 (OAuth)")], ondelete={"microsoft365": "set default"}
+    )
 
     _microsoft365_link_fields = {"smtp_authentication", "smtp_user", "from_filter", "microsoft365_account_id"}
 
@@ -40,16 +40,18 @@ class IrMailServer(models.Model):
         return result
 
     def _microsoft365_link_accounts(self, changed=None):
-        super()._microsoft365_link_accounts(changed)
+        result = super()._microsoft365_link_accounts(changed)
         # Odoo logs in only when a username is set: the mailbox is the username.
         for server in self.filtered(lambda s: s._microsoft365_in_use() and not s.smtp_user):
             server.smtp_user = server.microsoft365_account_id.email
+        return result
 
     def _compute_smtp_authentication_info(self):
         ours = self.filtered(lambda s: s.smtp_authentication == "microsoft365")
-        ours.smtp_authentication_info = _(
-            "Odoo signs in to Microsoft 365 with OAuth 2.0 (XOAUTH2): no password is stored.")
-        super(IrMailServer, self - ours)._compute_smtp_authentication_info()
+        ours.smtp_authentication_info = self.env._(
+            "Odoo signs in to Microsoft 365 with OAuth 2.0 (XOAUTH2): no password is stored."
+        )
+        return super(IrMailServer, self - ours)._compute_smtp_authentication_info()
 
     @api.onchange("smtp_authentication", "microsoft365_account_id")
     def _onchange_smtp_authentication_microsoft365(self):
@@ -57,7 +59,8 @@ class IrMailServer(models.Model):
             return
         if not self.microsoft365_account_id and self.smtp_user:
             self.microsoft365_account_id = self.env["microsoft365.account"].search(
-                [("email", "=", self.smtp_user.strip().lower())], limit=1)
+                [("email", "=", self.smtp_user.strip().lower())], limit=1
+            )
         cloud = self._microsoft365_cloud_for(self.microsoft365_account_id)
         if cloud:
             self.smtp_host = cloud.smtp_host
@@ -94,7 +97,7 @@ class IrMailServer(models.Model):
             found = diagnose_smtp(550, detail)
             if found.code not in ("SMTP SendAsDenied", "SMTP 5.7.139"):
                 raise
-            raise MailDeliveryException(exc.args[0], "%s\n%s" % (detail, explain(self.env, found))) from exc
+            raise MailDeliveryException(exc.args[0], f"{detail}\n{explain(self.env, found)}") from exc
 
     def _smtp_login(self, connection, smtp_user, smtp_password):
         # Odoo calls this on an empty recordset when no server record is involved.

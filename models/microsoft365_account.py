@@ -3,14 +3,20 @@ import logging
 import time
 from collections import defaultdict
 
-from odoo import _, api, fields, models
+from odoo import api, fields, models
 from odoo.exceptions import AccessError, UserError, ValidationError
 
 from ..m365 import diagnosis, identifiers, mailcheck
+from ..m365.errors import (
+    AuthorizationFailed,
+    InvalidInput,
+    M365Error,
+    MailLoginFailed,
+    ReconnectRequired,
+    TransientFailure,
+)
 from ..m365.identity import unverified_claims
 from .microsoft365_app import _TOKEN_MEMO, _remember
-from ..m365.errors import AuthorizationFailed, InvalidInput, M365Error, MailLoginFailed, ReconnectRequired, \
-    TransientFailure
 
 _logger = logging.getLogger(__name__)
 
@@ -28,21 +34,29 @@ class Microsoft365Account(models.Model):
     _order = "email, id"
     _rec_name = "email"
 
-    email = fields.Char(string="Mailbox", required=True, index=True,
-                        help="The address of the mailbox Odoo reads and sends from.")
-    app_id = fields.Many2one("microsoft365.app", string="App registration", required=True,
-                             ondelete="restrict")
+    email = fields.Char(
+        string="Mailbox", required=True, index=True, help="The address of the mailbox Odoo reads and sends from."
+    )
+    app_id = fields.Many2one("microsoft365.app", string="App registration", required=True, ondelete="restrict")
     # What a user the account is visible for may see of the (administrators-only) app and servers.
     app_name = fields.Char(related="app_id.name", string="App")
     server_summary = fields.Text(string="Mail servers", compute="_compute_server_summary")
     company_id = fields.Many2one(related="app_id.company_id", store=True)
     provider = fields.Char(default="Microsoft 365", readonly=True)
     status = fields.Selection(
-        [("not_connected", "Not connected"), ("connected", "Connected"),
-         ("reconnect", "Reconnect needed"), ("app_only", "App-only (no sign-in)")],
-        default="not_connected", required=True, readonly=True, copy=False)
+        [
+            ("not_connected", "Not connected"),
+            ("connected", "Connected"),
+            ("reconnect", "Reconnect needed"),
+            ("app_only", "App-only (no sign-in)"),
+        ],
+        default="not_connected",
+        required=True,
+        readonly=True,
+        copy=False,
+    )
     username = fields.Char(string="Signed-in account", readonly=True, copy=False)
-    tenant_id = fields.Char(string="Tenant", readonly=True, copy=False)
+    tenant_id = fields.Char(readonly=True, copy=False)
     scopes = fields.Char(string="Granted scopes", readonly=True, copy=False)
     connected_since = fields.Datetime(readonly=True, copy=False)
     token_expires_at = fields.Datetime(string="Access token expiry", readonly=True, copy=False)
@@ -51,19 +65,19 @@ class Microsoft365Account(models.Model):
     signed_in_as_other = fields.Boolean(compute="_compute_signed_in_as_other")
     is_administrator = fields.Boolean(compute="_compute_is_administrator")
     owner_user_id = fields.Many2one(
-        "res.users", string="Only visible for",
+        "res.users",
+        string="Only visible for",
         help="This user sees the account and its servers, and can authorize, test and revoke it. "
-        "Empty: administrators only.")
-    sender_name = fields.Char(string="Name displayed",
-                              help="Sender name for mail from this mailbox that has none.")
+        "Empty: administrators only.",
+    )
+    sender_name = fields.Char(string="Name displayed", help="Sender name for mail from this mailbox that has none.")
     home_account_id = fields.Char(groups="base.group_system", readonly=True, copy=False)
     token_cache_sealed = fields.Text(groups=fields.NO_ACCESS, copy=False)
     incoming_server_ids = fields.One2many("fetchmail.server", "microsoft365_account_id")
     outgoing_server_ids = fields.One2many("ir.mail_server", "microsoft365_account_id")
 
     _sql_constraints = [
-        ("email_app_unique", "unique(email, app_id)",
-         "This mailbox is already connected with this app registration."),
+        ("email_app_unique", "unique(email, app_id)", "This mailbox is already connected with this app registration."),
     ]
 
     @api.model_create_multi
@@ -106,9 +120,13 @@ class Microsoft365Account(models.Model):
             return account
         app = self.env["microsoft365.app"]._default_app()
         if not app:
-            raise ValidationError(_("There is no app registration for Microsoft 365 yet: create one (Settings > "
-                                    "Technical > Microsoft 365 (OAuth) > App registrations) or choose the "
-                                    "default one in General Settings."))
+            raise ValidationError(
+                self.env._(
+                    "There is no app registration for Microsoft 365 yet: create one (Settings > "
+                    "Technical > Microsoft 365 (OAuth) > App registrations) or choose the "
+                    "default one in General Settings."
+                )
+            )
         return self.create({"email": mailbox, "app_id": app.id})
 
     @api.depends("username", "email")
@@ -123,20 +141,26 @@ class Microsoft365Account(models.Model):
     def _compute_server_summary(self):
         for account in self:
             sudo = account.sudo()
-            lines = [_("Incoming: %(name)s (%(protocol)s, %(state)s)", name=server.name,
-                       protocol=server.server_type.upper(),
-                       state=_("confirmed") if server.state == "done" else _("not confirmed"))
-                     for server in sudo.incoming_server_ids]
-            lines += [_("Outgoing: %(name)s (SMTP)", name=server.name) for server in sudo.outgoing_server_ids]
-            account.server_summary = "\n".join(lines) or _("No mail server uses this account yet.")
+            lines = [
+                self.env._(
+                    "Incoming: %(name)s (%(protocol)s, %(state)s)",
+                    name=server.name,
+                    protocol=server.server_type.upper(),
+                    state=self.env._("confirmed") if server.state == "done" else self.env._("not confirmed"),
+                )
+                for server in sudo.incoming_server_ids
+            ]
+            lines += [self.env._("Outgoing: %(name)s (SMTP)", name=server.name) for server in sudo.outgoing_server_ids]
+            account.server_summary = "\n".join(lines) or self.env._("No mail server uses this account yet.")
 
     # Actions ----------------------------------------------------------------------------------
 
     def _check_may_manage(self):
         for account in self:
             if not (self.env.user.has_group("base.group_system") or account.owner_user_id == self.env.user):
-                raise AccessError(_("Only an administrator or the user this account is visible for "
-                                    "may manage it."))
+                raise AccessError(
+                    self.env._("Only an administrator or the user this account is visible for may manage it.")
+                )
 
     def action_authorize(self):
         """Start the sign-in at Microsoft (also used to renew a connection)."""
@@ -149,10 +173,15 @@ class Microsoft365Account(models.Model):
         for account in self.sudo():
             status = "app_only" if account.app_id.flow == "app_only" else "not_connected"
             account.write(dict(_DISCONNECTED, status=status, last_error=False))
-        return self._notify(_("Authorization revoked"), _(
-            "Odoo forgot every token of this mailbox. To remove the consent on Microsoft's side too, "
-            "open https://myapps.microsoft.com (your own consent) or Entra ID > Enterprise applications "
-            "> the app > Permissions (organisation consent)."), "warning")
+        return self._notify(
+            self.env._("Authorization revoked"),
+            self.env._(
+                "Odoo forgot every token of this mailbox. To remove the consent on Microsoft's side too, "
+                "open https://myapps.microsoft.com (your own consent) or Entra ID > Enterprise applications "
+                "> the app > Permissions (organisation consent)."
+            ),
+            "warning",
+        )
 
     def action_test_connection(self):
         """Log in with XOAUTH2 where this mailbox is used (IMAP or POP3, and SMTP) without reading
@@ -181,43 +210,69 @@ class Microsoft365Account(models.Model):
                 found = exc.diagnosis
                 if app.flow == "app_only":
                     found = diagnosis.diagnose_app_only(
-                        protocol, found, unverified_claims(token).get("roles", []), app_id=app.client_id,
-                        app_name=app.name, mailbox=account.email)
-                failures.append("%s %s:%s: %s" % (protocol, host, port, explain(self.env, found)))
+                        protocol,
+                        found,
+                        unverified_claims(token).get("roles", []),
+                        app_id=app.client_id,
+                        app_name=app.name,
+                        mailbox=account.email,
+                    )
+                failures.append(f"{protocol} {host}:{port}: {explain(self.env, found)}")
         tested = ", ".join(f"{protocol} {host}:{port}" for protocol, _check, host, port in checks)
         if failures:
-            raise UserError(_("Connection test failed for %(mailbox)s.", mailbox=account.email) + "\n\n"
-                            + "\n\n".join(failures))
-        return self._notify(_("Connection test successful"), _(
-            "%(mailbox)s accepts the OAuth token: %(tested)s.", mailbox=account.email, tested=tested), "success")
+            raise UserError(
+                self.env._("Connection test failed for %(mailbox)s.", mailbox=account.email)
+                + "\n\n"
+                + "\n\n".join(failures)
+            )
+        return self._notify(
+            self.env._("Connection test successful"),
+            self.env._("%(mailbox)s accepts the OAuth token: %(tested)s.", mailbox=account.email, tested=tested),
+            "success",
+        )
 
     def action_open(self):
         self.ensure_one()
-        return {"type": "ir.actions.act_window", "res_model": self._name, "res_id": self.id,
-                "view_mode": "form", "target": "current"}
+        return {
+            "type": "ir.actions.act_window",
+            "res_model": self._name,
+            "res_id": self.id,
+            "view_mode": "form",
+            "target": "current",
+        }
 
     def _notify(self, title, message, kind):
-        return {"type": "ir.actions.client", "tag": "display_notification",
-                "params": {"title": title, "message": message, "type": kind, "sticky": kind != "success",
-                           "next": {"type": "ir.actions.act_window_close"}}}
+        return {
+            "type": "ir.actions.client",
+            "tag": "display_notification",
+            "params": {
+                "title": title,
+                "message": message,
+                "type": kind,
+                "sticky": kind != "success",
+                "next": {"type": "ir.actions.act_window_close"},
+            },
+        }
 
     # Tokens -----------------------------------------------------------------------------------
 
     def _store_sign_in(self, client, sign_in):
         """Called by the callback once Microsoft returned the tokens."""
         self.ensure_one()
-        self.sudo().write({
-            "status": "connected",
-            "username": sign_in.username,
-            "tenant_id": sign_in.tenant_id,
-            "home_account_id": sign_in.home_account_id,
-            "scopes": " ".join(s for s in sign_in.scopes if "/" in s),
-            "connected_since": fields.Datetime.now(),
-            "token_expires_at": _datetime(sign_in.expires_at),
-            "last_refresh": fields.Datetime.now(),
-            "last_error": False,
-            "token_cache_sealed": self.env["microsoft365.vault"]._encrypt(client.cache.serialize()),
-        })
+        self.sudo().write(
+            {
+                "status": "connected",
+                "username": sign_in.username,
+                "tenant_id": sign_in.tenant_id,
+                "home_account_id": sign_in.home_account_id,
+                "scopes": " ".join(s for s in sign_in.scopes if "/" in s),
+                "connected_since": fields.Datetime.now(),
+                "token_expires_at": _datetime(sign_in.expires_at),
+                "last_refresh": fields.Datetime.now(),
+                "last_error": False,
+                "token_cache_sealed": self.env["microsoft365.vault"]._encrypt(client.cache.serialize()),
+            }
+        )
 
     def _adopt_refresh_token(self, refresh_token):
         """Connect with a refresh token another module obtained (migration); on refusal the account
@@ -228,8 +283,12 @@ class Microsoft365Account(models.Model):
             sign_in = client.import_refresh_token(refresh_token, self.app_id._cloud().delegated_scopes())
         except M365Error as exc:
             found = getattr(exc, "diagnosis", None)
-            self.sudo().write({"status": "reconnect" if found else "not_connected",
-                               "last_error": explain(self.env, found) if found else str(exc)})
+            self.sudo().write(
+                {
+                    "status": "reconnect" if found else "not_connected",
+                    "last_error": explain(self.env, found) if found else str(exc),
+                }
+            )
             return False
         self._store_sign_in(client, sign_in)
         return True
@@ -250,10 +309,10 @@ class Microsoft365Account(models.Model):
                 account._record_failure(account.status, exc)
                 raise
         if account.status == "not_connected" or not account.token_cache_sealed:
-            raise UserError(_("The mailbox %s is not connected to Microsoft 365 yet: click Authorize.",
-                              account.email))
-        fresh = account.token_expires_at and \
-            account.token_expires_at.timestamp() - time.time() > REFRESH_MARGIN
+            raise UserError(
+                self.env._("The mailbox %s is not connected to Microsoft 365 yet: click Authorize.", account.email)
+            )
+        fresh = account.token_expires_at and account.token_expires_at.timestamp() - time.time() > REFRESH_MARGIN
         if fresh and not force_refresh:
             memo_key = (self.env.cr.dbname, account.id, hashlib.sha256(account.token_cache_sealed.encode()).digest())
             remembered = _TOKEN_MEMO.get(memo_key)
@@ -280,7 +339,9 @@ class Microsoft365Account(models.Model):
         token = self._refresh_locked(self.env.cr, committed=False, force_refresh=force_refresh)
         self.invalidate_recordset()
         if token is None:
-            raise UserError(_("The mailbox %s is not connected to Microsoft 365 yet: click Authorize.", self.email))
+            raise UserError(
+                self.env._("The mailbox %s is not connected to Microsoft 365 yet: click Authorize.", self.email)
+            )
         return token
 
     def _refresh_locked(self, cr, committed, force_refresh=False):
@@ -296,7 +357,8 @@ class Microsoft365Account(models.Model):
                 "UPDATE microsoft365_account SET token_cache_sealed = %s, token_expires_at = %s, "
                 "last_refresh = (now() at time zone 'UTC'), status = 'connected', last_error = NULL, "
                 "write_date = (now() at time zone 'UTC') WHERE id = %s",
-                [self.env["microsoft365.vault"]._encrypt(changed), _datetime(token.expires_at), self.id])
+                [self.env["microsoft365.vault"]._encrypt(changed), _datetime(token.expires_at), self.id],
+            )
         return token.token
 
     def _identity_client_from(self, sealed_cache):
@@ -305,8 +367,9 @@ class Microsoft365Account(models.Model):
     def _token_from(self, client, cr, committed, force_refresh=False):
         """MSAL's answer; a refusal is recorded on the account (in `cr`) and raised."""
         try:
-            return client.access_token(self.app_id._cloud().delegated_scopes(), self.home_account_id,
-                                       force_refresh=force_refresh)
+            return client.access_token(
+                self.app_id._cloud().delegated_scopes(), self.home_account_id, force_refresh=force_refresh
+            )
         except (ReconnectRequired, AuthorizationFailed) as exc:
             status = self.status if isinstance(exc, TransientFailure) else "reconnect"
             self._record_failure(status, exc, cr if committed else None)
@@ -325,8 +388,10 @@ class Microsoft365Account(models.Model):
         _logger.warning("Microsoft 365 account %s: %s", self.id, exc.diagnosis.code)
         values = {"status": status, "last_error": explain(self.env, exc.diagnosis)}
         if own_cursor is not None:  # the refresh's own transaction: commit the failure with it
-            own_cursor.execute("UPDATE microsoft365_account SET status = %s, last_error = %s WHERE id = %s",
-                               [status, values["last_error"], self.id])
+            own_cursor.execute(
+                "UPDATE microsoft365_account SET status = %s, last_error = %s WHERE id = %s",
+                [status, values["last_error"], self.id],
+            )
             own_cursor.commit()
             return
         self.write(values)  # kept when the caller goes on (fetchmail's cron catches and commits)
@@ -342,8 +407,13 @@ class Microsoft365Account(models.Model):
 
 
 _DISCONNECTED = {
-    "username": False, "tenant_id": False, "scopes": False, "connected_since": False,
-    "token_expires_at": False, "last_refresh": False, "home_account_id": False,
+    "username": False,
+    "tenant_id": False,
+    "scopes": False,
+    "connected_since": False,
+    "token_expires_at": False,
+    "last_refresh": False,
+    "home_account_id": False,
     "token_cache_sealed": False,
 }
 
@@ -351,8 +421,10 @@ _DISCONNECTED = {
 def explain(env, found):
     """The diagnosis in the user's language: what happened, what to do, what Microsoft said."""
     params = defaultdict(lambda: "?", found.params)
-    text = "%s\n%s" % (env._(found.summary) % params, env._(found.fix) % params)
-    return text + ("\n(%s)" % found.detail if found.detail else "")
+    # The catalogue keys are marked for translation in m365/i18n.py; named values follow translation.
+    summary = env._(found.summary) % params  # pylint: disable=translation-not-lazy
+    fix = env._(found.fix) % params  # pylint: disable=translation-not-lazy
+    return f"{summary}\n{fix}" + (f"\n({found.detail})" if found.detail else "")
 
 
 def _datetime(epoch):

@@ -43,43 +43,65 @@ class Microsoft365App(models.Model):
     company_id = fields.Many2one("res.company", default=lambda self: self.env.company)
     cloud = fields.Selection(
         [(key, cloud.label) for key, cloud in CLOUDS.items()] + [("custom", "Custom endpoints")],
-        required=True, default="global",
+        required=True,
+        default="global",
         help="The Microsoft cloud the tenant lives in. Custom: enter the endpoints yourself "
-        "(a proxy, or the local sandbox).")
+        "(a proxy, or the local sandbox).",
+    )
     tenant = fields.Char(
         string="Directory (tenant) ID",
         help="The Directory (tenant) ID or a verified domain of a single-tenant app. "
-        "Leave empty for a multi-tenant app (work and school accounts).")
+        "Leave empty for a multi-tenant app (work and school accounts).",
+    )
     client_id = fields.Char(string="Application (client) ID", required=True)
     flow = fields.Selection(
         [("delegated", "Delegated: a user signs in"), ("app_only", "Application (app-only)")],
-        string="Access", default="delegated", required=True,
+        string="Access",
+        default="delegated",
+        required=True,
         help="Delegated: each mailbox is authorized once by a user who may open it. Application: no sign-in; "
         "the app reads and sends with Exchange application permissions, admin consent and a mailbox "
-        "permission in Exchange Online.")
-    credential_type = fields.Selection([("secret", "Client secret"), ("certificate", "Certificate")],
-                                       string="Credential", default="secret", required=True)
+        "permission in Exchange Online.",
+    )
+    credential_type = fields.Selection(
+        [("secret", "Client secret"), ("certificate", "Certificate")],
+        string="Credential",
+        default="secret",
+        required=True,
+    )
     certificate_file = fields.Binary(
-        string="Certificate and private key", compute="_compute_certificate_upload", readonly=False, store=False,
+        string="Certificate and private key",
+        compute="_compute_certificate_upload",
+        readonly=False,
+        store=False,
         help="PEM file with the private key and the certificate, or a PFX file. Stored encrypted, never shown "
-        "again; upload the certificate (public part) to Entra ID > Certificates & secrets.")
-    certificate_passphrase = fields.Char(compute="_compute_certificate_upload", readonly=False, store=False,
-                                         help="Passphrase of the PFX file or of the encrypted private key.")
+        "again; upload the certificate (public part) to Entra ID > Certificates & secrets.",
+    )
+    certificate_passphrase = fields.Char(
+        compute="_compute_certificate_upload",
+        readonly=False,
+        store=False,
+        help="Passphrase of the PFX file or of the encrypted private key.",
+    )
     certificate_sealed = fields.Text(groups=fields.NO_ACCESS, copy=False)
-    certificate_thumbprint = fields.Char(readonly=True, copy=False,
-                                         help="Compare with the thumbprint Entra ID shows for the certificate.")
+    certificate_thumbprint = fields.Char(
+        readonly=True, copy=False, help="Compare with the thumbprint Entra ID shows for the certificate."
+    )
     certificate_expires_on = fields.Date(readonly=True, copy=False)
     app_token_cache_sealed = fields.Text(groups=fields.NO_ACCESS, copy=False)
     app_token_expires_at = fields.Datetime(readonly=True, copy=False)
     admin_consent_url = fields.Char(compute="_compute_admin_consent_url", string="Admin consent link")
     client_secret = fields.Char(
-        compute="_compute_client_secret", inverse="_inverse_client_secret", store=False,
-        help="The secret's Value from Entra ID > Certificates & secrets. It is stored encrypted "
-        "and never shown again.")
+        compute="_compute_client_secret",
+        inverse="_inverse_client_secret",
+        store=False,
+        help="The secret's Value from Entra ID > Certificates & secrets. It is stored encrypted and never shown again.",
+    )
     client_secret_sealed = fields.Char(groups=fields.NO_ACCESS, copy=False)
     has_client_secret = fields.Boolean(compute="_compute_has_client_secret", string="Secret set")
     secret_expires_on = fields.Date(
-        help="Expiry date shown in Entra ID next to the secret: Odoo warns before it passes.")
+        help="Expiry date shown in Entra ID next to the secret: Odoo warns before it passes."
+    )
     redirect_uri = fields.Char(compute="_compute_redirect_uri", string="Redirect URI")
     # Custom cloud: every endpoint can be overridden (sandbox, proxies, unverified clouds).
     authority_host = fields.Char(help="For example https://login.microsoftonline.com")
@@ -94,7 +116,8 @@ class Microsoft365App(models.Model):
     ca_file = fields.Char(
         string="Trusted CA file",
         help="Path on the Odoo server of a PEM file of the CA that signed the sign-in service's "
-        "certificate (custom endpoints only).")
+        "certificate (custom endpoints only).",
+    )
     account_ids = fields.One2many("microsoft365.account", "app_id", string="Mailboxes")
 
     @api.model_create_multi
@@ -139,8 +162,9 @@ class Microsoft365App(models.Model):
             if upload:
                 credential = certificates.load_certificate_credential(base64.b64decode(upload), passphrase)
                 vals.update(
-                    certificate_sealed=self.env["microsoft365.vault"]._encrypt(json.dumps(
-                        {"private_key": credential.private_key, "certificate": credential.certificate})),
+                    certificate_sealed=self.env["microsoft365.vault"]._encrypt(
+                        json.dumps({"private_key": credential.private_key, "certificate": credential.certificate})
+                    ),
                     certificate_thumbprint=credential.thumbprint,
                     certificate_expires_on=credential.expires_at.date(),
                     credential_type=vals.get("credential_type", "certificate"),
@@ -153,8 +177,13 @@ class Microsoft365App(models.Model):
     @api.model
     def _check_ca_file(self, path):
         path = path.strip()
-        readable = len(path) <= 4096 and not any(ord(c) < 32 for c in path) and os.path.isabs(path) \
-            and os.path.isfile(path) and os.access(path, os.R_OK)
+        readable = (
+            len(path) <= 4096
+            and not any(ord(c) < 32 for c in path)
+            and os.path.isabs(path)
+            and os.path.isfile(path)
+            and os.access(path, os.R_OK)
+        )
         if not readable:
             raise ValidationError(self.env._("%s is not a readable file on the Odoo server.", path[:120]))
         return path
@@ -173,8 +202,11 @@ class Microsoft365App(models.Model):
     def _custom_mail_hosts(self):
         """Mail hosts of custom endpoints (a proxy, a private cloud): Microsoft 365 hosts too."""
         apps = self.search([("cloud", "=", "custom")])
-        return {host.strip().lower() for host in apps.mapped("imap_host") + apps.mapped("pop_host")
-                + apps.mapped("smtp_host") if host}
+        return {
+            host.strip().lower()
+            for host in apps.mapped("imap_host") + apps.mapped("pop_host") + apps.mapped("smtp_host")
+            if host
+        }
 
     def _compute_client_secret(self):
         self.client_secret = False  # write-only
@@ -189,9 +221,9 @@ class Microsoft365App(models.Model):
             if not app.client_id or app.tenant in ("organizations", "common", "consumers", False):
                 app.admin_consent_url = False
                 continue
-            app.admin_consent_url = "%s/%s/adminconsent?%s" % (
-                app._cloud().authority_host, app.tenant,
-                urlencode({"client_id": app.client_id, "redirect_uri": app.redirect_uri}))
+            app.admin_consent_url = f"{app._cloud().authority_host}/{app.tenant}/adminconsent?" + urlencode(
+                {"client_id": app.client_id, "redirect_uri": app.redirect_uri}
+            )
 
     def _inverse_client_secret(self):
         for app in self:
@@ -211,10 +243,18 @@ class Microsoft365App(models.Model):
         if self.cloud != "custom":
             return CLOUDS[self.cloud]
         return CLOUDS["global"].with_overrides(
-            key="custom", label="Custom", authority_host=(self.authority_host or "").rstrip("/"),
-            delegated_resource=self.delegated_resource, app_resource=self.app_resource,
-            imap_host=self.imap_host, imap_port=self.imap_port, pop_host=self.pop_host,
-            pop_port=self.pop_port, smtp_host=self.smtp_host, smtp_port=self.smtp_port)
+            key="custom",
+            label="Custom",
+            authority_host=(self.authority_host or "").rstrip("/"),
+            delegated_resource=self.delegated_resource,
+            app_resource=self.app_resource,
+            imap_host=self.imap_host,
+            imap_port=self.imap_port,
+            pop_host=self.pop_host,
+            pop_port=self.pop_port,
+            smtp_host=self.smtp_host,
+            smtp_port=self.smtp_port,
+        )
 
     def _credentials(self):
         self.ensure_one()
@@ -222,8 +262,11 @@ class Microsoft365App(models.Model):
         certificate = None
         if app.credential_type == "certificate" and app.certificate_sealed:
             stored = json.loads(vault._decrypt(app.certificate_sealed))
-            certificate = {"private_key": stored["private_key"], "thumbprint": app.certificate_thumbprint,
-                           "public_certificate": stored["certificate"]}
+            certificate = {
+                "private_key": stored["private_key"],
+                "thumbprint": app.certificate_thumbprint,
+                "public_certificate": stored["certificate"],
+            }
         default_tenant = "consumers" if app.cloud == "consumer" else "organizations"
         return AppCredentials(
             client_id=app.client_id,
@@ -242,10 +285,12 @@ class Microsoft365App(models.Model):
         one is requested under the app's row lock, so 100 mailboxes cost one request per lifetime."""
         self.ensure_one()
         app = self.sudo()
-        if app.app_token_cache_sealed and app.app_token_expires_at and \
-                app.app_token_expires_at.timestamp() - time.time() > 330:
-            memo_key = (self.env.cr.dbname, "app", app.id,
-                        hashlib.sha256(app.app_token_cache_sealed.encode()).digest())
+        if (
+            app.app_token_cache_sealed
+            and app.app_token_expires_at
+            and app.app_token_expires_at.timestamp() - time.time() > 330
+        ):
+            memo_key = (self.env.cr.dbname, "app", app.id, hashlib.sha256(app.app_token_cache_sealed.encode()).digest())
             remembered = _TOKEN_MEMO.get(memo_key)
             if remembered and remembered.expires_at - time.time() > 330:
                 return remembered
@@ -275,8 +320,10 @@ class Microsoft365App(models.Model):
         token = client.app_access_token(self._cloud().app_scopes())
         changed = client.changed_cache_state()
         if changed:
-            cr.execute("UPDATE microsoft365_app SET app_token_cache_sealed = %s, app_token_expires_at = %s WHERE id = %s",
-                       [vault._encrypt(changed), datetime.datetime.utcfromtimestamp(int(token.expires_at)), self.id])
+            cr.execute(
+                "UPDATE microsoft365_app SET app_token_cache_sealed = %s, app_token_expires_at = %s WHERE id = %s",
+                [vault._encrypt(changed), datetime.datetime.utcfromtimestamp(int(token.expires_at)), self.id],
+            )
         return token
 
     def _mail_ca_file(self):

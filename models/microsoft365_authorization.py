@@ -31,14 +31,17 @@ class Microsoft365Authorization(models.Model):
     def _start(self, account):
         client = account.app_id._identity_client()
         flow = client.start_sign_in(
-            account.app_id.redirect_uri, account.app_id._cloud().delegated_scopes(), login_hint=account.email)
-        self.create({
-            "state": flow["state"],
-            "flow_sealed": self.env["microsoft365.vault"]._encrypt(json.dumps(flow)),
-            "account_id": account.id,
-            "user_id": self.env.uid,
-            "expires_at": fields.Datetime.now() + LIFETIME,
-        })
+            account.app_id.redirect_uri, account.app_id._cloud().delegated_scopes(), login_hint=account.email
+        )
+        self.create(
+            {
+                "state": flow["state"],
+                "flow_sealed": self.env["microsoft365.vault"]._encrypt(json.dumps(flow)),
+                "account_id": account.id,
+                "user_id": self.env.uid,
+                "expires_at": fields.Datetime.now() + LIFETIME,
+            }
+        )
         return {"type": "ir.actions.act_url", "url": flow["auth_uri"], "target": "self"}
 
     @api.model
@@ -49,7 +52,9 @@ class Microsoft365Authorization(models.Model):
             return self.browse(), None
         self.env.cr.execute(
             "DELETE FROM microsoft365_authorization WHERE state = %s AND user_id = %s "
-            "RETURNING account_id, expires_at, flow_sealed", [state, user.id])
+            "RETURNING account_id, expires_at, flow_sealed",
+            [state, user.id],
+        )
         row = self.env.cr.fetchone()
         if not row:
             return self.browse(), None

@@ -1,8 +1,10 @@
 """Health of OAuth accounts and app registrations: checked by a daily scheduled action, shown on
 the records, and brought to the responsible people once per problem."""
+
+import contextlib
 from datetime import timedelta
 
-from odoo import _, api, fields, models
+from odoo import api, fields, models
 from odoo.exceptions import UserError
 
 from ..m365.errors import M365Error
@@ -23,37 +25,46 @@ class Microsoft365Account(models.Model):
 
     health = fields.Selection(HEALTH_PROBLEMS, default="ok", required=True, readonly=True, copy=False)
     health_message = fields.Text(readonly=True, copy=False)
-    health_notified = fields.Char(readonly=True, copy=False, groups="base.group_system",
-                                  help="The problem the responsible people were last told about.")
+    health_notified = fields.Char(
+        readonly=True,
+        copy=False,
+        groups="base.group_system",
+        help="The problem the responsible people were last told about.",
+    )
 
     @api.model
     def _cron_health_check(self):
         now = fields.Datetime.now()
-        for account in self.search([]):
-            if account.status == "connected" and (not account.last_refresh
-                                                  or account.last_refresh < now - KEEPALIVE_AFTER):
-                try:
+        for account in self.search([]):  # pylint: disable=no-search-all  # every account, by design
+            if account.status == "connected" and (
+                not account.last_refresh or account.last_refresh < now - KEEPALIVE_AFTER
+            ):
+                with contextlib.suppress(M365Error, UserError):  # recorded on the account, reported below
                     account._access_token(force_refresh=True)
-                except (M365Error, UserError):
-                    pass  # recorded on the account, reported below
                 account.invalidate_recordset()
             account._update_health()
-        self.env["microsoft365.app"].search([])._update_health()
+        self.env["microsoft365.app"].search([])._update_health()  # pylint: disable=no-search-all
 
     def _current_problem(self):
         self.ensure_one()
         if self.status == "reconnect":
-            return "reconnect", self.last_error or _("Authorize the mailbox again.")
+            return "reconnect", self.last_error or self.env._("Authorize the mailbox again.")
         failing = self.sudo().incoming_server_ids.filtered("microsoft365_fetch_error")
         if failing:
             server = failing[0]
-            return "fetch_failing", _("The last fetch of %(server)s failed on %(when)s: %(error)s",
-                                      server=server.name, when=server.microsoft365_fetch_failed_at,
-                                      error=server.microsoft365_fetch_error)
+            return "fetch_failing", self.env._(
+                "The last fetch of %(server)s failed on %(when)s: %(error)s",
+                server=server.name,
+                when=server.microsoft365_fetch_failed_at,
+                error=server.microsoft365_fetch_error,
+            )
         given_up = self.sudo().incoming_server_ids.filtered("microsoft365_failed_summary")
         if given_up:
-            return "fetch_failing", _("%(server)s left messages it could not process on the server:\n%(messages)s",
-                                      server=given_up[0].name, messages=given_up[0].microsoft365_failed_summary)
+            return "fetch_failing", self.env._(
+                "%(server)s left messages it could not process on the server:\n%(messages)s",
+                server=given_up[0].name,
+                messages=given_up[0].microsoft365_failed_summary,
+            )
         if self.app_id._secret_expiring():
             return "secret_expiring", self.app_id._secret_expiry_message()
         return "ok", False
@@ -74,14 +85,22 @@ class Microsoft365Account(models.Model):
     def _responsible_users(self):
         if self.owner_user_id:
             return self.owner_user_id
-        return self.env.ref("base.group_system").sudo().users.filtered(
-            lambda user: user.active and not user.share and user.id != self.env.ref("base.user_root").id)
+        return (
+            self.env.ref("base.group_system")
+            .sudo()
+            .users.filtered(
+                lambda user: user.active and not user.share and user.id != self.env.ref("base.user_root").id
+            )
+        )
 
     def _notify_responsible(self, message):
         for user in self._responsible_users():
-            self.activity_schedule("mail.mail_activity_data_todo", user_id=user.id,
-                                   summary=_("Microsoft 365 mailbox %s needs attention", self.email),
-                                   note=message)
+            self.activity_schedule(
+                "mail.mail_activity_data_todo",
+                user_id=user.id,
+                summary=self.env._("Microsoft 365 mailbox %s needs attention", self.email),
+                note=message,
+            )
 
 
 class Microsoft365App(models.Model):
@@ -104,24 +123,48 @@ class Microsoft365App(models.Model):
         expires_on = self._credential_expires_on()
         if self.credential_type == "certificate":
             if expires_on < fields.Date.today():
-                return _("The certificate of %(app)s expired on %(date)s: create a new one, upload it to Entra ID > "
-                         "Certificates & secrets and here.", app=self.name, date=expires_on)
-            return _("The certificate of %(app)s expires on %(date)s: create a new one, upload it to Entra ID > "
-                     "Certificates & secrets and here before then.", app=self.name, date=expires_on)
+                return self.env._(
+                    "The certificate of %(app)s expired on %(date)s: create a new one, upload it to Entra ID > "
+                    "Certificates & secrets and here.",
+                    app=self.name,
+                    date=expires_on,
+                )
+            return self.env._(
+                "The certificate of %(app)s expires on %(date)s: create a new one, upload it to Entra ID > "
+                "Certificates & secrets and here before then.",
+                app=self.name,
+                date=expires_on,
+            )
         if expires_on < fields.Date.today():
-            return _("The client secret of %(app)s expired on %(date)s: create a new one in Entra ID > Certificates "
-                     "& secrets and enter it here.", app=self.name, date=expires_on)
-        return _("The client secret of %(app)s expires on %(date)s: create a new one in Entra ID > Certificates "
-                 "& secrets and enter it here before then.", app=self.name, date=expires_on)
+            return self.env._(
+                "The client secret of %(app)s expired on %(date)s: create a new one in Entra ID > Certificates "
+                "& secrets and enter it here.",
+                app=self.name,
+                date=expires_on,
+            )
+        return self.env._(
+            "The client secret of %(app)s expires on %(date)s: create a new one in Entra ID > Certificates "
+            "& secrets and enter it here before then.",
+            app=self.name,
+            date=expires_on,
+        )
 
     def _update_health(self):
-        admins = self.env.ref("base.group_system").sudo().users.filtered(
-            lambda user: user.active and not user.share and user.id != self.env.ref("base.user_root").id)
+        admins = (
+            self.env.ref("base.group_system")
+            .sudo()
+            .users.filtered(
+                lambda user: user.active and not user.share and user.id != self.env.ref("base.user_root").id
+            )
+        )
         for app in self.sudo():
             if not app._secret_expiring() or app.secret_expiry_notified == app._credential_expires_on():
                 continue
             for user in admins:
-                app.activity_schedule("mail.mail_activity_data_todo", user_id=user.id,
-                                      summary=_("Client secret of %s expires soon", app.name),
-                                      note=app._secret_expiry_message())
+                app.activity_schedule(
+                    "mail.mail_activity_data_todo",
+                    user_id=user.id,
+                    summary=self.env._("Client secret of %s expires soon", app.name),
+                    note=app._secret_expiry_message(),
+                )
             app.secret_expiry_notified = app._credential_expires_on()

@@ -1,4 +1,4 @@
-from odoo import _, api, fields, models
+from odoo import api, fields, models
 from odoo.exceptions import UserError, ValidationError
 
 from ..m365.clouds import MICROSOFT_MAIL_HOSTS
@@ -15,16 +15,23 @@ class Microsoft365ServerMixin(models.AbstractModel):
     _description = "Mail server connected through Microsoft 365"
 
     microsoft365_account_id = fields.Many2one(
-        "microsoft365.account", string="OAuth account", ondelete="restrict",
+        "microsoft365.account",
+        string="OAuth account",
+        ondelete="restrict",
         help="The Microsoft 365 mailbox this server signs in as. Left empty, it is found or created "
-        "from the server's username with the default app registration (General Settings).")
+        "from the server's username with the default app registration (General Settings).",
+    )
     microsoft365_status = fields.Selection(related="microsoft365_account_id.status", string="OAuth status")
     microsoft365_switchable = fields.Boolean(
         compute="_compute_microsoft365_switchable",
-        help="Signs in to a Microsoft 365 host with a password: can switch to OAuth.")
+        help="Signs in to a Microsoft 365 host with a password: can switch to OAuth.",
+    )
     microsoft365_password_pending = fields.Boolean(
-        copy=False, readonly=True, string="Old password kept",
-        help="Switched to OAuth: the old password is kept until the first successful connection test.")
+        copy=False,
+        readonly=True,
+        string="Old password kept",
+        help="Switched to OAuth: the old password is kept until the first successful connection test.",
+    )
 
     # Hooks for the concrete servers ----------------------------------------------------------
 
@@ -52,8 +59,9 @@ class Microsoft365ServerMixin(models.AbstractModel):
     def _compute_microsoft365_switchable(self):
         hosts = MICROSOFT_MAIL_HOSTS | self.env["microsoft365.app"].sudo()._custom_mail_hosts()
         for server in self:
-            server.microsoft365_switchable = not server._microsoft365_in_use() and \
-                (server._microsoft365_host() or "").strip().lower() in hosts
+            server.microsoft365_switchable = (
+                not server._microsoft365_in_use() and (server._microsoft365_host() or "").strip().lower() in hosts
+            )
 
     def action_microsoft365_switch(self):
         """Switch password servers on Microsoft 365 hosts to OAuth, keeping each server (id, filters,
@@ -61,30 +69,48 @@ class Microsoft365ServerMixin(models.AbstractModel):
         report = []
         for server in self:
             if server._microsoft365_in_use():
-                report.append(_("%s: already uses OAuth.", server.display_name))
+                report.append(self.env._("%s: already uses OAuth.", server.display_name))
                 continue
             if not server.microsoft365_switchable:
-                report.append(_("%s: not a Microsoft 365 server, left unchanged.", server.display_name))
+                report.append(self.env._("%s: not a Microsoft 365 server, left unchanged.", server.display_name))
                 continue
             mailbox = server._microsoft365_mailbox()
             if not mailbox:
-                report.append(_("%s: no mailbox address (username), left unchanged.", server.display_name))
+                report.append(self.env._("%s: no mailbox address (username), left unchanged.", server.display_name))
                 continue
             try:
                 account = self.env["microsoft365.account"]._find_or_create(mailbox)
             except ValidationError as exc:
-                report.append(_("%(server)s: %(reason)s", server=server.display_name, reason=exc.args[0]))
+                report.append(self.env._("%(server)s: %(reason)s", server=server.display_name, reason=exc.args[0]))
                 continue
-            server.write(dict(server._microsoft365_switch_values(), microsoft365_account_id=account.id,
-                              microsoft365_password_pending=True))
-            report.append(_("%(server)s: switched to OAuth with %(mailbox)s (%(status)s).",
-                            server=server.display_name, mailbox=account.email,
-                            status=dict(account._fields["status"]._description_selection(self.env))[account.status]))
+            server.write(
+                dict(
+                    server._microsoft365_switch_values(),
+                    microsoft365_account_id=account.id,
+                    microsoft365_password_pending=True,
+                )
+            )
+            report.append(
+                self.env._(
+                    "%(server)s: switched to OAuth with %(mailbox)s (%(status)s).",
+                    server=server.display_name,
+                    mailbox=account.email,
+                    status=dict(account._fields["status"]._description_selection(self.env))[account.status],
+                )
+            )
         if len(self) == 1 and self._microsoft365_in_use() and self.microsoft365_status != "connected":
             return self.microsoft365_account_id.action_authorize()
-        return {"type": "ir.actions.client", "tag": "display_notification", "params": {
-            "title": _("Switch to OAuth"), "message": "\n".join(report), "sticky": True, "type": "info",
-            "next": {"type": "ir.actions.client", "tag": "soft_reload"}}}
+        return {
+            "type": "ir.actions.client",
+            "tag": "display_notification",
+            "params": {
+                "title": self.env._("Switch to OAuth"),
+                "message": "\n".join(report),
+                "sticky": True,
+                "type": "info",
+                "next": {"type": "ir.actions.client", "tag": "soft_reload"},
+            },
+        }
 
     def _microsoft365_after_successful_test(self):
         """The first successful OAuth test proves the switch: the old password can go."""
@@ -100,14 +126,17 @@ class Microsoft365ServerMixin(models.AbstractModel):
         for server in self.filtered(lambda s: s._microsoft365_in_use() and not s.microsoft365_account_id):
             mailbox = server._microsoft365_mailbox()
             if not mailbox:
-                raise ValidationError(_("Enter the mailbox address of server %s to connect it with "
-                                        "Microsoft 365.", server.display_name))
+                raise ValidationError(
+                    self.env._(
+                        "Enter the mailbox address of server %s to connect it with Microsoft 365.", server.display_name
+                    )
+                )
             server.microsoft365_account_id = self.env["microsoft365.account"]._find_or_create(mailbox)
 
     def _microsoft365_account(self):
         self.ensure_one()
         if not self.microsoft365_account_id:
-            raise UserError(_("Choose the OAuth account of server %s.", self.display_name))
+            raise UserError(self.env._("Choose the OAuth account of server %s.", self.display_name))
         return self.microsoft365_account_id
 
     def _microsoft365_token(self):

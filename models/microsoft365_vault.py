@@ -1,6 +1,7 @@
 import os
 
 from odoo import api, models, tools
+from odoo.tools import SQL
 
 from ..m365.vault import Vault, load_or_create_key_file, parse_keys
 
@@ -26,8 +27,11 @@ class Microsoft365Vault(models.AbstractModel):
     @api.model
     def _vault(self):
         configured = tools.config.get(KEY_OPTION)
-        keys = parse_keys(configured) if configured else load_or_create_key_file(
-            os.path.join(tools.config["data_dir"], "microsoft365_oauth.key"))
+        keys = (
+            parse_keys(configured)
+            if configured
+            else load_or_create_key_file(os.path.join(tools.config["data_dir"], "microsoft365_oauth.key"))
+        )
         return Vault(keys)
 
     @api.model
@@ -45,9 +49,23 @@ class Microsoft365Vault(models.AbstractModel):
         vault = self._vault()
         rotated = 0
         for table, column in SEALED_COLUMNS:
-            self.env.cr.execute(f"SELECT id, {column} FROM {table} WHERE {column} IS NOT NULL FOR UPDATE")
+            self.env.cr.execute(
+                SQL(
+                    "SELECT id, %(column)s FROM %(table)s WHERE %(column)s IS NOT NULL FOR UPDATE",
+                    column=SQL.identifier(column),
+                    table=SQL.identifier(table),
+                )
+            )
             for row_id, sealed in self.env.cr.fetchall():
-                self.env.cr.execute(f"UPDATE {table} SET {column} = %s WHERE id = %s", [vault.rotate(sealed), row_id])
+                self.env.cr.execute(
+                    SQL(
+                        "UPDATE %(table)s SET %(column)s = %(value)s WHERE id = %(id)s",
+                        table=SQL.identifier(table),
+                        column=SQL.identifier(column),
+                        value=vault.rotate(sealed),
+                        id=row_id,
+                    )
+                )
                 rotated += 1
         self.env.invalidate_all()
         return rotated

@@ -7,11 +7,14 @@ class ResConfigSettings(models.TransientModel):
     _inherit = "res.config.settings"
 
     microsoft365_default_app_id = fields.Many2one(
-        "microsoft365.app", string="Default app registration", config_parameter=DEFAULT_APP_PARAMETER,
-        help="Used when a mail server is connected with Microsoft 365 without choosing an OAuth account.")
+        "microsoft365.app",
+        string="Default app registration",
+        config_parameter=DEFAULT_APP_PARAMETER,
+        help="Used when a mail server is connected with Microsoft 365 without choosing an OAuth account.",
+    )
     microsoft365_outlook_servers = fields.Integer(
-        compute="_compute_microsoft365_outlook_servers",
-        help="Mail servers still using Odoo's own Outlook module.")
+        compute="_compute_microsoft365_outlook_servers", help="Mail servers still using Odoo's own Outlook module."
+    )
 
     @api.depends("company_id")
     def _compute_microsoft365_outlook_servers(self):

@@ -1,4 +1,5 @@
 """python -m sandbox start|stop|status|serve --state DIR [--ports fixed|auto]"""
+
 import argparse
 import json
 import os
@@ -29,8 +30,11 @@ def serve(state, ports):
 
     service = SandboxService(state, ports=ports).start()
     description = service.description()
-    print(f"sandbox: identity {description['identity_url']}  IMAPS {service.ports['imaps']}  "
-          f"POP3S {service.ports['pop3s']}  SMTP {service.ports['smtp']}  state {service.state_dir}", flush=True)
+    print(
+        f"sandbox: identity {description['identity_url']}  IMAPS {service.ports['imaps']}  "
+        f"POP3S {service.ports['pop3s']}  SMTP {service.ports['smtp']}  state {service.state_dir}",
+        flush=True,
+    )
     stopped = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stopped.set())
@@ -45,15 +49,21 @@ def start(state, ports):
         return 0
     Path(state).mkdir(parents=True, exist_ok=True)
     log = open(Path(state) / "sandbox.log", "ab")
-    process = subprocess.Popen([sys.executable, "-m", "sandbox", "serve", "--state", state, "--ports", ports],
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                               cwd=Path(__file__).resolve().parent.parent)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sandbox", "serve", "--state", state, "--ports", ports],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         running = _description(state)
         if running and running["pid"] == process.pid:
-            print(f"sandbox: started (pid {process.pid}) in {running.get('startup_seconds', 0):.1f} s: "
-                  f"{running['identity_url']}, state in {Path(state).resolve()}")
+            print(
+                f"sandbox: started (pid {process.pid}) in {running.get('startup_seconds', 0):.1f} s: "
+                f"{running['identity_url']}, state in {Path(state).resolve()}"
+            )
             return 0
         if process.poll() is not None:
             break

@@ -1,5 +1,6 @@
 """What tests (core and Odoo tier) use to drive the sandbox: start it, read its seed, pull its levers,
 and sign in on its page the way a person would."""
+
 import atexit
 import html.parser
 import json
@@ -98,9 +99,12 @@ class Sandbox:
             "authority_host": self.identity_url,
             "delegated_resource": self.description["mail_resource"],
             "app_resource": self.description["app_resource"],
-            "imap_host": host, "imap_port": ports["imaps"],
-            "pop_host": host, "pop_port": ports["pop3s"],
-            "smtp_host": host, "smtp_port": ports["smtp"],
+            "imap_host": host,
+            "imap_port": ports["imaps"],
+            "pop_host": host,
+            "pop_port": ports["pop3s"],
+            "smtp_host": host,
+            "smtp_port": ports["smtp"],
             "ca_file": self.ca_file,
         }
 
@@ -122,8 +126,7 @@ class Sandbox:
 
     # a person at the sign-in page -------------------------------------------------------------
 
-    def sign_in(self, authorize_url, account, accept=True, consent=True, consent_for_organization=False,
-                browser=None):
+    def sign_in(self, authorize_url, account, accept=True, consent=True, consent_for_organization=False, browser=None):
         """Open the authorize URL, pick `account`, press Accept (or Cancel), and return the parameters
         the redirect URI receives (code/state or error/...), without calling the redirect URI."""
         browser = browser or self.http
@@ -138,8 +141,12 @@ class Sandbox:
                 fields.pop("consent", None)
             if consent_for_organization:
                 fields["consent_org"] = "yes"
-            response = browser.post(urljoin(authorize_url, form.action or urlsplit(authorize_url).path),
-                                    data=fields, allow_redirects=False, timeout=10)
+            response = browser.post(
+                urljoin(authorize_url, form.action or urlsplit(authorize_url).path),
+                data=fields,
+                allow_redirects=False,
+                timeout=10,
+            )
         return _callback_parameters(response)
 
 

@@ -4,6 +4,7 @@ the tokens it issued. One JSON file in the state folder; every method is thread-
 Ids are stable (uuid5 of the names) so a configured Odoo survives a sandbox restart; secrets are
 random per state folder and published in sandbox.json.
 """
+
 import copy
 import hashlib
 import json
@@ -43,8 +44,16 @@ def default_seed():
     expired_key_pem, expired_cert_pem = ca.make_client_certificate("Odoo Mail (expired)", days=-1, not_before_days=400)
 
     def user(upn, tenant, name, admin=False):
-        return {"upn": upn, "tenant": tenant, "oid": stable_id("user", upn), "name": name, "admin": admin,
-                "password": f"Sandbox-{upn.split('@')[0]}-1!", "require_mfa": False, "sessions_valid_after": 0}
+        return {
+            "upn": upn,
+            "tenant": tenant,
+            "oid": stable_id("user", upn),
+            "name": name,
+            "admin": admin,
+            "password": f"Sandbox-{upn.split('@')[0]}-1!",
+            "require_mfa": False,
+            "sessions_valid_after": 0,
+        }
 
     users = [
         user("admin@contoso.com", contoso, "Contoso Admin", admin=True),
@@ -52,43 +61,88 @@ def default_seed():
         user("bob@contoso.com", contoso, "Bob Berg"),
         user("carol@fabrikam.onmicrosoft.com", fabrikam, "Carol Cruz", admin=True),
     ]
-    mailboxes = [{"address": u["upn"], "tenant": u["tenant"], "kind": "user", "smtp_auth": True}
-                 for u in users if u["tenant"] == contoso]
+    mailboxes = [
+        {"address": u["upn"], "tenant": u["tenant"], "kind": "user", "smtp_auth": True}
+        for u in users
+        if u["tenant"] == contoso
+    ]
     mailboxes += [
         {"address": "info@contoso.com", "tenant": contoso, "kind": "shared", "smtp_auth": True},
         {"address": "sales@contoso.com", "tenant": contoso, "kind": "shared", "smtp_auth": True},
     ]
     apps = [
         {
-            "client_id": odoo_app, "name": "Odoo Mail (sandbox)", "home_tenant": contoso, "multi_tenant": False,
+            "client_id": odoo_app,
+            "name": "Odoo Mail (sandbox)",
+            "home_tenant": contoso,
+            "multi_tenant": False,
             "redirect_uris": list(ODOO_REDIRECT_URIS),
             "secrets": [
-                {"id": stable_id("secret", odoo_app, "current"), "value": _secret(), "expires": now + 365 * DAY,
-                 "name": "current"},
-                {"id": stable_id("secret", odoo_app, "expired"), "value": _secret(), "expires": now - DAY,
-                 "name": "expired"},
+                {
+                    "id": stable_id("secret", odoo_app, "current"),
+                    "value": _secret(),
+                    "expires": now + 365 * DAY,
+                    "name": "current",
+                },
+                {
+                    "id": stable_id("secret", odoo_app, "expired"),
+                    "value": _secret(),
+                    "expires": now - DAY,
+                    "name": "expired",
+                },
             ],
             "certificates": [
-                {"thumbprint": ca.thumbprint(cert_pem), "certificate": cert_pem, "private_key": key_pem,
-                 "name": "current"},
-                {"thumbprint": ca.thumbprint(expired_cert_pem), "certificate": expired_cert_pem,
-                 "private_key": expired_key_pem, "name": "expired"},
+                {
+                    "thumbprint": ca.thumbprint(cert_pem),
+                    "certificate": cert_pem,
+                    "private_key": key_pem,
+                    "name": "current",
+                },
+                {
+                    "thumbprint": ca.thumbprint(expired_cert_pem),
+                    "certificate": expired_cert_pem,
+                    "private_key": expired_key_pem,
+                    "name": "expired",
+                },
             ],
-            "delegated": DELEGATED_PERMISSIONS, "application": APPLICATION_PERMISSIONS,
+            "delegated": DELEGATED_PERMISSIONS,
+            "application": APPLICATION_PERMISSIONS,
         },
         {
-            "client_id": stable_id("app", "partner"), "name": "Partner Mail (multi-tenant)", "home_tenant": contoso,
-            "multi_tenant": True, "redirect_uris": list(ODOO_REDIRECT_URIS),
-            "secrets": [{"id": stable_id("secret", "partner"), "value": _secret(), "expires": now + 365 * DAY,
-                         "name": "current"}],
-            "certificates": [], "delegated": DELEGATED_PERMISSIONS, "application": APPLICATION_PERMISSIONS,
+            "client_id": stable_id("app", "partner"),
+            "name": "Partner Mail (multi-tenant)",
+            "home_tenant": contoso,
+            "multi_tenant": True,
+            "redirect_uris": list(ODOO_REDIRECT_URIS),
+            "secrets": [
+                {
+                    "id": stable_id("secret", "partner"),
+                    "value": _secret(),
+                    "expires": now + 365 * DAY,
+                    "name": "current",
+                }
+            ],
+            "certificates": [],
+            "delegated": DELEGATED_PERMISSIONS,
+            "application": APPLICATION_PERMISSIONS,
         },
         {
-            "client_id": stable_id("app", "unconsented"), "name": "Unconsented app", "home_tenant": contoso,
-            "multi_tenant": False, "redirect_uris": list(ODOO_REDIRECT_URIS),
-            "secrets": [{"id": stable_id("secret", "unconsented"), "value": _secret(), "expires": now + 365 * DAY,
-                         "name": "current"}],
-            "certificates": [], "delegated": DELEGATED_PERMISSIONS, "application": APPLICATION_PERMISSIONS,
+            "client_id": stable_id("app", "unconsented"),
+            "name": "Unconsented app",
+            "home_tenant": contoso,
+            "multi_tenant": False,
+            "redirect_uris": list(ODOO_REDIRECT_URIS),
+            "secrets": [
+                {
+                    "id": stable_id("secret", "unconsented"),
+                    "value": _secret(),
+                    "expires": now + 365 * DAY,
+                    "name": "current",
+                }
+            ],
+            "certificates": [],
+            "delegated": DELEGATED_PERMISSIONS,
+            "application": APPLICATION_PERMISSIONS,
         },
     ]
     consents = [  # tenant-wide admin consent per app and tenant
@@ -106,14 +160,21 @@ def default_seed():
     ]
     return {
         "tenants": [
-            {"id": contoso, "name": "Contoso", "domains": ["contoso.onmicrosoft.com", "contoso.com"],
-             "exchange": True},
+            {"id": contoso, "name": "Contoso", "domains": ["contoso.onmicrosoft.com", "contoso.com"], "exchange": True},
             {"id": fabrikam, "name": "Fabrikam", "domains": ["fabrikam.onmicrosoft.com"], "exchange": False},
         ],
-        "users": users, "mailboxes": mailboxes, "apps": apps, "consents": consents,
-        "service_principals": service_principals, "grants": grants,
-        "settings": {"access_token_lifetime": 3600, "refresh_token_lifetime": 90 * DAY,
-                     "basic_auth_allowed": False, "single_use_refresh_tokens": True},
+        "users": users,
+        "mailboxes": mailboxes,
+        "apps": apps,
+        "consents": consents,
+        "service_principals": service_principals,
+        "grants": grants,
+        "settings": {
+            "access_token_lifetime": 3600,
+            "refresh_token_lifetime": 90 * DAY,
+            "basic_auth_allowed": False,
+            "single_use_refresh_tokens": True,
+        },
     }
 
 
@@ -196,16 +257,20 @@ class Directory:
         return next((m for m in self.data["mailboxes"] if m["address"] == (address or "").lower()), None)
 
     def consent(self, client_id, tenant_id):
-        return next((c for c in self.data["consents"]
-                     if c["client_id"] == client_id and c["tenant"] == tenant_id), None)
+        return next(
+            (c for c in self.data["consents"] if c["client_id"] == client_id and c["tenant"] == tenant_id), None
+        )
 
     def service_principal_registered(self, client_id, tenant_id):
-        return any(sp["client_id"] == client_id and sp["tenant"] == tenant_id
-                   for sp in self.data["service_principals"])
+        return any(sp["client_id"] == client_id and sp["tenant"] == tenant_id for sp in self.data["service_principals"])
 
     def _granted(self, right, identity, mailbox):
-        return any(g["right"] == right and g["identity"] == (identity or "").lower()
-                   and g["mailbox"] == (mailbox or "").lower() for g in self.data["grants"])
+        return any(
+            g["right"] == right
+            and g["identity"] == (identity or "").lower()
+            and g["mailbox"] == (mailbox or "").lower()
+            for g in self.data["grants"]
+        )
 
     def has_full_access(self, identity, mailbox):
         return self._granted("full_access", identity, mailbox)
@@ -223,7 +288,9 @@ class Directory:
         token = "0.A" + secrets.token_urlsafe(96)
         with self.lock:
             self.data["refresh_tokens"][self._digest(token)] = {
-                **grant, "issued": time.time(), "expires": time.time() + self.settings["refresh_token_lifetime"],
+                **grant,
+                "issued": time.time(),
+                "expires": time.time() + self.settings["refresh_token_lifetime"],
                 "used": False,
             }
             self.save()
@@ -300,8 +367,9 @@ class Directory:
         with self.lock:
             return {
                 "tenants": self.data["tenants"],
-                "users": [{k: u[k] for k in ("upn", "tenant", "oid", "name", "admin", "password")}
-                          for u in self.data["users"]],
+                "users": [
+                    {k: u[k] for k in ("upn", "tenant", "oid", "name", "admin", "password")} for u in self.data["users"]
+                ],
                 "mailboxes": self.data["mailboxes"],
                 "apps": self.data["apps"],
             }

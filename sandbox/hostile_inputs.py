@@ -1,5 +1,6 @@
 """Hostile values the tests throw at every parser, field and the OAuth callback, and the tally the
 test command prints ("hostile inputs tried: ...")."""
+
 import json
 import os
 
@@ -11,7 +12,7 @@ HOSTILE_TEXT = [
     "alice@contoso.com\nX-Injected: 1",
     "\x00\x01\x02",
     "'; DROP TABLE microsoft365_account; --",
-    "\" OR 1=1 --",
+    '" OR 1=1 --',
     "<script>alert(document.cookie)</script>",
     "<img src=x onerror=alert(1)>",
     "{{7*7}}${7*7}%(x)s%s",

@@ -4,6 +4,7 @@ introspection, and a control interface for tests (/_sandbox/...).
 Answers are shaped like Microsoft's, errors included (AADSTS codes, trace and correlation ids,
 HTTP statuses), so that MSAL and the addon meet exactly what they meet in production.
 """
+
 import base64
 import datetime
 import email.message
@@ -25,8 +26,6 @@ import jwt
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
-from . import mailauth
-
 _logger = logging.getLogger(__name__)
 
 EXCHANGE_RESOURCES = ("https://outlook.office.com", "https://outlook.office365.com")
@@ -38,64 +37,63 @@ SESSION_COOKIE = "ESTSAUTH"
 
 MESSAGES = {
     50011: "The redirect URI '{redirect_uri}' specified in the request does not match the redirect URIs "
-           "configured for the application '{client_id}'. Make sure the redirect URI sent in the request "
-           "matches one added to your application in the Azure portal.",
+    "configured for the application '{client_id}'. Make sure the redirect URI sent in the request "
+    "matches one added to your application in the Azure portal.",
     50058: "A silent sign-in request was sent but no user is signed in.",
     50076: "Due to a configuration change made by your administrator, or because you moved to a new "
-           "location, you must use multi-factor authentication to access '{resource}'.",
+    "location, you must use multi-factor authentication to access '{resource}'.",
     50173: "The provided grant has expired due to it being revoked, a fresh auth token is needed. The user "
-           "might have changed or reset their password. The grant was issued on '{issued}' and the "
-           "TokensValidFrom date (before which tokens are not valid) for this user is '{valid_from}'.",
+    "might have changed or reset their password. The grant was issued on '{issued}' and the "
+    "TokensValidFrom date (before which tokens are not valid) for this user is '{valid_from}'.",
     50194: "Application '{client_id}'({app_name}) is not configured as a multi-tenant application. Usage of "
-           "the /{tenant} endpoint is not supported for such applications created after '10/15/2018'. Use a "
-           "tenant-specific endpoint or configure the application to be multi-tenant.",
+    "the /{tenant} endpoint is not supported for such applications created after '10/15/2018'. Use a "
+    "tenant-specific endpoint or configure the application to be multi-tenant.",
     50079: "Due to a configuration change made by your administrator, or because you moved to a new "
-           "location, you must enroll in multi-factor authentication to access '{resource}'.",
-    53003: "Access has been blocked by Conditional Access policies. The access policy does not allow token "
-           "issuance.",
+    "location, you must enroll in multi-factor authentication to access '{resource}'.",
+    53003: "Access has been blocked by Conditional Access policies. The access policy does not allow token issuance.",
     54005: "OAuth2 Authorization code was already redeemed, please retry with a new valid code or use an "
-           "existing refresh token.",
+    "existing refresh token.",
     65001: "The user or administrator has not consented to use the application with ID '{client_id}' named "
-           "'{app_name}'. Send an interactive authorization request for this user and resource.",
+    "'{app_name}'. Send an interactive authorization request for this user and resource.",
     65004: "User declined to consent to access the app.",
     70000: "The request was denied because one or more scopes requested are unauthorized or expired. The "
-           "user must first sign in and grant the client application access to the requested scope.",
+    "user must first sign in and grant the client application access to the requested scope.",
     70008: "The provided authorization code or refresh token has expired due to inactivity. Send a new "
-           "interactive authorization request for this user and resource.",
+    "interactive authorization request for this user and resource.",
     70011: "The provided request must include a 'scope' input parameter. The provided value for the input "
-           "parameter 'scope' is not valid. The scope {scope} is not valid.",
+    "parameter 'scope' is not valid. The scope {scope} is not valid.",
     90002: "Tenant '{tenant}' not found. Check to make sure you have the correct tenant ID and are signing "
-           "into the correct cloud. Check with your subscription administrator, this may happen if there "
-           "are no active subscriptions for the tenant.",
+    "into the correct cloud. Check with your subscription administrator, this may happen if there "
+    "are no active subscriptions for the tenant.",
     90033: "A transient error has occurred. Please try again.",
     90055: "TenantThrottlingError - There are too many incoming requests. Please retry later.",
     500011: "The resource principal named {resource} was not found in the tenant named {tenant_name}. This "
-            "can happen if the application has not been installed by the administrator of the tenant or "
-            "consented to by any user in the tenant. You might have sent your authentication request to "
-            "the wrong tenant.",
+    "can happen if the application has not been installed by the administrator of the tenant or "
+    "consented to by any user in the tenant. You might have sent your authentication request to "
+    "the wrong tenant.",
     500112: "The reply address '{redirect_uri}' does not match the reply address '{code_redirect_uri}' "
-            "provided when requesting Authorization code.",
+    "provided when requesting Authorization code.",
     501481: "The Code_Verifier does not match the code_challenge supplied in the authorization request.",
     700082: "The refresh token has expired due to inactivity. The token was issued on {issued} and was "
-            "inactive for 90.00:00:00.",
+    "inactive for 90.00:00:00.",
     700016: "Application with identifier '{client_id}' was not found in the directory '{tenant_name}'. This "
-            "can happen if the application has not been installed by the administrator of the tenant or "
-            "consented to by any user in the tenant. You may have sent your authentication request to the "
-            "wrong tenant.",
+    "can happen if the application has not been installed by the administrator of the tenant or "
+    "consented to by any user in the tenant. You may have sent your authentication request to the "
+    "wrong tenant.",
     700024: "Client assertion is not within its valid time range.",
     700027: "The certificate with identifier used to sign the client assertion is not registered on "
-            "application. [Reason - The key was not found., Thumbprint of key used by client: "
-            "'{thumbprint}']",
+    "application. [Reason - The key was not found., Thumbprint of key used by client: "
+    "'{thumbprint}']",
     7000215: "Invalid client secret provided. Ensure the secret being sent in the request is the client "
-             "secret value, not the client secret ID, for a secret added to app '{client_id}'.",
+    "secret value, not the client secret ID, for a secret added to app '{client_id}'.",
     7000218: "The request body must contain the following parameter: 'client_assertion' or 'client_secret'.",
     7000222: "The provided client secret keys for app '{client_id}' are expired. Visit the Azure portal to "
-             "create new keys for your app: https://aka.ms/NewClientSecret, or consider using certificate "
-             "credentials for added security: https://aka.ms/certCreds.",
+    "create new keys for your app: https://aka.ms/NewClientSecret, or consider using certificate "
+    "credentials for added security: https://aka.ms/certCreds.",
     900023: "Specified tenant identifier '{tenant}' is neither a valid DNS name, nor a valid external domain.",
     900144: "The request body must contain the following parameter: '{parameter}'.",
     1002012: "The provided value for scope {scope} is not valid. Client credential flows must have a scope "
-             "value with /.default suffixed to the resource identifier (application ID URI).",
+    "value with /.default suffixed to the resource identifier (application ID URI).",
 }
 
 
@@ -114,7 +112,7 @@ class OAuthError(Exception):
         return {
             "error": self.error,
             "error_description": f"{self.description_text} Trace ID: {trace_id} Correlation ID: "
-                                 f"{correlation_id} Timestamp: {now}",
+            f"{correlation_id} Timestamp: {now}",
             "error_codes": [self.code],
             "timestamp": now,
             "trace_id": trace_id,
@@ -213,8 +211,20 @@ class IdentityServer:
             "http_logout_supported": True,
             "frontchannel_logout_supported": True,
             "end_session_endpoint": f"{base}/oauth2/v2.0/logout",
-            "claims_supported": ["sub", "iss", "aud", "exp", "iat", "nonce", "preferred_username", "name", "tid",
-                                 "ver", "email", "oid"],
+            "claims_supported": [
+                "sub",
+                "iss",
+                "aud",
+                "exp",
+                "iat",
+                "nonce",
+                "preferred_username",
+                "name",
+                "tid",
+                "ver",
+                "email",
+                "oid",
+            ],
             "kerberos_endpoint": f"{base}/kerberos",
             "tenant_region_scope": "EU",
             "cloud_instance_name": "microsoftonline.com",
@@ -229,8 +239,7 @@ class IdentityServer:
         if app is None:
             raise OAuthError("unauthorized_client", 700016, client_id=client_id, tenant_name=tenant_name)
         if tenant is None and not app["multi_tenant"]:
-            raise OAuthError("invalid_request", 50194, client_id=app["client_id"], app_name=app["name"],
-                             tenant=alias)
+            raise OAuthError("invalid_request", 50194, client_id=app["client_id"], app_name=app["name"], tenant=alias)
         if tenant is not None and not app["multi_tenant"] and tenant["id"] != app["home_tenant"]:
             raise OAuthError("unauthorized_client", 700016, client_id=client_id, tenant_name=tenant_name)
         return app
@@ -253,8 +262,9 @@ class IdentityServer:
         wanted = None
         for registered in app["certificates"]:
             cert = x509.load_pem_x509_certificate(registered["certificate"].encode())
-            if _thumbprint_bytes(header.get("x5t#S256")) == cert.fingerprint(hashes.SHA256()) \
-                    or _thumbprint_bytes(header.get("x5t")) == cert.fingerprint(hashes.SHA1()):
+            if _thumbprint_bytes(header.get("x5t#S256")) == cert.fingerprint(hashes.SHA256()) or _thumbprint_bytes(
+                header.get("x5t")
+            ) == cert.fingerprint(hashes.SHA1()):
                 wanted = cert
                 break
         if wanted is None:
@@ -264,9 +274,13 @@ class IdentityServer:
         if not (wanted.not_valid_before <= now <= wanted.not_valid_after):
             raise OAuthError("invalid_client", 700027, status=401, thumbprint=header.get("x5t", ""))
         try:
-            claims = jwt.decode(assertion, wanted.public_key(), algorithms=["RS256", "PS256"],
-                                audience=[token_endpoint, token_endpoint.replace("/v2.0/token", "/token")],
-                                options={"require": ["exp", "aud", "iss", "sub"]})
+            claims = jwt.decode(
+                assertion,
+                wanted.public_key(),
+                algorithms=["RS256", "PS256"],
+                audience=[token_endpoint, token_endpoint.replace("/v2.0/token", "/token")],
+                options={"require": ["exp", "aud", "iss", "sub"]},
+            )
         except jwt.ExpiredSignatureError:
             raise OAuthError("invalid_client", 700024, status=401) from None
         except jwt.InvalidTokenError:
@@ -276,8 +290,13 @@ class IdentityServer:
         return "2"
 
     def delegated_consent(self, app, tenant_id, upn):
-        return any(c["client_id"] == app["client_id"] and c["tenant"] == tenant_id and c.get("delegated")
-                   and c.get("upn", upn) == upn for c in self.directory.data["consents"])
+        return any(
+            c["client_id"] == app["client_id"]
+            and c["tenant"] == tenant_id
+            and c.get("delegated")
+            and c.get("upn", upn) == upn
+            for c in self.directory.data["consents"]
+        )
 
     # tokens --------------------------------------------------------------------------------
 
@@ -289,16 +308,31 @@ class IdentityServer:
         scp = " ".join(grant["permissions"])
         access_claims = {
             "aud": "https://outlook.office.com" if grant["resource"] in EXCHANGE_RESOURCES else grant["resource"],
-            "iss": f"https://sts.windows.net/{tid}/", "tid": tid, "oid": user["oid"], "sub": user["oid"],
-            "upn": user["upn"], "unique_name": user["upn"], "name": user["name"], "appid": app["client_id"],
-            "app_displayname": app["name"], "appidacr": appidacr, "scp": scp, "scope": scp,
-            "amr": ["pwd", "mfa"] if grant.get("mfa") else ["pwd"], "ver": "1.0",
+            "iss": f"https://sts.windows.net/{tid}/",
+            "tid": tid,
+            "oid": user["oid"],
+            "sub": user["oid"],
+            "upn": user["upn"],
+            "unique_name": user["upn"],
+            "name": user["name"],
+            "appid": app["client_id"],
+            "app_displayname": app["name"],
+            "appidacr": appidacr,
+            "scp": scp,
+            "scope": scp,
+            "amr": ["pwd", "mfa"] if grant.get("mfa") else ["pwd"],
+            "ver": "1.0",
         }
         access_token = directory.signer.issue(access_claims, lifetime)
         id_claims = {
-            "aud": app["client_id"], "iss": f"{self.base_url}/{tid}/v2.0", "tid": tid, "oid": user["oid"],
+            "aud": app["client_id"],
+            "iss": f"{self.base_url}/{tid}/v2.0",
+            "tid": tid,
+            "oid": user["oid"],
             "sub": _b64url(hashlib.sha256((user["oid"] + app["client_id"]).encode()).digest()),
-            "preferred_username": user["upn"], "name": user["name"], "ver": "2.0",
+            "preferred_username": user["upn"],
+            "name": user["name"],
+            "ver": "2.0",
         }
         if nonce:
             id_claims["nonce"] = nonce
@@ -319,13 +353,25 @@ class IdentityServer:
         consent = directory.consent(app["client_id"], tenant["id"])
         roles = list(app["application"]) if consent and consent.get("application") else []
         lifetime = directory.settings["access_token_lifetime"]
-        object_id = next((sp["object_id"] for sp in directory.data["service_principals"]
-                          if sp["client_id"] == app["client_id"] and sp["tenant"] == tenant["id"]),
-                         None) or str(uuid.uuid5(uuid.NAMESPACE_URL, app["client_id"] + tenant["id"]))
+        object_id = next(
+            (
+                sp["object_id"]
+                for sp in directory.data["service_principals"]
+                if sp["client_id"] == app["client_id"] and sp["tenant"] == tenant["id"]
+            ),
+            None,
+        ) or str(uuid.uuid5(uuid.NAMESPACE_URL, app["client_id"] + tenant["id"]))
         claims = {
-            "aud": "https://outlook.office365.com", "iss": f"https://sts.windows.net/{tenant['id']}/",
-            "tid": tenant["id"], "oid": object_id, "sub": object_id, "appid": app["client_id"],
-            "app_displayname": app["name"], "appidacr": appidacr, "idtyp": "app", "ver": "1.0",
+            "aud": "https://outlook.office365.com",
+            "iss": f"https://sts.windows.net/{tenant['id']}/",
+            "tid": tenant["id"],
+            "oid": object_id,
+            "sub": object_id,
+            "appid": app["client_id"],
+            "app_displayname": app["name"],
+            "appidacr": appidacr,
+            "idtyp": "app",
+            "ver": "1.0",
         }
         if roles:
             claims["roles"] = roles
@@ -348,8 +394,11 @@ class _Handler(BaseHTTPRequestHandler):
     # plumbing ------------------------------------------------------------------------------
 
     def _send(self, status, body, content_type="application/json; charset=utf-8", headers=None):
-        payload = body if isinstance(body, bytes) else (
-            json.dumps(body) if content_type.startswith("application/json") else body).encode()
+        payload = (
+            body
+            if isinstance(body, bytes)
+            else (json.dumps(body) if content_type.startswith("application/json") else body).encode()
+        )
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(payload)))
@@ -414,9 +463,11 @@ class _Handler(BaseHTTPRequestHandler):
     # authorize -----------------------------------------------------------------------------
 
     def _error_page(self, error):
-        body = (f"<!DOCTYPE html><html><head><title>Sign in to your account</title></head><body>"
-                f"<h1>Sorry, but we're having trouble signing you in.</h1>"
-                f"<p id='error'>{html.escape(error.description_text)}</p></body></html>")
+        body = (
+            f"<!DOCTYPE html><html><head><title>Sign in to your account</title></head><body>"
+            f"<h1>Sorry, but we're having trouble signing you in.</h1>"
+            f"<p id='error'>{html.escape(error.description_text)}</p></body></html>"
+        )
         self._send(400, body, "text/html; charset=utf-8")
 
     def _reply_to_client(self, params, query, extra_headers=None):
@@ -425,12 +476,15 @@ class _Handler(BaseHTTPRequestHandler):
         if params.get("state"):
             query = {**query, "state": params["state"]}
         if params.get("response_mode") == "form_post":
-            fields = "".join(f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}"/>'
-                             for k, v in query.items())
-            body = (f"<html><head><title>Working...</title></head><body onload='document.forms[0].submit()'>"
-                    f"<form method='POST' name='hiddenform' action='{html.escape(redirect_uri)}'>{fields}"
-                    f"<noscript><p>Script is disabled. Click Submit to continue.</p>"
-                    f"<input type='submit' value='Submit'/></noscript></form></body></html>")
+            fields = "".join(
+                f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}"/>' for k, v in query.items()
+            )
+            body = (
+                f"<html><head><title>Working...</title></head><body onload='document.forms[0].submit()'>"
+                f"<form method='POST' name='hiddenform' action='{html.escape(redirect_uri)}'>{fields}"
+                f"<noscript><p>Script is disabled. Click Submit to continue.</p>"
+                f"<input type='submit' value='Submit'/></noscript></form></body></html>"
+            )
             return self._send(200, body, "text/html; charset=utf-8", extra_headers)
         separator = "&" if "?" in redirect_uri else "?"
         self.send_response(302)
@@ -442,8 +496,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _error_to_client(self, params, error):
         body = error.body(self._correlation_id())
-        self._reply_to_client(params, {"error": error.error, "error_description": body["error_description"],
-                                       "error_uri": body["error_uri"]})
+        self._reply_to_client(
+            params,
+            {"error": error.error, "error_description": body["error_description"], "error_uri": body["error_uri"]},
+        )
 
     def _authorize(self, segment, query, submitted):
         identity = self.identity
@@ -454,11 +510,16 @@ class _Handler(BaseHTTPRequestHandler):
             tenant, alias = identity.resolve_tenant(segment)
             app = directory.app(params.get("client_id"))
             if app is None:
-                raise OAuthError("unauthorized_client", 700016, client_id=params.get("client_id", ""),
-                                 tenant_name=tenant["name"] if tenant else alias)
+                raise OAuthError(
+                    "unauthorized_client",
+                    700016,
+                    client_id=params.get("client_id", ""),
+                    tenant_name=tenant["name"] if tenant else alias,
+                )
             if params.get("redirect_uri") not in app["redirect_uris"]:
-                raise OAuthError("invalid_request", 50011, redirect_uri=params.get("redirect_uri", ""),
-                                 client_id=app["client_id"])
+                raise OAuthError(
+                    "invalid_request", 50011, redirect_uri=params.get("redirect_uri", ""), client_id=app["client_id"]
+                )
         except OAuthError as error:
             # Microsoft never sends these to an unverified redirect URI: it shows them itself.
             return self._error_page(error)
@@ -478,8 +539,11 @@ class _Handler(BaseHTTPRequestHandler):
         hint = (params.get("login_hint") or "").lower()
         prompt = params.get("prompt", "")
         if submitted is None:
-            silent_ok = session_user and prompt not in ("select_account", "login", "consent") \
+            silent_ok = (
+                session_user
+                and prompt not in ("select_account", "login", "consent")
                 and (not hint or hint == session_user)
+            )
             if silent_ok:
                 return self._complete_sign_in(app, params, resource, permissions, session_user, consent=False)
             if prompt == "none":
@@ -490,9 +554,15 @@ class _Handler(BaseHTTPRequestHandler):
         upn = (submitted.get("account") or "").lower()
         if upn not in {u["upn"] for u in eligible}:
             return self._sign_in_page(app, params, eligible, hint, permissions, problem="Pick an account.")
-        return self._complete_sign_in(app, params, resource, permissions, upn,
-                                      consent=submitted.get("consent") == "yes",
-                                      for_organization=submitted.get("consent_org") == "yes")
+        return self._complete_sign_in(
+            app,
+            params,
+            resource,
+            permissions,
+            upn,
+            consent=submitted.get("consent") == "yes",
+            for_organization=submitted.get("consent_org") == "yes",
+        )
 
     def _admin_consent(self, segment, query, submitted):
         """Tenant-wide admin consent (the /adminconsent endpoint): an administrator of the tenant
@@ -503,23 +573,36 @@ class _Handler(BaseHTTPRequestHandler):
             tenant, _alias = identity.resolve_tenant(segment)
             app = directory.app(params.get("client_id"))
             if tenant is None or app is None:
-                raise OAuthError("unauthorized_client", 700016, client_id=params.get("client_id", ""),
-                                 tenant_name=tenant["name"] if tenant else segment)
+                raise OAuthError(
+                    "unauthorized_client",
+                    700016,
+                    client_id=params.get("client_id", ""),
+                    tenant_name=tenant["name"] if tenant else segment,
+                )
             if params.get("redirect_uri") not in app["redirect_uris"]:
-                raise OAuthError("invalid_request", 50011, redirect_uri=params.get("redirect_uri", ""),
-                                 client_id=app["client_id"])
+                raise OAuthError(
+                    "invalid_request", 50011, redirect_uri=params.get("redirect_uri", ""), client_id=app["client_id"]
+                )
         except OAuthError as error:
             return self._error_page(error)
         admins = [u for u in directory.users_of(tenant["id"]) if u["admin"]]
         if submitted is None:
             return self._sign_in_page(app, params, admins, "", app["delegated"] + app["application"])
         if submitted.get("action") != "accept" or submitted.get("account") not in {u["upn"] for u in admins}:
-            return self._reply_to_client(dict(params, response_mode="query"), {
-                "error": "access_denied", "error_description": "AADSTS65004: User declined to consent to access the app."})
+            return self._reply_to_client(
+                dict(params, response_mode="query"),
+                {
+                    "error": "access_denied",
+                    "error_description": "AADSTS65004: User declined to consent to access the app.",
+                },
+            )
         entry = {"client_id": app["client_id"], "tenant": tenant["id"], "delegated": True, "application": True}
         with directory.lock:
-            directory.data["consents"] = [c for c in directory.data["consents"]
-                                          if not (c["client_id"] == app["client_id"] and c["tenant"] == tenant["id"])]
+            directory.data["consents"] = [
+                c
+                for c in directory.data["consents"]
+                if not (c["client_id"] == app["client_id"] and c["tenant"] == tenant["id"])
+            ]
             directory.data["consents"].append(entry)
             directory.save()
         self._reply_to_client(dict(params, response_mode="query"), {"admin_consent": "True", "tenant": tenant["id"]})
@@ -539,8 +622,12 @@ class _Handler(BaseHTTPRequestHandler):
             if not identity.delegated_consent(app, user_tenant["id"], upn):
                 if not consent:
                     raise OAuthError("consent_required", 65001, client_id=app["client_id"], app_name=app["name"])
-                entry = {"client_id": app["client_id"], "tenant": user_tenant["id"], "delegated": True,
-                         "application": False}
+                entry = {
+                    "client_id": app["client_id"],
+                    "tenant": user_tenant["id"],
+                    "delegated": True,
+                    "application": False,
+                }
                 if not (for_organization and user["admin"]):
                     entry["upn"] = upn
                 directory.set_membership("consents", entry, True)
@@ -549,36 +636,52 @@ class _Handler(BaseHTTPRequestHandler):
         code = secrets.token_urlsafe(48)
         with directory.lock:
             directory.codes[code] = {
-                "client_id": app["client_id"], "redirect_uri": params["redirect_uri"], "upn": upn,
-                "resource": resource or GRAPH_RESOURCE, "permissions": permissions, "nonce": params.get("nonce"),
+                "client_id": app["client_id"],
+                "redirect_uri": params["redirect_uri"],
+                "upn": upn,
+                "resource": resource or GRAPH_RESOURCE,
+                "permissions": permissions,
+                "nonce": params.get("nonce"),
                 "code_challenge": params.get("code_challenge"),
                 "code_challenge_method": params.get("code_challenge_method", "plain"),
-                "expires": time.time() + CODE_LIFETIME, "used": False, "mfa": user["require_mfa"],
+                "expires": time.time() + CODE_LIFETIME,
+                "used": False,
+                "mfa": user["require_mfa"],
             }
             session = secrets.token_urlsafe(24)
             directory.sessions[session] = upn
-        self._reply_to_client(params, {"code": code, "session_state": str(uuid.uuid4())},
-                              {"Set-Cookie": f"{SESSION_COOKIE}={session}; Path=/; Secure; HttpOnly; SameSite=None"})
+        self._reply_to_client(
+            params,
+            {"code": code, "session_state": str(uuid.uuid4())},
+            {"Set-Cookie": f"{SESSION_COOKIE}={session}; Path=/; Secure; HttpOnly; SameSite=None"},
+        )
 
     def _sign_in_page(self, app, params, eligible, hint, permissions, problem=""):
         identity = self.identity
-        hidden = "".join(f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
-                         for k, v in params.items() if k not in ("account", "action", "consent", "consent_org"))
+        hidden = "".join(
+            f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
+            for k, v in params.items()
+            if k not in ("account", "action", "consent", "consent_org")
+        )
         accounts = "".join(
             f'<label class="account"><input type="radio" name="account" value="{html.escape(u["upn"])}"'
-            f'{" checked" if u["upn"] == hint else ""}> {html.escape(u["name"])} '
-            f'&lt;{html.escape(u["upn"])}&gt;</label><br>' for u in eligible)
+            f"{' checked' if u['upn'] == hint else ''}> {html.escape(u['name'])} "
+            f"&lt;{html.escape(u['upn'])}&gt;</label><br>"
+            for u in eligible
+        )
         needs_consent = any(not identity.delegated_consent(app, u["tenant"], u["upn"]) for u in eligible)
         consent = ""
         if needs_consent:
-            consent = ('<fieldset><legend>Permissions requested</legend><ul>'
-                       + "".join(f"<li>{html.escape(p)}</li>" for p in permissions)
-                       + '</ul><label><input type="checkbox" name="consent" value="yes" checked> Accept</label>'
-                       '<br><label><input type="checkbox" name="consent_org" value="yes"> Consent on behalf of '
-                       'your organization (administrators)</label></fieldset>')
+            consent = (
+                "<fieldset><legend>Permissions requested</legend><ul>"
+                + "".join(f"<li>{html.escape(p)}</li>" for p in permissions)
+                + '</ul><label><input type="checkbox" name="consent" value="yes" checked> Accept</label>'
+                '<br><label><input type="checkbox" name="consent_org" value="yes"> Consent on behalf of '
+                "your organization (administrators)</label></fieldset>"
+            )
         body = f"""<!DOCTYPE html><html><head><meta charset="utf-8"><title>Sign in to your account</title>
 <style>body{{font-family:sans-serif;max-width:32em;margin:3em auto}}.account{{line-height:2}}</style></head>
-<body><h1>Microsoft 365 sandbox</h1><p>Sign in to <b>{html.escape(app['name'])}</b>. This is the local sandbox:
+<body><h1>Microsoft 365 sandbox</h1><p>Sign in to <b>{html.escape(app["name"])}</b>. This is the local sandbox:
 no password is asked.</p><p class="problem">{html.escape(problem)}</p>
 <form method="POST">{hidden}<fieldset><legend>Pick an account</legend>{accounts}</fieldset>{consent}
 <button type="submit" name="action" value="accept" id="accept">Accept</button>
@@ -622,17 +725,20 @@ no password is asked.</p><p class="problem">{html.escape(problem)}</p>
         if fault["kind"] == "hang":
             time.sleep(fault.get("seconds", 30))
         elif fault["kind"] == "429":
-            raise OAuthError("temporarily_unavailable", 90055, status=429,
-                             headers={"Retry-After": str(fault.get("retry_after", 1))})
+            raise OAuthError(
+                "temporarily_unavailable", 90055, status=429, headers={"Retry-After": str(fault.get("retry_after", 1))}
+            )
         elif fault["kind"] == "503":
-            raise OAuthError("temporarily_unavailable", 90033, status=503,
-                             headers={"Retry-After": str(fault.get("retry_after", 1))})
+            raise OAuthError(
+                "temporarily_unavailable", 90033, status=503, headers={"Retry-After": str(fault.get("retry_after", 1))}
+            )
 
     def _redeem_code(self, app, form, appidacr):
         directory = self.identity.directory
         if form.get("redirect_uri") not in app["redirect_uris"]:
-            raise OAuthError("invalid_request", 50011, redirect_uri=form.get("redirect_uri", ""),
-                             client_id=app["client_id"])
+            raise OAuthError(
+                "invalid_request", 50011, redirect_uri=form.get("redirect_uri", ""), client_id=app["client_id"]
+            )
         with directory.lock:
             entry = directory.codes.get(form.get("code") or "")
             if entry is None or entry["client_id"] != app["client_id"]:
@@ -643,8 +749,12 @@ no password is asked.</p><p class="problem">{html.escape(problem)}</p>
         if entry["expires"] < time.time():
             raise OAuthError("invalid_grant", 70008)
         if form.get("redirect_uri") != entry["redirect_uri"]:
-            raise OAuthError("invalid_grant", 500112, redirect_uri=form.get("redirect_uri", ""),
-                             code_redirect_uri=entry["redirect_uri"])
+            raise OAuthError(
+                "invalid_grant",
+                500112,
+                redirect_uri=form.get("redirect_uri", ""),
+                code_redirect_uri=entry["redirect_uri"],
+            )
         if entry["code_challenge"]:
             verifier = form.get("code_verifier") or ""
             if entry["code_challenge_method"] == "S256":
@@ -653,8 +763,13 @@ no password is asked.</p><p class="problem">{html.escape(problem)}</p>
                 computed = verifier
             if not secrets.compare_digest(computed, entry["code_challenge"]):
                 raise OAuthError("invalid_grant", 501481)
-        grant = {"client_id": app["client_id"], "upn": entry["upn"], "resource": entry["resource"],
-                 "permissions": entry["permissions"], "mfa": entry["mfa"]}
+        grant = {
+            "client_id": app["client_id"],
+            "upn": entry["upn"],
+            "resource": entry["resource"],
+            "permissions": entry["permissions"],
+            "mfa": entry["mfa"],
+        }
         return self.identity.issue_user_tokens(app, grant, appidacr, nonce=entry["nonce"])
 
     def _refresh(self, app, form, appidacr):
@@ -666,8 +781,9 @@ no password is asked.</p><p class="problem">{html.escape(problem)}</p>
             raise OAuthError("invalid_grant", 700082, issued=_iso(grant["issued"]))
         user = directory.user(grant["upn"])
         if problem == "revoked":
-            raise OAuthError("invalid_grant", 50173, issued=_iso(grant["issued"]),
-                             valid_from=_iso(user["sessions_valid_after"]))
+            raise OAuthError(
+                "invalid_grant", 50173, issued=_iso(grant["issued"]), valid_from=_iso(user["sessions_valid_after"])
+            )
         if not identity.delegated_consent(app, user["tenant"], user["upn"]):
             raise OAuthError("invalid_grant", 65001, client_id=app["client_id"], app_name=app["name"])
         if user.get("blocked_by_conditional_access"):
@@ -690,9 +806,15 @@ no password is asked.</p><p class="problem">{html.escape(problem)}</p>
         if tenant is None:
             raise OAuthError("invalid_request", 900023, tenant=alias)
         app = identity.directory.app(form["client_id"])
-        if app is None or (not app["multi_tenant"] and tenant["id"] != app["home_tenant"]) or (
-                app["multi_tenant"] and tenant["id"] != app["home_tenant"]
-                and not identity.directory.consent(app["client_id"], tenant["id"])):
+        if (
+            app is None
+            or (not app["multi_tenant"] and tenant["id"] != app["home_tenant"])
+            or (
+                app["multi_tenant"]
+                and tenant["id"] != app["home_tenant"]
+                and not identity.directory.consent(app["client_id"], tenant["id"])
+            )
+        ):
             raise OAuthError("unauthorized_client", 700016, client_id=form["client_id"], tenant_name=tenant["name"])
         appidacr = identity.authenticate_client(app, form, token_endpoint)
         scope = form.get("scope", "")
@@ -727,21 +849,34 @@ def _iso(epoch):
 
 # Control interface: POST /_sandbox/<action> with a JSON body -----------------------------------
 
+
 def _control_state(identity):
     directory = identity.directory
     with directory.lock:
-        return {"counters": dict(directory.counters), "fault": directory.fault,
-                "settings": directory.settings, "consents": directory.data["consents"],
-                "grants": directory.data["grants"], "service_principals": directory.data["service_principals"],
-                "mailboxes": directory.data["mailboxes"]}
+        return {
+            "counters": dict(directory.counters),
+            "fault": directory.fault,
+            "settings": directory.settings,
+            "consents": directory.data["consents"],
+            "grants": directory.data["grants"],
+            "service_principals": directory.data["service_principals"],
+            "mailboxes": directory.data["mailboxes"],
+        }
 
 
 def _set_fault(identity, body):
     kind = str(body["kind"])
     with identity.directory.lock:
-        identity.directory.fault = None if kind == "none" else {
-            "kind": kind, "remaining": int(body.get("count", 1)),
-            "retry_after": int(body.get("retry_after", 1)), "seconds": float(body.get("seconds", 30))}
+        identity.directory.fault = (
+            None
+            if kind == "none"
+            else {
+                "kind": kind,
+                "remaining": int(body.get("count", 1)),
+                "retry_after": int(body.get("retry_after", 1)),
+                "seconds": float(body.get("seconds", 30)),
+            }
+        )
 
 
 def _reset(identity, body):
@@ -776,18 +911,26 @@ def _require_mfa(identity, body):
 
 
 def _user_policy(identity, body):
-    values = {k: bool(body[k]) for k in ("blocked_by_conditional_access", "must_register_mfa", "require_mfa")
-              if k in body}
+    values = {
+        k: bool(body[k]) for k in ("blocked_by_conditional_access", "must_register_mfa", "require_mfa") if k in body
+    }
     identity.directory.update("users", {"upn": body["user"].lower()}, values)
 
 
 def _consent(identity, body):
     directory = identity.directory
-    entry = {"client_id": body["client_id"], "tenant": body["tenant"], "delegated": bool(body.get("delegated", True)),
-             "application": bool(body.get("application", True))}
+    entry = {
+        "client_id": body["client_id"],
+        "tenant": body["tenant"],
+        "delegated": bool(body.get("delegated", True)),
+        "application": bool(body.get("application", True)),
+    }
     with directory.lock:
-        directory.data["consents"] = [c for c in directory.data["consents"]
-                                      if not (c["client_id"] == entry["client_id"] and c["tenant"] == entry["tenant"])]
+        directory.data["consents"] = [
+            c
+            for c in directory.data["consents"]
+            if not (c["client_id"] == entry["client_id"] and c["tenant"] == entry["tenant"])
+        ]
         if body.get("granted", True):
             directory.data["consents"].append(entry)
         directory.save()
@@ -799,21 +942,29 @@ def _grant(identity, body):
 
 
 def _service_principal(identity, body):
-    entry = {"client_id": body["client_id"], "tenant": body["tenant"],
-             "object_id": str(uuid.uuid5(uuid.NAMESPACE_URL, "sp" + body["client_id"] + body["tenant"]))}
+    entry = {
+        "client_id": body["client_id"],
+        "tenant": body["tenant"],
+        "object_id": str(uuid.uuid5(uuid.NAMESPACE_URL, "sp" + body["client_id"] + body["tenant"])),
+    }
     directory = identity.directory
     with directory.lock:
         directory.data["service_principals"] = [
-            sp for sp in directory.data["service_principals"]
-            if not (sp["client_id"] == entry["client_id"] and sp["tenant"] == entry["tenant"])]
+            sp
+            for sp in directory.data["service_principals"]
+            if not (sp["client_id"] == entry["client_id"] and sp["tenant"] == entry["tenant"])
+        ]
         if body.get("registered", True):
             directory.data["service_principals"].append(entry)
         directory.save()
 
 
 def _app(identity, body):
-    values = {k: v for k, v in body.items() if k in ("redirect_uris", "secrets", "certificates", "multi_tenant",
-                                                   "delegated", "application", "name")}
+    values = {
+        k: v
+        for k, v in body.items()
+        if k in ("redirect_uris", "secrets", "certificates", "multi_tenant", "delegated", "application", "name")
+    }
     return identity.directory.update("apps", {"client_id": body["client_id"]}, values)
 
 
@@ -822,8 +973,9 @@ def _add_redirect_uri(identity, body):
     if app is None:
         raise KeyError(body["client_id"])
     if body["redirect_uri"] not in app["redirect_uris"]:
-        identity.directory.update("apps", {"client_id": app["client_id"]},
-                                  {"redirect_uris": app["redirect_uris"] + [body["redirect_uri"]]})
+        identity.directory.update(
+            "apps", {"client_id": app["client_id"]}, {"redirect_uris": app["redirect_uris"] + [body["redirect_uri"]]}
+        )
 
 
 def _deliver(identity, body):
@@ -844,7 +996,9 @@ def _deliver(identity, body):
 def _mail_throttle(identity, body):
     with identity.directory.lock:
         identity.directory.mail_throttles[body["mailbox"].lower()] = {
-            "backoff_ms": int(body.get("backoff_ms", 2000)), "remaining": int(body.get("count", 1))}
+            "backoff_ms": int(body.get("backoff_ms", 2000)),
+            "remaining": int(body.get("count", 1)),
+        }
 
 
 _CONTROL = {

@@ -4,6 +4,7 @@ the small HTTP endpoint through which Dovecot asks whether a login is allowed.
 Replies follow Exchange Online's, so that what a client reports against the sandbox is what it
 will report against Microsoft.
 """
+
 import atexit
 import collections
 import email
@@ -36,12 +37,16 @@ logging.getLogger("mail.log").setLevel(logging.ERROR)  # aiosmtpd: every command
 
 HOST = "127.0.0.1"
 SMTP_GREETING_NAME = "SANDBOX.PROD.OUTLOOK.COM"
-SMTP_NOT_AUTHENTICATED = ("530 5.7.57 Client not authenticated to send mail. Error: 5.7.57 SMTP; Client was "
-                          "not authenticated to send anonymous mail during MAIL FROM [SANDBOX.PROD.OUTLOOK.COM]")
-SMTP_SEND_AS_DENIED = ("554 5.2.252 SendAsDenied; {mailbox} not allowed to send as {sender}; "
-                       "STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied; Failed "
-                       "to process message due to a permanent exception with message [BeginDiagnosticData]"
-                       "Cannot submit message. [Hostname=SANDBOX.PROD.OUTLOOK.COM]")
+SMTP_NOT_AUTHENTICATED = (
+    "530 5.7.57 Client not authenticated to send mail. Error: 5.7.57 SMTP; Client was "
+    "not authenticated to send anonymous mail during MAIL FROM [SANDBOX.PROD.OUTLOOK.COM]"
+)
+SMTP_SEND_AS_DENIED = (
+    "554 5.2.252 SendAsDenied; {mailbox} not allowed to send as {sender}; "
+    "STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied; Failed "
+    "to process message due to a permanent exception with message [BeginDiagnosticData]"
+    "Cannot submit message. [Hostname=SANDBOX.PROD.OUTLOOK.COM]"
+)
 MAIL_UID = 8  # Debian's `mail` user, which owns the mailboxes
 
 DOVECOT_CONFIG = """\
@@ -129,8 +134,7 @@ class _VerifyHandler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         form = dict(parse_qsl(self.rfile.read(length).decode("utf-8", "replace"), keep_blank_values=True))
         mechanism = "xoauth2" if form.get("mech", "").upper() in ("XOAUTH2", "OAUTHBEARER") else "password"
-        login = type(self).check_login(form.get("user", ""), form.get("service", ""), form.get("secret", ""),
-                                       mechanism)
+        login = type(self).check_login(form.get("user", ""), form.get("service", ""), form.get("secret", ""), mechanism)
         if not login.ok:
             _logger.info("sandbox %s login refused for %s: %s", form.get("service"), form.get("user"), login.reason)
         if login.session_refusal:  # the token is fine, the session is not (Lua: nologin + reason)
@@ -158,8 +162,9 @@ class _SubmissionHandler:
             if not isinstance(response, bytes):
                 return AuthResult(success=False, handled=False, message=SMTP_REJECTED)
         try:
-            fields = dict(part.split("=", 1) for part in b64decode(response, validate=True).decode().split("\x01")
-                          if "=" in part)
+            fields = dict(
+                part.split("=", 1) for part in b64decode(response, validate=True).decode().split("\x01") if "=" in part
+            )
             user, token = fields["user"], fields["auth"].removeprefix("Bearer ")
         except (ValueError, KeyError, UnicodeDecodeError):
             return AuthResult(success=False, handled=False, message=SMTP_REJECTED)
@@ -310,21 +315,42 @@ class MailServers:
         template = (Path(__file__).parent / "dovecot_auth.lua").read_text()
         lua.write_text(template.replace("@VERIFY_URL@", f"http://{HOST}:{self.ports['verify']}/verify"))
         config = folder / "dovecot.conf"
-        config.write_text(DOVECOT_CONFIG.format(
-            base_dir=self._base_dir, state=self.state_dir, host=HOST, cert=self.tls.server_cert,
-            key=self.tls.server_key, mail_uid=MAIL_UID, lua=lua, imaps=self.ports["imaps"],
-            pop3s=self.ports["pop3s"], lmtp=self.ports["lmtp"]))
-        self._dovecot = subprocess.Popen(["dovecot", "-F", "-c", str(config)], stdin=subprocess.DEVNULL,
-                                         stdout=subprocess.DEVNULL, stderr=open(folder / "stderr.log", "ab"))
+        config.write_text(
+            DOVECOT_CONFIG.format(
+                base_dir=self._base_dir,
+                state=self.state_dir,
+                host=HOST,
+                cert=self.tls.server_cert,
+                key=self.tls.server_key,
+                mail_uid=MAIL_UID,
+                lua=lua,
+                imaps=self.ports["imaps"],
+                pop3s=self.ports["pop3s"],
+                lmtp=self.ports["lmtp"],
+            )
+        )
+        self._dovecot = subprocess.Popen(
+            ["dovecot", "-F", "-c", str(config)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=open(folder / "stderr.log", "ab"),
+        )
 
     def _start_smtp(self):
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(self.tls.server_cert, self.tls.server_key)
         handler = _SubmissionHandler(self)
         self._smtp = _SubmissionController(
-            handler, hostname=HOST, port=self.ports["smtp"], server_hostname=SMTP_GREETING_NAME,
-            tls_context=context, require_starttls=True, auth_require_tls=True,
-            authenticator=handler.authenticate_password, auth_exclude_mechanism=["PLAIN"],
-            decode_data=False, ready_timeout=10,
+            handler,
+            hostname=HOST,
+            port=self.ports["smtp"],
+            server_hostname=SMTP_GREETING_NAME,
+            tls_context=context,
+            require_starttls=True,
+            auth_require_tls=True,
+            authenticator=handler.authenticate_password,
+            auth_exclude_mechanism=["PLAIN"],
+            decode_data=False,
+            ready_timeout=10,
         )
         self._smtp.start()

@@ -6,6 +6,7 @@ the user's own, one the user has FullAccess to, or (app-only) one the app's serv
 granted. Failures carry Exchange's own SMTP replies so clients meet the texts they will meet in
 production.
 """
+
 from dataclasses import dataclass
 
 SMTP_OK = "235 2.7.0 Authentication successful"
@@ -14,9 +15,7 @@ SMTP_AUTH_DISABLED = (
     "535 5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox. "
     "Visit https://aka.ms/smtp_auth_disabled for more information."
 )
-SMTP_BASIC_AUTH_DISABLED = (
-    "535 5.7.139 Authentication unsuccessful, basic authentication is disabled."
-)
+SMTP_BASIC_AUTH_DISABLED = "535 5.7.139 Authentication unsuccessful, basic authentication is disabled."
 
 # Exchange Online accepts both of its resource URIs as audience, for user and for app tokens.
 EXCHANGE_AUDIENCES = ("https://outlook.office.com", "https://outlook.office365.com")
@@ -45,8 +44,14 @@ def _throttled(directory, login, protocol):
     if protocol == "smtp" or not directory.take_mail_throttle(login.mailbox):
         return login
     backoff_ms = directory.mail_throttles[login.mailbox]["backoff_ms"]
-    return MailLogin(False, login.mailbox, login.identity, "throttled", SMTP_REJECTED,
-                     session_refusal=THROTTLED.format(backoff_ms=backoff_ms))
+    return MailLogin(
+        False,
+        login.mailbox,
+        login.identity,
+        "throttled",
+        SMTP_REJECTED,
+        session_refusal=THROTTLED.format(backoff_ms=backoff_ms),
+    )
 
 
 def _refused(mailbox, identity, reason, smtp_reply=SMTP_REJECTED):
@@ -91,8 +96,14 @@ def check_mail_login(directory, mailbox, protocol, secret, mechanism):
     if not directory.service_principal_registered(claims.get("appid"), claims.get("tid")):
         return _refused(mailbox, identity, "the app has no service principal in Exchange Online")
     if not directory.has_full_access(identity, mailbox):
-        return MailLogin(False, mailbox, identity, f"the app has no FullAccess permission on {mailbox}",
-                         SMTP_REJECTED, session_refusal=NOT_CONNECTED)
+        return MailLogin(
+            False,
+            mailbox,
+            identity,
+            f"the app has no FullAccess permission on {mailbox}",
+            SMTP_REJECTED,
+            session_refusal=NOT_CONNECTED,
+        )
     return _throttled(directory, MailLogin(True, mailbox, identity, "token accepted", SMTP_OK), protocol)
 
 
@@ -101,6 +112,9 @@ def may_send_as(directory, login, from_address):
     address = (from_address or "").strip().lower()
     if address == login.mailbox:
         # An app's FullAccess covers sending from that mailbox; a delegate also needs Send As.
-        return login.identity in (login.mailbox, "") or login.identity.startswith("app:") \
+        return (
+            login.identity in (login.mailbox, "")
+            or login.identity.startswith("app:")
             or directory.has_send_as(login.identity, address)
+        )
     return directory.has_send_as(login.identity, address) or directory.has_send_as(login.mailbox, address)

@@ -1,4 +1,5 @@
 """The whole sandbox as one unit: identity endpoint, IMAP/POP3 (Dovecot) and SMTP, one state folder."""
+
 import json
 import os
 import socket
@@ -30,8 +31,9 @@ class SandboxService:
     def __init__(self, state_dir, ports="fixed", with_mail=True):
         self.state_dir = Path(state_dir).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        self.ports = dict(FIXED_PORTS) if ports == "fixed" else free_ports(FIXED_PORTS) if ports == "auto" \
-            else dict(ports)
+        self.ports = (
+            dict(FIXED_PORTS) if ports == "fixed" else free_ports(FIXED_PORTS) if ports == "auto" else dict(ports)
+        )
         self.tls = ensure_tls(self.state_dir)
         self.directory = Directory(self.state_dir)
         self.identity = None
@@ -49,9 +51,12 @@ class SandboxService:
 
         directory = self.directory
         self.mail = MailServers(
-            self.state_dir, self.tls, self.ports,
+            self.state_dir,
+            self.tls,
+            self.ports,
             check_login=lambda mailbox, protocol, secret, mechanism: mailauth.check_mail_login(
-                directory, mailbox, protocol, secret, mechanism),
+                directory, mailbox, protocol, secret, mechanism
+            ),
             may_send_as=lambda login, address: mailauth.may_send_as(directory, login, address),
             is_mailbox=lambda address: directory.mailbox(address) is not None,
         )

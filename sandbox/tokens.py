@@ -1,4 +1,5 @@
 """Signing and checking the sandbox's JWTs (RS256, one key with a kid, published as JWKS)."""
+
 import base64
 import json
 import time
@@ -23,13 +24,27 @@ class TokenSigner:
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-            path.write_bytes(self.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                    serialization.NoEncryption()))
+            path.write_bytes(
+                self.key.private_bytes(
+                    serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+                )
+            )
             path.chmod(0o600)
         numbers = self.key.public_key().public_numbers()
         self.kid = _b64(numbers.n)[:27]
-        self.jwks = {"keys": [{"kty": "RSA", "use": "sig", "kid": self.kid, "x5t": self.kid,
-                               "n": _b64(numbers.n), "e": _b64(numbers.e), "alg": "RS256"}]}
+        self.jwks = {
+            "keys": [
+                {
+                    "kty": "RSA",
+                    "use": "sig",
+                    "kid": self.kid,
+                    "x5t": self.kid,
+                    "n": _b64(numbers.n),
+                    "e": _b64(numbers.e),
+                    "alg": "RS256",
+                }
+            ]
+        }
 
     def issue(self, claims, lifetime):
         now = int(time.time())
@@ -39,8 +54,12 @@ class TokenSigner:
     def verify(self, token):
         """(claims, None) or (None, reason)."""
         try:
-            claims = jwt.decode(token, self.key.public_key(), algorithms=["RS256"],
-                                options={"verify_aud": False, "require": ["exp", "iat"]})
+            claims = jwt.decode(
+                token,
+                self.key.public_key(),
+                algorithms=["RS256"],
+                options={"verify_aud": False, "require": ["exp", "iat"]},
+            )
         except jwt.ExpiredSignatureError:
             return None, "token expired"
         except jwt.InvalidTokenError as exc:

@@ -1,1 +1,16 @@
-from . import test_access_rights, test_app_only, test_account_connection, test_app_registration, test_browser_flow, test_callback, test_concurrency, test_faults, test_health, test_i18n, test_migration, test_secrets_stay_secret, test_security, test_setup_flow
+from . import (
+    test_access_rights,
+    test_app_only,
+    test_account_connection,
+    test_app_registration,
+    test_browser_flow,
+    test_callback,
+    test_concurrency,
+    test_faults,
+    test_health,
+    test_i18n,
+    test_migration,
+    test_secrets_stay_secret,
+    test_security,
+    test_setup_flow,
+)

@@ -1,6 +1,7 @@
 """A small headless Chromium driver over the DevTools protocol, for tests where a person clicks
 through Odoo and the sandbox's sign-in page (Odoo's own tour runner cannot follow a page to
 another origin and back)."""
+
 import base64
 import hashlib
 import json
@@ -44,19 +45,29 @@ class Browser:
     def __init__(self, trusted_certificate=None, screenshots=None, width=1366, height=900):
         self.profile = tempfile.mkdtemp(prefix="m365-chromium-")
         self.screenshots = Path(screenshots) if screenshots else None
-        arguments = [chromium_executable(), "--headless=new", "--no-sandbox", "--disable-gpu",
-                     "--no-first-run", "--no-default-browser-check", "--remote-debugging-port=0",
-                     f"--user-data-dir={self.profile}", f"--window-size={width},{height}",
-                     "--disable-features=Translate,MediaRouter", "about:blank"]
+        arguments = [
+            chromium_executable(),
+            "--headless=new",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--no-default-browser-check",
+            "--remote-debugging-port=0",
+            f"--user-data-dir={self.profile}",
+            f"--window-size={width},{height}",
+            "--disable-features=Translate,MediaRouter",
+            "about:blank",
+        ]
         if trusted_certificate:
             arguments.insert(1, f"--ignore-certificate-errors-spki-list={spki_hash(trusted_certificate)}")
-        self.process = subprocess.Popen(arguments, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                        preexec_fn=_unlimited_address_space)
+        self.process = subprocess.Popen(
+            arguments, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_unlimited_address_space
+        )
         port = self._devtools_port()
-        page = next(t for t in requests.get(f"http://127.0.0.1:{port}/json/list", timeout=5).json()
-                    if t["type"] == "page")
-        self.socket = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=30,
-                                                  suppress_origin=True)
+        page = next(
+            t for t in requests.get(f"http://127.0.0.1:{port}/json/list", timeout=5).json() if t["type"] == "page"
+        )
+        self.socket = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=30, suppress_origin=True)
         self._id = 0
         self.call("Page.enable")
         self.call("Runtime.enable")
@@ -137,8 +148,10 @@ class Browser:
         if text is None:
             condition = f"!!document.querySelector({js_selector})"
         else:
-            condition = (f"[...document.querySelectorAll({js_selector})].some("
-                         f"e => e.offsetParent !== null && e.textContent.includes({json.dumps(text)}))")
+            condition = (
+                f"[...document.querySelectorAll({js_selector})].some("
+                f"e => e.offsetParent !== null && e.textContent.includes({json.dumps(text)}))"
+            )
         return self.wait(condition, timeout, what=f"{selector} {text or ''}".strip())
 
     def click(self, selector, text=None, timeout=60):

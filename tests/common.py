@@ -21,13 +21,13 @@ class SandboxCase(TransactionCase):
     def connect(self, account, upn=None):
         """Sign in on the sandbox's page as `upn` and store the grant, as the callback does."""
         client = account.app_id._identity_client()
-        flow = client.start_sign_in(account.app_id.redirect_uri, account.app_id._cloud().delegated_scopes(),
-                                    login_hint=account.email)
+        flow = client.start_sign_in(
+            account.app_id.redirect_uri, account.app_id._cloud().delegated_scopes(), login_hint=account.email
+        )
         params = self.sandbox.sign_in(flow["auth_uri"], upn or account.email)
         sign_in = client.finish_sign_in(flow, params)
         account._store_sign_in(client, sign_in)
         return account
 
     def new_account(self, email="alice@contoso.com", **values):
-        return self.env["microsoft365.account"].create({"email": email, "app_id": self.app_registration.id,
-                                                        **values})
+        return self.env["microsoft365.account"].create({"email": email, "app_id": self.app_registration.id, **values})

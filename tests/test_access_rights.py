@@ -71,8 +71,10 @@ class TestAccessRights(SandboxCase):
 
     def test_administrator_manages_all(self):
         admin = self.env.ref("base.user_admin")
-        self.assertEqual(self.env["microsoft365.account"].with_user(admin).search([("id", "in", (self.account | self.private).ids)]),
-                         self.account | self.private)
+        self.assertEqual(
+            self.env["microsoft365.account"].with_user(admin).search([("id", "in", (self.account | self.private).ids)]),
+            self.account | self.private,
+        )
         self.private.with_user(admin).write({"sender_name": "Bob"})
 
 
@@ -80,16 +82,25 @@ class TestAccessRights(SandboxCase):
 class TestCompaniesAndKeys(SandboxCase):
     def test_accounts_of_another_company_stay_invisible(self):
         other_company = self.env["res.company"].create({"name": "Fabrikam GmbH"})
-        other_app = self.env["microsoft365.app"].create(dict(self.sandbox.odoo_app_values(), name="Fabrikam app",
-                                                             company_id=other_company.id))
+        other_app = self.env["microsoft365.app"].create(
+            dict(self.sandbox.odoo_app_values(), name="Fabrikam app", company_id=other_company.id)
+        )
         theirs = self.new_account(email="bob@contoso.com", app_id=other_app.id)
         ours = self.new_account()
         admin = self.env.ref("base.user_admin")
-        visible = self.env["microsoft365.account"].with_user(admin).with_context(
-            allowed_company_ids=admin.company_id.ids).search([("id", "in", (theirs | ours).ids)])
+        visible = (
+            self.env["microsoft365.account"]
+            .with_user(admin)
+            .with_context(allowed_company_ids=admin.company_id.ids)
+            .search([("id", "in", (theirs | ours).ids)])
+        )
         self.assertEqual(visible, ours)
-        self.assertFalse(self.env["microsoft365.app"].with_user(admin).with_context(
-            allowed_company_ids=admin.company_id.ids).search([("id", "=", other_app.id)]))
+        self.assertFalse(
+            self.env["microsoft365.app"]
+            .with_user(admin)
+            .with_context(allowed_company_ids=admin.company_id.ids)
+            .search([("id", "=", other_app.id)])
+        )
 
     def test_encryption_key_rotation(self):
         from odoo.tools import config

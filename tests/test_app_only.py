@@ -13,8 +13,10 @@ from ..m365.identity import unverified_claims
 from ..sandbox.ca import make_client_certificate
 from .common import SandboxCase
 
-QUIET = ("odoo.addons.mail_microsoft365_oauth.models.microsoft365_account",
-         "odoo.addons.mail_microsoft365_oauth.m365.identity")
+QUIET = (
+    "odoo.addons.mail_microsoft365_oauth.models.microsoft365_account",
+    "odoo.addons.mail_microsoft365_oauth.m365.identity",
+)
 
 
 @tagged("post_install", "-at_install")
@@ -27,16 +29,30 @@ class TestAppOnly(SandboxCase):
 
     def servers(self, account):
         host, ports = self.sandbox.host, self.sandbox.ports
-        common = {"connect_with": "microsoft365", "microsoft365_account_id": account.id, "is_ssl": True,
-                  "server": host, "user": account.email}
-        imap = self.env["fetchmail.server"].create(dict(common, name=f"{account.email} IMAP", server_type="imap",
-                                                        port=ports["imaps"]))
-        pop = self.env["fetchmail.server"].create(dict(common, name=f"{account.email} POP", server_type="pop",
-                                                       port=ports["pop3s"]))
-        smtp = self.env["ir.mail_server"].create({
-            "name": f"{account.email} SMTP", "smtp_authentication": "microsoft365",
-            "microsoft365_account_id": account.id, "smtp_host": host, "smtp_port": ports["smtp"],
-            "smtp_encryption": "starttls", "smtp_user": account.email})
+        common = {
+            "connect_with": "microsoft365",
+            "microsoft365_account_id": account.id,
+            "is_ssl": True,
+            "server": host,
+            "user": account.email,
+        }
+        imap = self.env["fetchmail.server"].create(
+            dict(common, name=f"{account.email} IMAP", server_type="imap", port=ports["imaps"])
+        )
+        pop = self.env["fetchmail.server"].create(
+            dict(common, name=f"{account.email} POP", server_type="pop", port=ports["pop3s"])
+        )
+        smtp = self.env["ir.mail_server"].create(
+            {
+                "name": f"{account.email} SMTP",
+                "smtp_authentication": "microsoft365",
+                "microsoft365_account_id": account.id,
+                "smtp_host": host,
+                "smtp_port": ports["smtp"],
+                "smtp_encryption": "starttls",
+                "smtp_user": account.email,
+            }
+        )
         return imap, pop, smtp
 
     def test_two_shared_mailboxes_imap_pop_smtp_with_one_token_request(self):
@@ -57,8 +73,11 @@ class TestAppOnly(SandboxCase):
         bob = self.new_account(email="bob@contoso.com")  # the app has no permission on bob's mailbox
         with self.assertRaises(UserError) as refused:
             bob.action_test_connection()
-        self.assertIn(f'Add-MailboxPermission -Identity "bob@contoso.com" -User (Get-ServicePrincipal -Identity '
-                      f'{client_id}).Identity -AccessRights FullAccess', str(refused.exception))
+        self.assertIn(
+            f'Add-MailboxPermission -Identity "bob@contoso.com" -User (Get-ServicePrincipal -Identity '
+            f"{client_id}).Identity -AccessRights FullAccess",
+            str(refused.exception),
+        )
 
         self.sandbox.control("service_principal", client_id=client_id, tenant=tenant, registered=False)
         info = self.new_account(email="info@contoso.com")
@@ -99,8 +118,13 @@ class TestAppOnly(SandboxCase):
 @tagged("post_install", "-at_install")
 class TestCertificateCredential(SandboxCase):
     def upload(self, app, data, passphrase=None):
-        app.write({"credential_type": "certificate", "certificate_file": base64.b64encode(data),
-                   "certificate_passphrase": passphrase})
+        app.write(
+            {
+                "credential_type": "certificate",
+                "certificate_file": base64.b64encode(data),
+                "certificate_passphrase": passphrase,
+            }
+        )
 
     def registered(self, which="current"):
         certificate = self.sandbox.certificate(which=which)
@@ -125,8 +149,9 @@ class TestCertificateCredential(SandboxCase):
         data, thumbprint = self.registered()
         key = serialization.load_pem_private_key(data, password=None)
         cert = x509.load_pem_x509_certificate(data)
-        pfx = pkcs12.serialize_key_and_certificates(b"odoo", key, cert, None,
-                                                    serialization.BestAvailableEncryption(b"pfx-pass"))
+        pfx = pkcs12.serialize_key_and_certificates(
+            b"odoo", key, cert, None, serialization.BestAvailableEncryption(b"pfx-pass")
+        )
         with self.assertRaises(ValidationError):
             self.upload(self.app_registration, pfx, "wrong")
         self.upload(self.app_registration, pfx, "pfx-pass")
@@ -149,17 +174,23 @@ class TestCertificateCredential(SandboxCase):
 class TestClouds(SandboxCase):
     def test_every_cloud_preset_gives_authority_scopes_and_hosts(self):
         for key, cloud in CLOUDS.items():
-            app = self.env["microsoft365.app"].create({
-                "name": key, "cloud": key, "client_id": "5f0b6c1e-0000-4000-8000-000000000001",
-                "tenant": "contoso.onmicrosoft.com" if key != "consumer" else False})
+            app = self.env["microsoft365.app"].create(
+                {
+                    "name": key,
+                    "cloud": key,
+                    "client_id": "5f0b6c1e-0000-4000-8000-000000000001",
+                    "tenant": "contoso.onmicrosoft.com" if key != "consumer" else False,
+                }
+            )
             credentials = app._credentials()
             tenant = "consumers" if key == "consumer" else "contoso.onmicrosoft.com"
             self.assertEqual(credentials.authority, f"{cloud.authority_host}/{tenant}")
             self.assertEqual(app._cloud().delegated_scopes()[0], f"{cloud.delegated_resource}/IMAP.AccessAsUser.All")
             self.assertEqual(app._cloud().app_scopes(), [f"{cloud.app_resource}/.default"])
             account = self.env["microsoft365.account"].create({"email": f"{key}@contoso.com", "app_id": app.id})
-            server = self.env["ir.mail_server"].new({"smtp_authentication": "microsoft365",
-                                                     "microsoft365_account_id": account.id})
+            server = self.env["ir.mail_server"].new(
+                {"smtp_authentication": "microsoft365", "microsoft365_account_id": account.id}
+            )
             server._onchange_smtp_authentication_microsoft365()
             self.assertEqual((server.smtp_host, server.smtp_port), (cloud.smtp_host, 587))
         self.assertEqual(CLOUDS["consumer"].smtp_host, "smtp-mail.outlook.com")

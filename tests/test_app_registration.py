@@ -9,20 +9,24 @@ CLIENT_ID = "0b5d3c1e-2a4f-4e6b-8c9d-1e2f3a4b5c6d"
 @tagged("post_install", "-at_install")
 class TestAppRegistration(TransactionCase):
     def create_app(self, **values):
-        return self.env["microsoft365.app"].create({"name": "Contoso", "tenant": TENANT, "client_id": CLIENT_ID,
-                                                    **values})
+        return self.env["microsoft365.app"].create(
+            {"name": "Contoso", "tenant": TENANT, "client_id": CLIENT_ID, **values}
+        )
 
     def test_identifiers_are_normalised(self):
         app = self.create_app(tenant="  Contoso.onMicrosoft.com ", client_id="{0B5D3C1E-2A4F-4E6B-8C9D-1E2F3A4B5C6D}")
         self.assertEqual(app.tenant, "contoso.onmicrosoft.com")
         self.assertEqual(app.client_id, CLIENT_ID)
-        self.assertEqual(self.create_app(tenant=False, client_id=CLIENT_ID.replace("6d", "6e")).tenant,
-                         "organizations")
+        self.assertEqual(self.create_app(tenant=False, client_id=CLIENT_ID.replace("6d", "6e")).tenant, "organizations")
 
     def test_malformed_identifiers_are_refused_and_nothing_is_stored(self):
         count = self.env["microsoft365.app"].search_count([])
-        for values in ({"tenant": "contoso"}, {"tenant": "x\r\nInjected: 1"}, {"client_id": "not-a-guid"},
-                       {"client_id": "<script>alert(1)</script>"}):
+        for values in (
+            {"tenant": "contoso"},
+            {"tenant": "x\r\nInjected: 1"},
+            {"client_id": "not-a-guid"},
+            {"client_id": "<script>alert(1)</script>"},
+        ):
             with self.subTest(values=values), self.assertRaises(ValidationError):
                 self.create_app(**values)
         self.assertEqual(self.env["microsoft365.app"].search_count([]), count)

@@ -22,14 +22,25 @@ class TestBrowserFlow(HttpCase):
         self.sandbox.reset()
         self.env["ir.config_parameter"].sudo().set_param("web.base.url", self.base_url())
         self.env["ir.config_parameter"].sudo().set_param(DEFAULT_APP_PARAMETER, self.app_registration.id)
-        self.sandbox.control("add_redirect_uri", client_id=self.app_registration.client_id,
-                             redirect_uri=self.app_registration.redirect_uri)
-        self.server = self.env["fetchmail.server"].create({
-            "name": "Support mailbox", "server_type": "imap", "server": "outlook.office365.com", "port": 993,
-            "is_ssl": True, "user": "alice@contoso.com", "password": "a password Microsoft will refuse",
-        })
-        self.browser = Browser(trusted_certificate=self.sandbox.description["server_cert"],
-                               screenshots=screenshot_folder())
+        self.sandbox.control(
+            "add_redirect_uri",
+            client_id=self.app_registration.client_id,
+            redirect_uri=self.app_registration.redirect_uri,
+        )
+        self.server = self.env["fetchmail.server"].create(
+            {
+                "name": "Support mailbox",
+                "server_type": "imap",
+                "server": "outlook.office365.com",
+                "port": 993,
+                "is_ssl": True,
+                "user": "alice@contoso.com",
+                "password": "a password Microsoft will refuse",
+            }
+        )
+        self.browser = Browser(
+            trusted_certificate=self.sandbox.description["server_cert"], screenshots=screenshot_folder()
+        )
         self.addCleanup(self.browser.close)
 
     def log_in(self):
@@ -50,8 +61,10 @@ class TestBrowserFlow(HttpCase):
 
         browser.click("div[name=connect_with] input[data-value=microsoft365]")
         port = self.sandbox.ports["imaps"]
-        browser.wait(f"document.querySelector('div[name=port] input').value.replace(/\\D/g, '') == '{port}'",
-                     what="the Exchange port filled in")
+        browser.wait(
+            f"document.querySelector('div[name=port] input').value.replace(/\\D/g, '') == '{port}'",
+            what="the Exchange port filled in",
+        )
         browser.click(".o_form_button_save")
         browser.click("button[name=action_microsoft365_authorize]", "Authorize")
         browser.screenshot("2-connect-with-microsoft-365")

@@ -21,10 +21,14 @@ class TestCallback(HttpCase):
         super().setUp()
         self.sandbox.reset()
         self.env["ir.config_parameter"].sudo().set_param("web.base.url", self.base_url())
-        self.sandbox.control("add_redirect_uri", client_id=self.app_registration.client_id,
-                             redirect_uri=self.app_registration.redirect_uri)
+        self.sandbox.control(
+            "add_redirect_uri",
+            client_id=self.app_registration.client_id,
+            redirect_uri=self.app_registration.redirect_uri,
+        )
         self.account = self.env["microsoft365.account"].create(
-            {"email": "alice@contoso.com", "app_id": self.app_registration.id})
+            {"email": "alice@contoso.com", "app_id": self.app_registration.id}
+        )
 
     def start(self, user=None, account=None):
         """Authorize as `user` in Odoo, then sign in at the sandbox; the parameters Microsoft posts back."""

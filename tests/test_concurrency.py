@@ -26,8 +26,9 @@ class TestParallelRefresh(BaseCase):
             flow = client.start_sign_in(app.redirect_uri, app._cloud().delegated_scopes(), login_hint=account.email)
             if app.redirect_uri not in self.sandbox.app()["redirect_uris"]:
                 self.sandbox.control("add_redirect_uri", client_id=app.client_id, redirect_uri=app.redirect_uri)
-            account._store_sign_in(client, client.finish_sign_in(
-                flow, self.sandbox.sign_in(flow["auth_uri"], account.email)))
+            account._store_sign_in(
+                client, client.finish_sign_in(flow, self.sandbox.sign_in(flow["auth_uri"], account.email))
+            )
             self.account_id, self.app_id = account.id, app.id
         self.addCleanup(self._remove_committed_records)
 

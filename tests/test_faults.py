@@ -1,17 +1,22 @@
 import imaplib
 import ssl
 import time
+from datetime import datetime, timedelta
 from unittest.mock import patch
 
 from odoo import fields
 from odoo.tests import tagged
 from odoo.tools import mute_logger
 
+from ..m365.diagnosis import diagnose_mailbox
 from .common import SandboxCase
 
-QUIET = ("odoo.addons.mail_microsoft365_oauth.models.microsoft365_account",
-         "odoo.addons.mail_microsoft365_oauth.models.fetchmail_server", "odoo.addons.mail.models.fetchmail",
-         "odoo.addons.mail_microsoft365_oauth.m365.identity")
+QUIET = (
+    "odoo.addons.mail_microsoft365_oauth.models.microsoft365_account",
+    "odoo.addons.mail_microsoft365_oauth.models.fetchmail_server",
+    "odoo.addons.mail.models.fetchmail",
+    "odoo.addons.mail_microsoft365_oauth.m365.identity",
+)
 
 
 @tagged("post_install", "-at_install")
@@ -19,12 +24,20 @@ class TestFaults(SandboxCase):
     """Mail never stops silently: throttling, an unavailable identity platform, poison messages."""
 
     def incoming(self, account, name=None):
-        return self.env["fetchmail.server"].create({
-            "name": name or account.email, "connect_with": "microsoft365", "microsoft365_account_id": account.id,
-            "server_type": "imap", "server": self.sandbox.host, "port": self.sandbox.ports["imaps"],
-            "is_ssl": True, "user": account.email, "state": "done",
-            "object_id": self.env.ref("base.model_res_partner").id,
-        })
+        return self.env["fetchmail.server"].create(
+            {
+                "name": name or account.email,
+                "connect_with": "microsoft365",
+                "microsoft365_account_id": account.id,
+                "server_type": "imap",
+                "server": self.sandbox.host,
+                "port": self.sandbox.ports["imaps"],
+                "is_ssl": True,
+                "user": account.email,
+                "state": "done",
+                "object_id": self.env.ref("base.model_res_partner").id,
+            }
+        )
 
     def cron_fetch(self):
         with patch.object(self.env.cr, "commit", lambda: None):
@@ -56,8 +69,9 @@ class TestFaults(SandboxCase):
         self.assertIn("Poison (from x@fabrikam.example): cannot route this message", server.microsoft365_failed_summary)
         context = ssl.create_default_context(cafile=self.sandbox.ca_file)
         with imaplib.IMAP4_SSL(self.sandbox.host, self.sandbox.ports["imaps"], ssl_context=context) as imap:
-            imap.authenticate("XOAUTH2", lambda _: f"user=alice@contoso.com\x01auth=Bearer {account._access_token()}"
-                                                   "\x01\x01".encode())
+            imap.authenticate(
+                "XOAUTH2", lambda _: f"user=alice@contoso.com\x01auth=Bearer {account._access_token()}\x01\x01".encode()
+            )
             imap.select("INBOX")
             self.assertEqual(len(imap.search(None, "KEYWORD", "OdooFailed")[1][0].split()), 1)
             self.assertEqual(len(imap.search(None, "UNSEEN")[1][0].split()), 1)  # still there, unread
@@ -71,13 +85,14 @@ class TestFaults(SandboxCase):
         server = self.incoming(account)
         self.sandbox.control("deliver", mailbox="alice@contoso.com", subject="After the pause")
         self.sandbox.control("mail_throttle", mailbox="alice@contoso.com", backoff_ms=1500, count=1)
+        throttled_before = datetime.now()
         self.cron_fetch()
         self.assertIn("throttling", server.microsoft365_fetch_error)
-        self.assertTrue(server.microsoft365_retry_at > fields.Datetime.now())
+        self.assertGreaterEqual(server.microsoft365_retry_at, throttled_before + timedelta(milliseconds=1500))
         logins = self.sandbox.counter("mail_login:imap")
         self.cron_fetch()  # too early: Odoo does not even connect
         self.assertEqual(self.sandbox.counter("mail_login:imap"), logins)
-        time.sleep((server.microsoft365_retry_at - fields.Datetime.now()).total_seconds() + 0.2)
+        server.microsoft365_retry_at = fields.Datetime.now() - timedelta(seconds=1)  # the wait is over
         self.cron_fetch()
         self.assertEqual(self.partners("After the pause"), 1)
         self.assertFalse(server.microsoft365_fetch_error)
@@ -96,3 +111,12 @@ class TestFaults(SandboxCase):
         self.assertEqual(self.partners("Still arriving"), 1)
         self.assertEqual(stalled.status, "connected")  # not "reconnect needed"
         self.assertIn("busy or unavailable", stalled.last_error)
+
+    def test_backoff_is_never_shorter_than_microsoft_asked(self):
+        """Datetime fields keep whole seconds: the stored time is rounded up, never down."""
+        server = self.incoming(self.new_account())
+        found = diagnose_mailbox("IMAP", "Request is throttled. Suggested Backoff Time: 1500 milliseconds")
+        for _attempt in range(3):
+            asked_at = datetime.now()
+            server._microsoft365_honour_backoff(found)
+            self.assertGreaterEqual(server.microsoft365_retry_at, asked_at + timedelta(milliseconds=1500))

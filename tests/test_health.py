@@ -20,7 +20,9 @@ class TestHealthCheck(SandboxCase):
         self.admin = self.env.ref("base.user_admin")
 
     def todo(self, record):
-        return record.activity_ids.filtered(lambda a: a.activity_type_id == self.env.ref("mail.mail_activity_data_todo"))
+        return record.activity_ids.filtered(
+            lambda a: a.activity_type_id == self.env.ref("mail.mail_activity_data_todo")
+        )
 
     def run_check(self):
         self.env["microsoft365.account"]._cron_health_check()
@@ -65,11 +67,19 @@ class TestHealthCheck(SandboxCase):
     @mute_logger(*QUIET)
     def test_a_failing_fetch_is_shown_on_the_server_and_the_account(self):
         account = self.connect(self.new_account(email="bob@contoso.com"), upn="alice@contoso.com")  # no access
-        server = self.env["fetchmail.server"].create({
-            "name": "bob", "connect_with": "microsoft365", "microsoft365_account_id": account.id,
-            "server_type": "imap", "server": self.sandbox.host, "port": self.sandbox.ports["imaps"],
-            "is_ssl": True, "user": account.email, "state": "done",
-        })
+        server = self.env["fetchmail.server"].create(
+            {
+                "name": "bob",
+                "connect_with": "microsoft365",
+                "microsoft365_account_id": account.id,
+                "server_type": "imap",
+                "server": self.sandbox.host,
+                "port": self.sandbox.ports["imaps"],
+                "is_ssl": True,
+                "user": account.email,
+                "state": "done",
+            }
+        )
         with patch.object(self.env.cr, "commit", lambda: None):
             self.env["fetchmail.server"]._fetch_mails()  # the cron: logs and goes on
         self.assertIn("owns or has Full Access to bob@contoso.com", server.microsoft365_fetch_error)

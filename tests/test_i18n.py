@@ -39,13 +39,19 @@ class TestTranslations(TransactionCase):
     def test_a_german_user_reads_german(self):
         self.env["res.lang"]._activate_lang("de_DE")
         self.env["ir.module.module"]._load_module_terms(["mail_microsoft365_oauth"], ["de_DE"], overwrite=True)
-        app = self.env["microsoft365.app"].create({"name": "Contoso", "client_id": "5f0b6c1e-0000-4000-8000-000000000001"})
+        app = self.env["microsoft365.app"].create(
+            {"name": "Contoso", "client_id": "5f0b6c1e-0000-4000-8000-000000000001"}
+        )
         account = self.env["microsoft365.account"].create({"email": "alice@contoso.com", "app_id": app.id})
         german = catalogue(I18N / "de.po")
         english = "The mailbox %s is not connected to Microsoft 365 yet: click Authorize."
         with self.assertRaises(UserError) as refused:
             account.with_context(lang="de_DE")._access_token()
         self.assertEqual(str(refused.exception), german[english] % "alice@contoso.com")
-        label = dict(self.env["microsoft365.account"].with_context(lang="de_DE")._fields["status"]
-                     ._description_selection(self.env(context={"lang": "de_DE"})))["reconnect"]
+        label = dict(
+            self.env["microsoft365.account"]
+            .with_context(lang="de_DE")
+            ._fields["status"]
+            ._description_selection(self.env(context={"lang": "de_DE"}))
+        )["reconnect"]
         self.assertEqual(label, german["Reconnect needed"])

@@ -15,21 +15,45 @@ class TestSwitchToOAuth(SandboxCase):
     def setUp(self):
         super().setUp()
         self.env["ir.config_parameter"].sudo().set_param(
-            "mail_microsoft365_oauth.default_app_id", self.app_registration.id)
+            "mail_microsoft365_oauth.default_app_id", self.app_registration.id
+        )
         partner_model = self.env.ref("base.model_res_partner")
-        self.incoming = self.env["fetchmail.server"].create({
-            "name": "Support (password)", "server_type": "imap", "server": self.sandbox.host,
-            "port": self.sandbox.ports["imaps"], "is_ssl": True, "user": "alice@contoso.com",
-            "password": "old-password", "priority": 2, "object_id": partner_model.id,
-        })
-        self.outgoing = self.env["ir.mail_server"].create({
-            "name": "Support SMTP (password)", "smtp_host": self.sandbox.host, "smtp_port": self.sandbox.ports["smtp"],
-            "smtp_encryption": "starttls", "smtp_user": "alice@contoso.com", "smtp_pass": "old-password",
-            "from_filter": "contoso.com", "sequence": 3,
-        })
-        self.elsewhere = self.env["fetchmail.server"].create({
-            "name": "Other provider", "server_type": "imap", "server": "imap.example.com", "port": 993,
-            "is_ssl": True, "user": "someone@example.com", "password": "kept"})
+        self.incoming = self.env["fetchmail.server"].create(
+            {
+                "name": "Support (password)",
+                "server_type": "imap",
+                "server": self.sandbox.host,
+                "port": self.sandbox.ports["imaps"],
+                "is_ssl": True,
+                "user": "alice@contoso.com",
+                "password": "old-password",
+                "priority": 2,
+                "object_id": partner_model.id,
+            }
+        )
+        self.outgoing = self.env["ir.mail_server"].create(
+            {
+                "name": "Support SMTP (password)",
+                "smtp_host": self.sandbox.host,
+                "smtp_port": self.sandbox.ports["smtp"],
+                "smtp_encryption": "starttls",
+                "smtp_user": "alice@contoso.com",
+                "smtp_pass": "old-password",
+                "from_filter": "contoso.com",
+                "sequence": 3,
+            }
+        )
+        self.elsewhere = self.env["fetchmail.server"].create(
+            {
+                "name": "Other provider",
+                "server_type": "imap",
+                "server": "imap.example.com",
+                "port": 993,
+                "is_ssl": True,
+                "user": "someone@example.com",
+                "password": "kept",
+            }
+        )
 
     def test_switch_keeps_the_server_and_the_password_until_oauth_works(self):
         self.assertTrue(self.incoming.microsoft365_switchable)
@@ -48,8 +72,14 @@ class TestSwitchToOAuth(SandboxCase):
         self.assertFalse(self.incoming.microsoft365_password_pending)
 
     def test_every_microsoft_cloud_host_is_recognised(self):
-        for host in ("smtp.office365.com", "smtp-mail.outlook.com", "smtp.office365.us", "outlook-dod.office365.us",
-                     "partner.outlook.cn", "SMTP.Office365.com "):
+        for host in (
+            "smtp.office365.com",
+            "smtp-mail.outlook.com",
+            "smtp.office365.us",
+            "outlook-dod.office365.us",
+            "partner.outlook.cn",
+            "SMTP.Office365.com ",
+        ):
             server = self.env["ir.mail_server"].new({"smtp_host": host, "smtp_authentication": "login"})
             self.assertTrue(server.microsoft365_switchable, host)
         self.assertFalse(self.env["ir.mail_server"].new({"smtp_host": "smtp.gmail.com"}).microsoft365_switchable)
@@ -97,21 +127,41 @@ class TestTakeOverMicrosoftOutlook(SandboxCase):
 
     @mute_logger("odoo.addons.mail_microsoft365_oauth.m365.identity")
     def test_outlook_servers_become_oauth_accounts_without_a_new_sign_in(self):
-        incoming = self.env["fetchmail.server"].create({
-            "name": "Outlook IMAP", "server_type": "outlook", "server": self.sandbox.host,
-            "port": self.sandbox.ports["imaps"], "is_ssl": True, "user": "alice@contoso.com",
-            "microsoft_outlook_refresh_token": self.outlook_refresh_token("alice@contoso.com", "IMAP.AccessAsUser.All"),
-        })
-        outgoing = self.env["ir.mail_server"].create({
-            "name": "Outlook SMTP", "smtp_authentication": "outlook", "smtp_host": self.sandbox.host,
-            "smtp_port": self.sandbox.ports["smtp"], "smtp_encryption": "starttls", "smtp_user": "alice@contoso.com",
-            "microsoft_outlook_refresh_token": self.outlook_refresh_token("alice@contoso.com", "SMTP.Send"),
-        })
-        stale = self.env["fetchmail.server"].create({
-            "name": "Outlook IMAP (stale)", "server_type": "outlook", "server": self.sandbox.host,
-            "port": self.sandbox.ports["imaps"], "is_ssl": True, "user": "bob@contoso.com",
-            "microsoft_outlook_refresh_token": "0.Anot-a-refresh-token",
-        })
+        incoming = self.env["fetchmail.server"].create(
+            {
+                "name": "Outlook IMAP",
+                "server_type": "outlook",
+                "server": self.sandbox.host,
+                "port": self.sandbox.ports["imaps"],
+                "is_ssl": True,
+                "user": "alice@contoso.com",
+                "microsoft_outlook_refresh_token": self.outlook_refresh_token(
+                    "alice@contoso.com", "IMAP.AccessAsUser.All"
+                ),
+            }
+        )
+        outgoing = self.env["ir.mail_server"].create(
+            {
+                "name": "Outlook SMTP",
+                "smtp_authentication": "outlook",
+                "smtp_host": self.sandbox.host,
+                "smtp_port": self.sandbox.ports["smtp"],
+                "smtp_encryption": "starttls",
+                "smtp_user": "alice@contoso.com",
+                "microsoft_outlook_refresh_token": self.outlook_refresh_token("alice@contoso.com", "SMTP.Send"),
+            }
+        )
+        stale = self.env["fetchmail.server"].create(
+            {
+                "name": "Outlook IMAP (stale)",
+                "server_type": "outlook",
+                "server": self.sandbox.host,
+                "port": self.sandbox.ports["imaps"],
+                "is_ssl": True,
+                "user": "bob@contoso.com",
+                "microsoft_outlook_refresh_token": "0.Anot-a-refresh-token",
+            }
+        )
         settings = self.env["res.config.settings"].create({})
         self.assertEqual(settings.microsoft365_outlook_servers, 3)
         sign_ins = self.sandbox.counter("authorize")

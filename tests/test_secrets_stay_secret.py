@@ -47,17 +47,32 @@ class TestSecretsStaySecret(SandboxCase):
         with self.everything_logged() as log:
             account = self.connect(self.new_account())
             self.sandbox.control("deliver", mailbox="alice@contoso.com", subject="Logged fetch")
-            incoming = self.env["fetchmail.server"].create({
-                "name": "alice", "connect_with": "microsoft365", "microsoft365_account_id": account.id,
-                "server_type": "imap", "server": self.sandbox.host, "port": self.sandbox.ports["imaps"],
-                "is_ssl": True, "user": account.email, "state": "done",
-                "object_id": self.env.ref("base.model_res_partner").id,
-            })
-            outgoing = self.env["ir.mail_server"].create({
-                "name": "alice", "smtp_authentication": "microsoft365", "microsoft365_account_id": account.id,
-                "smtp_host": self.sandbox.host, "smtp_port": self.sandbox.ports["smtp"],
-                "smtp_encryption": "starttls", "smtp_user": account.email, "smtp_debug": True,
-            })
+            incoming = self.env["fetchmail.server"].create(
+                {
+                    "name": "alice",
+                    "connect_with": "microsoft365",
+                    "microsoft365_account_id": account.id,
+                    "server_type": "imap",
+                    "server": self.sandbox.host,
+                    "port": self.sandbox.ports["imaps"],
+                    "is_ssl": True,
+                    "user": account.email,
+                    "state": "done",
+                    "object_id": self.env.ref("base.model_res_partner").id,
+                }
+            )
+            outgoing = self.env["ir.mail_server"].create(
+                {
+                    "name": "alice",
+                    "smtp_authentication": "microsoft365",
+                    "microsoft365_account_id": account.id,
+                    "smtp_host": self.sandbox.host,
+                    "smtp_port": self.sandbox.ports["smtp"],
+                    "smtp_encryption": "starttls",
+                    "smtp_user": account.email,
+                    "smtp_debug": True,
+                }
+            )
             with patch.object(self.env.cr, "commit", lambda: None):
                 incoming.fetch_mail()
             message = outgoing.build_email("alice@contoso.com", ["bob@contoso.com"], "Logged send", "Body")

@@ -1,6 +1,7 @@
 from urllib.parse import urlsplit
 
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from odoo.tests import HttpCase, new_test_user, tagged
 from odoo.tests.common import JsonRpcException
@@ -10,9 +11,14 @@ from ..sandbox.client import shared_sandbox
 from ..sandbox.hostile_inputs import HOSTILE_TEXT, record_hostile_inputs
 
 CALLBACK = "/microsoft365/oauth/callback"
-QUIET = ("odoo.http", "odoo.addons.mail_microsoft365_oauth.controllers.main",
-         "odoo.addons.mail_microsoft365_oauth.models.microsoft365_authorization", "odoo.models",
-         "odoo.addons.base.models.ir_rule", "odoo.addons.mail_microsoft365_oauth.m365.identity")
+QUIET = (
+    "odoo.http",
+    "odoo.addons.mail_microsoft365_oauth.controllers.main",
+    "odoo.addons.mail_microsoft365_oauth.models.microsoft365_authorization",
+    "odoo.models",
+    "odoo.addons.base.models.ir_rule",
+    "odoo.addons.mail_microsoft365_oauth.m365.identity",
+)
 
 
 @tagged("post_install", "-at_install")
@@ -31,11 +37,15 @@ class TestSecurity(HttpCase):
         super().setUp()
         self.sandbox.reset()
         self.env["ir.config_parameter"].sudo().set_param("web.base.url", self.base_url())
-        self.sandbox.control("add_redirect_uri", client_id=self.app_registration.client_id,
-                             redirect_uri=self.app_registration.redirect_uri)
+        self.sandbox.control(
+            "add_redirect_uri",
+            client_id=self.app_registration.client_id,
+            redirect_uri=self.app_registration.redirect_uri,
+        )
         Account = self.env["microsoft365.account"]
-        self.alice = Account.create({"email": "alice@contoso.com", "app_id": self.app_registration.id,
-                                     "owner_user_id": self.owner.id})
+        self.alice = Account.create(
+            {"email": "alice@contoso.com", "app_id": self.app_registration.id, "owner_user_id": self.owner.id}
+        )
         self.bob = Account.create({"email": "bob@contoso.com", "app_id": self.app_registration.id})
 
     def sign_in(self, account, upn):
@@ -45,8 +55,10 @@ class TestSecurity(HttpCase):
         return params
 
     def rpc(self, model, method, *args, **kwargs):
-        return self.make_jsonrpc_request(f"/web/dataset/call_kw/{model}/{method}", {
-            "model": model, "method": method, "args": list(args), "kwargs": kwargs})
+        return self.make_jsonrpc_request(
+            f"/web/dataset/call_kw/{model}/{method}",
+            {"model": model, "method": method, "args": list(args), "kwargs": kwargs},
+        )
 
     # the callback ----------------------------------------------------------------------------
 
@@ -65,13 +77,21 @@ class TestSecurity(HttpCase):
     def test_no_parameter_redirects_elsewhere(self):
         self.authenticate("admin", "admin")
         params = self.sign_in(self.alice, "alice@contoso.com")
-        hostile = {"redirect": "https://evil.example/", "next": "//evil.example", "redirect_uri": "https://evil.example",
-                   "return_url": "javascript:alert(1)", "debug": "1", "db": "other"}
+        hostile = {
+            "redirect": "https://evil.example/",
+            "next": "//evil.example",
+            "redirect_uri": "https://evil.example",
+            "return_url": "javascript:alert(1)",
+            "debug": "1",
+            "db": "other",
+        }
         response = self.url_open(CALLBACK, data={**params, **hostile}, allow_redirects=False)
         self.assertEqual(response.status_code, 303)
         location = urlsplit(response.headers["Location"])
-        self.assertEqual((location.netloc or urlsplit(self.base_url()).netloc, location.path, location.query),
-                         (urlsplit(self.base_url()).netloc, f"/odoo/microsoft365-accounts/{self.alice.id}", ""))
+        self.assertEqual(
+            (location.netloc or urlsplit(self.base_url()).netloc, location.path, location.query),
+            (urlsplit(self.base_url()).netloc, f"/odoo/microsoft365-accounts/{self.alice.id}", ""),
+        )
 
     @mute_logger(*QUIET)
     def test_a_state_from_another_database_or_forged_is_unknown_here(self):
@@ -84,9 +104,13 @@ class TestSecurity(HttpCase):
 
     @mute_logger(*QUIET)
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(st.dictionaries(
-        st.sampled_from(["code", "state", "error", "error_description", "session_state", "client_info", "x"]),
-        st.one_of(st.text(max_size=200), st.sampled_from(HOSTILE_TEXT)), max_size=5))
+    @given(
+        st.dictionaries(
+            st.sampled_from(["code", "state", "error", "error_description", "session_state", "client_info", "x"]),
+            st.one_of(st.text(max_size=200), st.sampled_from(HOSTILE_TEXT)),
+            max_size=5,
+        )
+    )
     def test_hostile_callbacks_change_nothing_and_never_fail(self, params):
         record_hostile_inputs("callback", 1)
         self.authenticate("admin", "admin")
@@ -94,8 +118,12 @@ class TestSecurity(HttpCase):
             if method == "POST":
                 response = self.url_open(CALLBACK, data=params, allow_redirects=False, timeout=30)
             else:
-                response = self.opener.get(self.base_url() + CALLBACK, params={k: v[:2000] for k, v in params.items()},
-                                           allow_redirects=False, timeout=30)
+                response = self.opener.get(
+                    self.base_url() + CALLBACK,
+                    params={k: v[:2000] for k, v in params.items()},
+                    allow_redirects=False,
+                    timeout=30,
+                )
             self.assertIn(response.status_code, (200, 303), response.text[:300])
             self.assertNotIn("Traceback", response.text)
             self.assertNotIn("<script>alert", response.text)
@@ -107,10 +135,18 @@ class TestSecurity(HttpCase):
     @mute_logger(*QUIET)
     def test_secrets_cannot_be_read_over_rpc_or_web_controllers(self):
         account = self.alice
-        server = self.env["fetchmail.server"].create({
-            "name": "alice", "connect_with": "microsoft365", "microsoft365_account_id": account.id,
-            "server_type": "imap", "server": "outlook.office365.com", "port": 993, "is_ssl": True,
-            "user": account.email})
+        server = self.env["fetchmail.server"].create(
+            {
+                "name": "alice",
+                "connect_with": "microsoft365",
+                "microsoft365_account_id": account.id,
+                "server_type": "imap",
+                "server": "outlook.office365.com",
+                "port": 993,
+                "is_ssl": True,
+                "user": account.email,
+            }
+        )
         self.env.cr.execute("UPDATE microsoft365_account SET token_cache_sealed = 'sealed' WHERE id = %s", [account.id])
         self.authenticate("admin", "admin")
         for call in (
@@ -118,7 +154,9 @@ class TestSecurity(HttpCase):
             lambda: self.rpc("microsoft365.account", "search_read", [], ["token_cache_sealed"]),
             lambda: self.rpc("microsoft365.account", "export_data", [account.id], ["token_cache_sealed"]),
             lambda: self.rpc("microsoft365.app", "read", [self.app_registration.id], ["client_secret_sealed"]),
-            lambda: self.rpc("fetchmail.server", "export_data", server.ids, ["microsoft365_account_id/token_cache_sealed"]),
+            lambda: self.rpc(
+                "fetchmail.server", "export_data", server.ids, ["microsoft365_account_id/token_cache_sealed"]
+            ),
             lambda: self.rpc("fetchmail.server", "read", server.ids, ["microsoft365_account_id.token_cache_sealed"]),
         ):
             with self.assertRaises(JsonRpcException):
@@ -154,15 +192,34 @@ class TestSecurity(HttpCase):
     @mute_logger(*QUIET)
     def test_hostile_values_in_every_field_get_a_clear_error_and_store_nothing(self):
         self.authenticate("admin", "admin")
-        base = {"name": "Hostile", "client_id": "1b2c3d4e-0000-4000-8000-00000000abcd", "cloud": "custom",
-                "authority_host": "https://login.example.com"}
-        targets = [("microsoft365.app", base, field) for field in
-                   ("name", "tenant", "client_id", "client_secret", "authority_host", "imap_host", "smtp_host",
-                    "delegated_resource", "ca_file")]
-        targets += [("microsoft365.account", {"email": "carol@contoso.com", "app_id": self.app_registration.id}, field)
-                    for field in ("email", "sender_name")]
-        targets += [("microsoft365.connect.wizard", {"email": "carol@contoso.com", "app_id": self.app_registration.id},
-                     field) for field in ("email", "sender_name")]
+        base = {
+            "name": "Hostile",
+            "client_id": "1b2c3d4e-0000-4000-8000-00000000abcd",
+            "cloud": "custom",
+            "authority_host": "https://login.example.com",
+        }
+        targets = [
+            ("microsoft365.app", base, field)
+            for field in (
+                "name",
+                "tenant",
+                "client_id",
+                "client_secret",
+                "authority_host",
+                "imap_host",
+                "smtp_host",
+                "delegated_resource",
+                "ca_file",
+            )
+        ]
+        targets += [
+            ("microsoft365.account", {"email": "carol@contoso.com", "app_id": self.app_registration.id}, field)
+            for field in ("email", "sender_name")
+        ]
+        targets += [
+            ("microsoft365.connect.wizard", {"email": "carol@contoso.com", "app_id": self.app_registration.id}, field)
+            for field in ("email", "sender_name")
+        ]
         tried = refused = 0
         for model, values, field in targets:
             for hostile in HOSTILE_TEXT[1:]:  # "" is a legitimate "not set" for some fields
@@ -172,8 +229,11 @@ class TestSecurity(HttpCase):
                     record_id = self.rpc(model, "create", {**values, field: hostile})
                 except JsonRpcException as exc:
                     refused += 1
-                    self.assertIn(exc.args[0] if exc.args else "", ("odoo.exceptions.ValidationError", ""),
-                                  f"{model}.{field} = {hostile[:40]!r}: not a clear validation error")
+                    self.assertIn(
+                        exc.args[0] if exc.args else "",
+                        ("odoo.exceptions.ValidationError", ""),
+                        f"{model}.{field} = {hostile[:40]!r}: not a clear validation error",
+                    )
                     self.env.invalidate_all()
                     self.assertEqual(self.env[model].search_count([]), before, f"{model}.{field} stored something")
                     continue

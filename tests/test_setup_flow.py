@@ -10,7 +10,8 @@ class TestSetupFlow(SandboxCase):
 
     def test_connect_wizard_creates_account_and_both_servers_then_signs_in(self):
         wizard = self.env["microsoft365.connect.wizard"].create(
-            {"email": " Sales@Contoso.com ", "app_id": self.app_registration.id})
+            {"email": " Sales@Contoso.com ", "app_id": self.app_registration.id}
+        )
         action = wizard.action_connect()
         account = self.env["microsoft365.account"].search([("email", "=", "sales@contoso.com")])
         self.assertEqual(len(account), 1)
@@ -24,35 +25,62 @@ class TestSetupFlow(SandboxCase):
         self.assertIn("prompt=select_account", action["url"])
         # Running it again reuses everything
         self.env["microsoft365.connect.wizard"].create(
-            {"email": "sales@contoso.com", "app_id": self.app_registration.id}).action_create_only()
+            {"email": "sales@contoso.com", "app_id": self.app_registration.id}
+        ).action_create_only()
         self.assertEqual(self.env["microsoft365.account"].search_count([("email", "=", "sales@contoso.com")]), 1)
         self.assertEqual((len(account.incoming_server_ids), len(account.outgoing_server_ids)), (1, 1))
 
     def test_connect_with_on_a_server_links_the_mailbox_account(self):
         self.env["ir.config_parameter"].sudo().set_param(
-            "mail_microsoft365_oauth.default_app_id", self.app_registration.id)
-        incoming = self.env["fetchmail.server"].create({
-            "name": "Support", "connect_with": "microsoft365", "server_type": "imap",
-            "server": self.sandbox.host, "port": self.sandbox.ports["imaps"], "is_ssl": True,
-            "user": "Info@Contoso.com",
-        })
-        outgoing = self.env["ir.mail_server"].create({
-            "name": "Support", "smtp_authentication": "microsoft365", "smtp_host": self.sandbox.host,
-            "smtp_port": self.sandbox.ports["smtp"], "smtp_encryption": "starttls", "from_filter": "info@contoso.com",
-        })
+            "mail_microsoft365_oauth.default_app_id", self.app_registration.id
+        )
+        incoming = self.env["fetchmail.server"].create(
+            {
+                "name": "Support",
+                "connect_with": "microsoft365",
+                "server_type": "imap",
+                "server": self.sandbox.host,
+                "port": self.sandbox.ports["imaps"],
+                "is_ssl": True,
+                "user": "Info@Contoso.com",
+            }
+        )
+        outgoing = self.env["ir.mail_server"].create(
+            {
+                "name": "Support",
+                "smtp_authentication": "microsoft365",
+                "smtp_host": self.sandbox.host,
+                "smtp_port": self.sandbox.ports["smtp"],
+                "smtp_encryption": "starttls",
+                "from_filter": "info@contoso.com",
+            }
+        )
         self.assertEqual(incoming.microsoft365_account_id.email, "info@contoso.com")
         self.assertEqual(outgoing.microsoft365_account_id, incoming.microsoft365_account_id)
         self.assertEqual(outgoing.smtp_user, "info@contoso.com")
 
     def test_password_servers_are_untouched(self):
-        server = self.env["fetchmail.server"].create({
-            "name": "Legacy", "server_type": "imap", "server": "imap.example.com", "port": 993, "is_ssl": True,
-            "user": "legacy@example.com", "password": "secret"})
+        server = self.env["fetchmail.server"].create(
+            {
+                "name": "Legacy",
+                "server_type": "imap",
+                "server": "imap.example.com",
+                "port": 993,
+                "is_ssl": True,
+                "user": "legacy@example.com",
+                "password": "secret",
+            }
+        )
         self.assertEqual(server.connect_with, "password")
         self.assertFalse(server.microsoft365_account_id)
-        outgoing = self.env["ir.mail_server"].create({
-            "name": "Legacy", "smtp_host": "smtp.example.com", "smtp_user": "legacy@example.com",
-            "smtp_pass": "secret"})
+        outgoing = self.env["ir.mail_server"].create(
+            {
+                "name": "Legacy",
+                "smtp_host": "smtp.example.com",
+                "smtp_user": "legacy@example.com",
+                "smtp_pass": "secret",
+            }
+        )
         self.assertEqual(outgoing.smtp_authentication, "login")
         self.assertFalse(outgoing.microsoft365_account_id)
 
@@ -62,7 +90,8 @@ class TestSetupFlow(SandboxCase):
 
     def test_onchange_fills_exchange_hosts(self):
         self.env["ir.config_parameter"].sudo().set_param(
-            "mail_microsoft365_oauth.default_app_id", self.app_registration.id)
+            "mail_microsoft365_oauth.default_app_id", self.app_registration.id
+        )
         from odoo.tests import Form
 
         form = Form(self.env["fetchmail.server"])

@@ -1,4 +1,4 @@
-from odoo import _, api, fields, models
+from odoo import api, fields, models
 
 
 class Microsoft365ConnectWizard(models.TransientModel):
@@ -9,21 +9,29 @@ class Microsoft365ConnectWizard(models.TransientModel):
     _description = "Connect a Microsoft 365 mailbox"
 
     email = fields.Char(string="Mailbox", required=True, help="For example sales@contoso.com")
-    app_id = fields.Many2one("microsoft365.app", string="App registration", required=True,
-                             default=lambda self: self.env["microsoft365.app"]._default_app())
-    incoming = fields.Selection([("imap", "IMAP"), ("pop", "POP3"), ("none", "None")],
-                                string="Incoming mail", default="imap", required=True)
+    app_id = fields.Many2one(
+        "microsoft365.app",
+        string="App registration",
+        required=True,
+        default=lambda self: self.env["microsoft365.app"]._default_app(),
+    )
+    incoming = fields.Selection(
+        [("imap", "IMAP"), ("pop", "POP3"), ("none", "None")], string="Incoming mail", default="imap", required=True
+    )
     outgoing = fields.Boolean(string="Outgoing mail (SMTP)", default=True)
-    owner_user_id = fields.Many2one("res.users", string="Only visible for",
-                                    help="Empty: administrators only.")
+    owner_user_id = fields.Many2one("res.users", string="Only visible for", help="Empty: administrators only.")
     sender_name = fields.Char(string="Name displayed")
 
     @api.model_create_multi
     def create(self, vals_list):
         # Same rules as the account it creates, checked before anything is stored.
         Account = self.env["microsoft365.account"]
-        return super().create([dict(vals, **Account._normalise(
-            {k: vals[k] for k in ("email", "sender_name") if vals.get(k)})) for vals in vals_list])
+        return super().create(
+            [
+                dict(vals, **Account._normalise({k: vals[k] for k in ("email", "sender_name") if vals.get(k)}))
+                for vals in vals_list
+            ]
+        )
 
     def action_connect(self):
         account = self._connect()
@@ -43,19 +51,32 @@ class Microsoft365ConnectWizard(models.TransientModel):
         else:
             account = Account.create({"email": email, "app_id": self.app_id.id, **values})
         cloud = self.app_id._cloud()
-        name = _("%s (Microsoft 365)", email)
+        name = self.env._("%s (Microsoft 365)", email)
         if self.incoming != "none" and not account.incoming_server_ids:
             pop = self.incoming == "pop"
-            self.env["fetchmail.server"].create({
-                "name": name, "connect_with": "microsoft365", "microsoft365_account_id": account.id,
-                "server_type": self.incoming, "server": cloud.pop_host if pop else cloud.imap_host,
-                "port": cloud.pop_port if pop else cloud.imap_port, "is_ssl": True, "user": email,
-            })
+            self.env["fetchmail.server"].create(
+                {
+                    "name": name,
+                    "connect_with": "microsoft365",
+                    "microsoft365_account_id": account.id,
+                    "server_type": self.incoming,
+                    "server": cloud.pop_host if pop else cloud.imap_host,
+                    "port": cloud.pop_port if pop else cloud.imap_port,
+                    "is_ssl": True,
+                    "user": email,
+                }
+            )
         if self.outgoing and not account.outgoing_server_ids:
-            self.env["ir.mail_server"].create({
-                "name": name, "smtp_authentication": "microsoft365", "microsoft365_account_id": account.id,
-                "smtp_host": cloud.smtp_host, "smtp_port": cloud.smtp_port, "smtp_encryption": "starttls",
-                "smtp_user": email, "from_filter": email,
-            })
+            self.env["ir.mail_server"].create(
+                {
+                    "name": name,
+                    "smtp_authentication": "microsoft365",
+                    "microsoft365_account_id": account.id,
+                    "smtp_host": cloud.smtp_host,
+                    "smtp_port": cloud.smtp_port,
+                    "smtp_encryption": "starttls",
+                    "smtp_user": email,
+                    "from_filter": email,
+                }
+            )
         return account
-

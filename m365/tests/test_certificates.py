@@ -29,8 +29,9 @@ def test_pfx_with_passphrase():
     from cryptography import x509
 
     cert = x509.load_pem_x509_certificate(cert_pem.encode())
-    pfx = pkcs12.serialize_key_and_certificates(b"odoo", key, cert, None,
-                                                serialization.BestAvailableEncryption(b"s3cret"))
+    pfx = pkcs12.serialize_key_and_certificates(
+        b"odoo", key, cert, None, serialization.BestAvailableEncryption(b"s3cret")
+    )
     assert load_certificate_credential(pfx, "s3cret").thumbprint == thumbprint(cert_pem)
     with pytest.raises(InvalidInput, match="passphrase"):
         load_certificate_credential(pfx, "wrong")
@@ -38,7 +39,7 @@ def test_pfx_with_passphrase():
 
 @pytest.mark.parametrize("case", ["empty", "certificate only", "key of another certificate", "expired", "garbage"])
 def test_unusable_uploads_are_refused_clearly(case):
-    key, cert = pem_pair()
+    _key, cert = pem_pair()
     other_key, _other = pem_pair()
     data = {
         "empty": b"",

@@ -11,7 +11,11 @@ def test_global_cloud_matches_microsoft_documentation():
     ]
     assert cloud.app_scopes() == ["https://outlook.office365.com/.default"]
     assert (cloud.imap_host, cloud.imap_port, cloud.smtp_host, cloud.smtp_port) == (
-        "outlook.office365.com", 993, "smtp.office365.com", 587)
+        "outlook.office365.com",
+        993,
+        "smtp.office365.com",
+        587,
+    )
 
 
 def test_every_cloud_uses_one_resource_per_sign_in():

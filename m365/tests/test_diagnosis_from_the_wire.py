@@ -1,5 +1,6 @@
 """Every row of the Errors table (../shared/docs/microsoft365.md), produced by the sandbox on the
 wire and diagnosed by the core exactly as Test connection, the callback and the health check do."""
+
 import smtplib
 import ssl
 import tempfile
@@ -33,9 +34,14 @@ def box(sandbox):
 
 
 def client(box, app="Odoo Mail (sandbox)", tenant=None, secret=None, client_id=None):
-    return IdentityClient(AppCredentials(
-        client_id=client_id or box.app(app)["client_id"], authority=box.authority(tenant),
-        client_secret=secret or box.secret(app), ca_file=box.ca_file))
+    return IdentityClient(
+        AppCredentials(
+            client_id=client_id or box.app(app)["client_id"],
+            authority=box.authority(tenant),
+            client_secret=secret or box.secret(app),
+            ca_file=box.ca_file,
+        )
+    )
 
 
 def signed_in(box, upn="alice@contoso.com"):
@@ -75,13 +81,16 @@ def test_aadsts50194_single_tenant_app_without_tenant(box):
     assert diagnosis.diagnose_oauth(params).code == "AADSTS50194"
 
 
-@pytest.mark.parametrize("case, expected", [
-    ("unknown tenant", "AADSTS90002"),
-    ("unknown client", "AADSTS700016"),
-    ("wrong secret", "AADSTS7000215"),
-    ("expired secret", "AADSTS7000222"),
-    ("tenant without Exchange", "AADSTS500011"),
-])
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("unknown tenant", "AADSTS90002"),
+        ("unknown client", "AADSTS700016"),
+        ("wrong secret", "AADSTS7000215"),
+        ("expired secret", "AADSTS7000222"),
+        ("tenant without Exchange", "AADSTS500011"),
+    ],
+)
 def test_app_registration_mistakes(box, case, expected):
     if case == "unknown tenant":
         identity = client(box, tenant="nosuchtenant.example")
@@ -100,21 +109,27 @@ def test_app_registration_mistakes(box, case, expected):
     assert found.kind == diagnosis.CONFIGURATION
 
 
-@pytest.mark.parametrize("policy, expected, kind", [
-    ({"require_mfa": True}, "AADSTS50076", diagnosis.RECONNECT),
-    ({"must_register_mfa": True}, "AADSTS50079", diagnosis.RECONNECT),
-    ({"blocked_by_conditional_access": True}, "AADSTS53003", diagnosis.RECONNECT),
-])
+@pytest.mark.parametrize(
+    "policy, expected, kind",
+    [
+        ({"require_mfa": True}, "AADSTS50076", diagnosis.RECONNECT),
+        ({"must_register_mfa": True}, "AADSTS50079", diagnosis.RECONNECT),
+        ({"blocked_by_conditional_access": True}, "AADSTS53003", diagnosis.RECONNECT),
+    ],
+)
 def test_conditional_access_and_mfa_at_refresh(box, policy, expected, kind):
     found = refresh_after(box, **policy)
     assert (found.code, found.kind) == (expected, kind)
 
 
-@pytest.mark.parametrize("lever, expected", [
-    ("revoke_sessions", "AADSTS50173"),
-    ("expire_refresh_tokens", "AADSTS700082"),
-    ("consent", "AADSTS65001"),
-])
+@pytest.mark.parametrize(
+    "lever, expected",
+    [
+        ("revoke_sessions", "AADSTS50173"),
+        ("expire_refresh_tokens", "AADSTS700082"),
+        ("consent", "AADSTS65001"),
+    ],
+)
 def test_lost_grants(box, lever, expected):
     box.control("settings", access_token_lifetime=1)
     identity, sign_in = signed_in(box)

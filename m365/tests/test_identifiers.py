@@ -1,9 +1,18 @@
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from m365.errors import InvalidInput
-from m365.identifiers import (NAME_MAX_LENGTH, parse_client_id, parse_client_secret, parse_display_name,
-                              parse_hostname, parse_https_origin, parse_mailbox, parse_tenant)
+from m365.identifiers import (
+    NAME_MAX_LENGTH,
+    parse_client_id,
+    parse_client_secret,
+    parse_display_name,
+    parse_hostname,
+    parse_https_origin,
+    parse_mailbox,
+    parse_tenant,
+)
 from sandbox.hostile_inputs import HOSTILE_TEXT, record_hostile_inputs
 
 GUID = "3f0a7c2e-6d1b-4c8a-9e52-0b7d4a1c9e01"
@@ -14,21 +23,33 @@ def test_empty_tenant_means_organizations_never_common():
     assert parse_tenant(None) == "organizations"
 
 
-@pytest.mark.parametrize("value, expected", [
-    (GUID.upper(), GUID),
-    ("  contoso.onmicrosoft.com ", "contoso.onmicrosoft.com"),
-    ("Consumers", "consumers"),
-    ("common", "common"),
-    ("{" + GUID + "}", GUID),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        (GUID.upper(), GUID),
+        ("  contoso.onmicrosoft.com ", "contoso.onmicrosoft.com"),
+        ("Consumers", "consumers"),
+        ("common", "common"),
+        ("{" + GUID + "}", GUID),
+    ],
+)
 def test_tenant_forms(value, expected):
     assert parse_tenant(value) == expected
 
 
-@pytest.mark.parametrize("value", [
-    "contoso", "https://login.microsoftonline.com/contoso.com", "3f0a7c2e-6d1b-4c8a-9e52", "a b.com",
-    "contoso.com/../x", "<script>.com", "x" * 300 + ".com", "contoso.com\r\nX: y",
-])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "contoso",
+        "https://login.microsoftonline.com/contoso.com",
+        "3f0a7c2e-6d1b-4c8a-9e52",
+        "a b.com",
+        "contoso.com/../x",
+        "<script>.com",
+        "x" * 300 + ".com",
+        "contoso.com\r\nX: y",
+    ],
+)
 def test_malformed_tenant_is_refused(value):
     with pytest.raises(InvalidInput):
         parse_tenant(value)
@@ -43,8 +64,17 @@ def test_client_id_must_be_a_guid():
 
 def test_mailbox():
     assert parse_mailbox(" Info@Contoso.COM ") == "info@contoso.com"
-    for bad in ("", "info", "info@", "@contoso.com", "a@b@contoso.com", "info@contoso.com\r\nRCPT TO:<x@y.z>",
-                "in fo@contoso.com", "info@contoso", "a..b@contoso.com"):
+    for bad in (
+        "",
+        "info",
+        "info@",
+        "@contoso.com",
+        "a@b@contoso.com",
+        "info@contoso.com\r\nRCPT TO:<x@y.z>",
+        "in fo@contoso.com",
+        "info@contoso",
+        "a..b@contoso.com",
+    ):
         with pytest.raises(InvalidInput):
             parse_mailbox(bad)
 
@@ -76,16 +106,27 @@ def test_display_names_keep_unicode_and_markup_as_text():
     assert parse_display_name("  Vertrieb – Müller & Söhne <b> ") == "Vertrieb – Müller & Söhne <b>"
 
 
-@pytest.mark.parametrize("value, expected", [
-    ("https://login.microsoftonline.us/", "https://login.microsoftonline.us"),
-    ("https://127.0.0.1:9443", "https://127.0.0.1:9443"),
-])
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("https://login.microsoftonline.us/", "https://login.microsoftonline.us"),
+        ("https://127.0.0.1:9443", "https://127.0.0.1:9443"),
+    ],
+)
 def test_https_origins(value, expected):
     assert parse_https_origin(value) == expected
 
 
-@pytest.mark.parametrize("value", ["http://login.example.com", "https://login.example.com/common",
-                                   "https://evil.example.com?x=1", "javascript:alert(1)", "https://a b.com"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "http://login.example.com",
+        "https://login.example.com/common",
+        "https://evil.example.com?x=1",
+        "javascript:alert(1)",
+        "https://a b.com",
+    ],
+)
 def test_bad_https_origins_are_refused(value):
     with pytest.raises(InvalidInput):
         parse_https_origin(value)

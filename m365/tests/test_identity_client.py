@@ -1,4 +1,5 @@
 """The core's MSAL wrapper against the sandbox's identity endpoint: retries, faults, diagnosis."""
+
 import tempfile
 import time
 
@@ -28,8 +29,13 @@ def fresh(sandbox):
 
 
 def credentials(sandbox, timeout=10.0):
-    return AppCredentials(client_id=sandbox.app()["client_id"], authority=sandbox.authority(),
-                          client_secret=sandbox.secret(), ca_file=sandbox.ca_file, timeout=timeout)
+    return AppCredentials(
+        client_id=sandbox.app()["client_id"],
+        authority=sandbox.authority(),
+        client_secret=sandbox.secret(),
+        ca_file=sandbox.ca_file,
+        timeout=timeout,
+    )
 
 
 def signed_in_client(sandbox, timeout=10.0):

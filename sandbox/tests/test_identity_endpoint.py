@@ -1,4 +1,5 @@
 """The sandbox's identity endpoint, driven over HTTPS by MSAL itself, as the addon will drive it."""
+
 import hashlib
 import time
 
@@ -26,7 +27,9 @@ def msal_app(sandbox, client_id=None, credential=None, tenant=None, app_name="Od
     return msal.ConfidentialClientApplication(
         client_id or sandbox.app(app_name)["client_id"],
         client_credential=credential or sandbox.secret(app_name),
-        authority=sandbox.authority(tenant), http_client=session_for(sandbox), instance_discovery=False,
+        authority=sandbox.authority(tenant),
+        http_client=session_for(sandbox),
+        instance_discovery=False,
         token_cache=msal.SerializableTokenCache(),
     )
 
@@ -36,8 +39,9 @@ def claims(token):
 
 
 def sign_in(sandbox, app, account="alice@contoso.com", scopes=SCOPES, **kwargs):
-    flow = app.initiate_auth_code_flow(scopes, redirect_uri=REDIRECT_URI, login_hint=account,
-                                       prompt="select_account", response_mode="form_post")
+    flow = app.initiate_auth_code_flow(
+        scopes, redirect_uri=REDIRECT_URI, login_hint=account, prompt="select_account", response_mode="form_post"
+    )
     return flow, sandbox.sign_in(flow["auth_uri"], account, **kwargs)
 
 
@@ -51,6 +55,7 @@ def assert_microsoft_error(result, code, error=None):
 
 
 # discovery ---------------------------------------------------------------------------------
+
 
 def test_discovery_by_tenant_id_domain_and_alias(identity_sandbox):
     http = session_for(identity_sandbox)
@@ -68,7 +73,8 @@ def test_discovery_by_tenant_id_domain_and_alias(identity_sandbox):
 def test_unknown_tenant_is_aadsts90002(identity_sandbox):
     response = session_for(identity_sandbox).get(
         f"{identity_sandbox.identity_url}/nosuchtenant.example/v2.0/.well-known/openid-configuration",
-        headers={"client-request-id": "5f0b6c1e-0000-4000-8000-000000000001"})
+        headers={"client-request-id": "5f0b6c1e-0000-4000-8000-000000000001"},
+    )
     assert response.status_code == 400
     body = response.json()
     assert_microsoft_error(body, 90002, "invalid_tenant")
@@ -78,6 +84,7 @@ def test_unknown_tenant_is_aadsts90002(identity_sandbox):
 
 
 # authorization code + PKCE ---------------------------------------------------------------------
+
 
 def test_auth_code_flow_with_pkce_gives_exchange_shaped_tokens(identity_sandbox):
     app = msal_app(identity_sandbox)
@@ -197,6 +204,7 @@ def test_tenant_without_exchange_is_aadsts500011(fresh):
 
 # refresh -------------------------------------------------------------------------------------
 
+
 def signed_in(sandbox, account="alice@contoso.com"):
     app = msal_app(sandbox)
     flow, params = sign_in(sandbox, app, account=account)
@@ -227,12 +235,15 @@ def test_msal_silent_refresh_rotates_inside_its_cache(fresh):
     assert "access_token" in again, again  # MSAL used the rotated refresh token it stored
 
 
-@pytest.mark.parametrize("lever, code", [
-    ("revoke_sessions", 50173),
-    ("expire_refresh_tokens", 700082),
-    ("require_mfa", 50076),
-    ("consent", 65001),
-])
+@pytest.mark.parametrize(
+    "lever, code",
+    [
+        ("revoke_sessions", 50173),
+        ("expire_refresh_tokens", 700082),
+        ("require_mfa", 50076),
+        ("consent", 65001),
+    ],
+)
 def test_refresh_failures_are_microsofts(fresh, lever, code):
     app, result = signed_in(fresh)
     if lever == "consent":
@@ -243,6 +254,7 @@ def test_refresh_failures_are_microsofts(fresh, lever, code):
 
 
 # client credentials ----------------------------------------------------------------------------
+
 
 def test_client_credentials_with_secret_gives_app_roles(fresh):
     result = msal_app(fresh).acquire_token_for_client(APP_SCOPE)
@@ -285,8 +297,9 @@ def test_client_credentials_with_certificate(fresh, shape):
 
 def test_certificate_assertion_also_redeems_a_code(fresh):
     certificate = fresh.certificate()
-    app = msal_app(fresh, credential={"private_key": certificate["private_key"],
-                                      "public_certificate": certificate["certificate"]})
+    app = msal_app(
+        fresh, credential={"private_key": certificate["private_key"], "public_certificate": certificate["certificate"]}
+    )
     flow, params = sign_in(fresh, app)
     assert claims(app.acquire_token_by_auth_code_flow(flow, params)["access_token"])["appidacr"] == "2"
 
@@ -308,12 +321,14 @@ def test_assertion_signed_by_another_key_is_refused(fresh):
 
 # faults --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind, status, code", [("429", 429, 90055), ("503", 503, 90033)])
 def test_token_endpoint_faults(fresh, kind, status, code):
     fresh.control("token_fault", kind=kind, count=1, retry_after=7)
     url = f"{fresh.authority()}/oauth2/v2.0/token"
-    response = session_for(fresh).post(url, data={"client_id": fresh.app()["client_id"],
-                                                  "grant_type": "client_credentials"})
+    response = session_for(fresh).post(
+        url, data={"client_id": fresh.app()["client_id"], "grant_type": "client_credentials"}
+    )
     assert response.status_code == status
     assert response.headers["Retry-After"] == "7"
     assert_microsoft_error(response.json(), code, "temporarily_unavailable")

@@ -1,4 +1,5 @@
 """IMAP, POP3 and SMTP of the sandbox, driven with Python's own clients and tokens MSAL obtained."""
+
 import base64
 import email.message
 import imaplib
@@ -16,8 +17,10 @@ EXCHANGE = "https://outlook.office.com"
 ALL_SCOPES = [f"{EXCHANGE}/IMAP.AccessAsUser.All", f"{EXCHANGE}/POP.AccessAsUser.All", f"{EXCHANGE}/SMTP.Send"]
 REDIRECT_URI = "http://localhost:8069/microsoft365/oauth/callback"
 # learn.microsoft.com, "Authenticate an IMAP, POP or SMTP connection using OAuth"
-MICROSOFT_EXAMPLE = ("dXNlcj10ZXN0QGNvbnRvc28ub25taWNyb3NvZnQuY29tAWF1dGg9QmVhcmVyIEV3QkFBbDNCQUFVRkZwVUFvN0ozVmUwYmpMQldaV0"
-                     "NjbFJDM0VvQUEBAQ==")
+MICROSOFT_EXAMPLE = (
+    "dXNlcj10ZXN0QGNvbnRvc28ub25taWNyb3NvZnQuY29tAWF1dGg9QmVhcmVyIEV3QkFBbDNCQUFVRkZwVUFvN0ozVmUwYmpMQldaV0"
+    "NjbFJDM0VvQUEBAQ=="
+)
 
 
 # Exchange answers "NO AUTHENTICATE failed.", Dovecot "NO [AUTHENTICATIONFAILED] Authentication failed."
@@ -28,23 +31,28 @@ def msal_app(sandbox, app_name="Odoo Mail (sandbox)"):
     session = requests.Session()
     session.trust_env = False
     session.verify = sandbox.ca_file
-    return msal.ConfidentialClientApplication(sandbox.app(app_name)["client_id"],
-                                              client_credential=sandbox.secret(app_name),
-                                              authority=sandbox.authority(), http_client=session,
-                                              instance_discovery=False)
+    return msal.ConfidentialClientApplication(
+        sandbox.app(app_name)["client_id"],
+        client_credential=sandbox.secret(app_name),
+        authority=sandbox.authority(),
+        http_client=session,
+        instance_discovery=False,
+    )
 
 
 def user_token(sandbox, upn="alice@contoso.com", scopes=ALL_SCOPES):
     app = msal_app(sandbox)
-    flow = app.initiate_auth_code_flow(scopes, redirect_uri=REDIRECT_URI, login_hint=upn, prompt="select_account",
-                                       response_mode="form_post")
+    flow = app.initiate_auth_code_flow(
+        scopes, redirect_uri=REDIRECT_URI, login_hint=upn, prompt="select_account", response_mode="form_post"
+    )
     result = app.acquire_token_by_auth_code_flow(flow, sandbox.sign_in(flow["auth_uri"], upn))
     return result["access_token"]
 
 
 def app_token(sandbox, app_name="Odoo Mail (sandbox)"):
     return msal_app(sandbox, app_name).acquire_token_for_client(["https://outlook.office365.com/.default"])[
-        "access_token"]
+        "access_token"
+    ]
 
 
 def xoauth2(mailbox, token):
@@ -88,6 +96,7 @@ def box(sandbox):
 
 
 # IMAP --------------------------------------------------------------------------------------
+
 
 def test_imap_accepts_the_users_token_and_selects_inbox(box):
     imap = imap_login(box, "alice@contoso.com", user_token(box))
@@ -139,8 +148,12 @@ def test_throttled_mailbox_says_how_long_to_back_off(box):
 
 
 def test_app_only_token_without_admin_consent_is_refused(box):
-    box.control("grant", right="full_access", identity=f"app:{box.app('Unconsented app')['client_id']}",
-                mailbox="info@contoso.com")
+    box.control(
+        "grant",
+        right="full_access",
+        identity=f"app:{box.app('Unconsented app')['client_id']}",
+        mailbox="info@contoso.com",
+    )
     assert_imap_refused(box, "info@contoso.com", app_token(box, "Unconsented app"))
 
 
@@ -157,6 +170,7 @@ def test_password_login_only_where_basic_auth_is_allowed(box):
 
 
 # POP3 --------------------------------------------------------------------------------------
+
 
 def pop3_auth(sandbox, mailbox, token):
     pop = poplib.POP3_SSL(sandbox.host, sandbox.ports["pop3s"], context=tls(sandbox))
@@ -182,6 +196,7 @@ def test_pop3_xoauth2(box):
 
 # SMTP --------------------------------------------------------------------------------------
 
+
 def test_smtp_xoauth2_send_and_read_back_over_imap(box):
     token = user_token(box)
     with smtp_connection(box) as smtp:
@@ -203,23 +218,28 @@ def test_smtp_refusals_match_exchange(box):
     token = user_token(box)
     with smtp_connection(box) as smtp:
         code, text = smtp.docmd("MAIL", "FROM:<alice@contoso.com>")
-        assert (code, text.split(b" [")[0]) == (530, b"5.7.57 Client not authenticated to send mail. Error: 5.7.57 "
-                                                      b"SMTP; Client was not authenticated to send anonymous mail "
-                                                      b"during MAIL FROM")
+        assert (code, text.split(b" [")[0]) == (
+            530,
+            b"5.7.57 Client not authenticated to send mail. Error: 5.7.57 "
+            b"SMTP; Client was not authenticated to send anonymous mail "
+            b"during MAIL FROM",
+        )
         assert smtp_auth(smtp, "bob@contoso.com", token) == (535, b"5.7.3 Authentication unsuccessful")
     box.control("smtp_auth", mailbox="alice@contoso.com", enabled=False)
     with smtp_connection(box) as smtp:
         code, text = smtp_auth(smtp, "alice@contoso.com", token)
-        assert code == 535 and text.startswith(b"5.7.139 Authentication unsuccessful, SmtpClientAuthentication is "
-                                               b"disabled for the Mailbox.")
+        assert code == 535 and text.startswith(
+            b"5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox."
+        )
 
 
 def test_send_as_is_enforced(box):
     with smtp_connection(box) as smtp:
         smtp_auth(smtp, "bob@contoso.com", user_token(box, "bob@contoso.com"))
         with pytest.raises(smtplib.SMTPDataError) as refused:
-            smtp.sendmail("info@contoso.com", ["alice@contoso.com"],
-                          b"From: info@contoso.com\r\nSubject: x\r\n\r\nx\r\n")
+            smtp.sendmail(
+                "info@contoso.com", ["alice@contoso.com"], b"From: info@contoso.com\r\nSubject: x\r\n\r\nx\r\n"
+            )
         assert refused.value.smtp_code == 554 and refused.value.smtp_error.startswith(b"5.2.252 SendAsDenied")
     with smtp_connection(box) as smtp:  # alice was granted Send As on info@
         smtp_auth(smtp, "info@contoso.com", user_token(box, "alice@contoso.com"))
@@ -232,6 +252,6 @@ def test_stop_frees_every_port(tmp_path):
     service = SandboxService(tmp_path / "state", ports="auto").start()
     ports = dict(service.ports)
     service.stop()
-    for name, port in ports.items():
+    for port in ports.values():
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
