@@ -195,6 +195,13 @@ def diagnose_connection(protocol, host, port, exc):
 
 _SMTP_RULES = [
     (
+        re.compile(r"5\.7\.30|basic authentication is (?:disabled|not supported)", re.I),
+        "SMTP BASIC AUTH",
+        CONFIGURATION,
+        _lt("Exchange Online no longer accepts a password for sending (Basic authentication)."),
+        _lt("Switch this outgoing server to Microsoft 365 (OAuth): no password is needed."),
+    ),
+    (
         re.compile(r"5\.7\.139"),
         "SMTP 5.7.139",
         CONFIGURATION,
@@ -209,11 +216,11 @@ _SMTP_RULES = [
         re.compile(r"5\.2\.252|SendAsDenied|5\.7\.60", re.I),
         "SMTP SendAsDenied",
         CONFIGURATION,
-        _lt("Microsoft refused to send as this sender address."),
+        _lt("Exchange Online refused to send as %(sender)s: %(login)s has no Send As permission on that address."),
         _lt(
-            "Send from the mailbox's own address, or grant Send As on the sender's address in Exchange Online "
-            "PowerShell: Add-RecipientPermission -Identity <sender address> -Trustee <the mailbox, or for app-only "
-            "(Get-ServicePrincipal -Identity <application ID>).Identity> -AccessRights SendAs"
+            "Grant Send As in Exchange Online PowerShell:\n"
+            'Add-RecipientPermission -Identity "%(sender)s" -Trustee %(trustee)s -AccessRights SendAs\n'
+            "or send from %(login)s's own address. A new permission can take up to an hour to apply."
         ),
     ),
     (
@@ -229,9 +236,28 @@ _SMTP_RULES = [
 ]
 
 
+_CONCURRENCY = re.compile(r"Concurrent connections limit exceeded|sender thread limit exceeded", re.I)
+
+
 def diagnose_smtp(code, message, **params):
     """Diagnosis of an SMTP failure reply (code and text as smtplib gives them)."""
     text = f"{code} {message.decode(errors='replace') if isinstance(message, bytes) else message}"
+    if code == 432 or _CONCURRENCY.search(text):
+        return Diagnosis(
+            "SMTP 4.3.2",
+            TRANSIENT,
+            _lt(
+                "Exchange Online refused the message for now: too many connections are sending from this "
+                "mailbox at the same time (Exchange allows three)."
+            ),
+            _lt(
+                "Nothing is lost: try again in a few minutes (Retry on the message). If it happens often, "
+                "send fewer messages at the same time through this mailbox (fewer Odoo workers sending mail, "
+                "or no other program sending from it)."
+            ),
+            _first_line(text),
+            params,
+        )
     if 400 <= code < 500:
         return Diagnosis(
             f"SMTP {code}",

@@ -102,7 +102,11 @@ class TestAppOnly(SandboxCase):
         with self.assertRaises(MailDeliveryException) as refused:
             smtp.send_email(message, mail_server_id=smtp.id)
         self.assertIn("SendAsDenied", str(refused.exception.args[1]))
-        self.assertIn("Add-RecipientPermission -Identity <sender address>", str(refused.exception.args[1]))
+        self.assertIn(
+            'Add-RecipientPermission -Identity "ceo@contoso.com" -Trustee (Get-ServicePrincipal -Identity '
+            f"{self.app_registration.client_id}).Identity -AccessRights SendAs",
+            str(refused.exception.args[1]),
+        )
 
     def test_admin_consent_link_records_consent_for_the_organisation(self):
         client_id, tenant = self.app_registration.client_id, self.sandbox.tenant()["id"]
