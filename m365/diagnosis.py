@@ -92,8 +92,21 @@ _AADSTS = {
     ),
     65004: (
         CONFIGURATION,
-        _lt("The sign-in was cancelled: consent was declined."),
-        _lt("Authorize again and accept the requested permissions."),
+        _lt("The sign-in was cancelled: consent was declined, or an administrator's approval was not given."),
+        _lt(
+            "Authorize again. If Microsoft asked for an administrator's approval, an administrator must first "
+            "grant consent for the organisation (the admin consent link on the app registration, or Entra ID > "
+            "Enterprise applications > the app > Permissions)."
+        ),
+    ),
+    90094: (
+        CONFIGURATION,
+        _lt("An administrator must approve this app: users of this organisation may not consent to it."),
+        _lt(
+            "Ask an Entra ID administrator to grant consent for the organisation (the admin consent link on the "
+            "app registration, or Entra ID > Enterprise applications > the app > Permissions > Grant admin "
+            "consent), then authorize again."
+        ),
     ),
     500011: (
         CONFIGURATION,
@@ -142,7 +155,7 @@ _UNKNOWN_OAUTH = (
 def diagnose_oauth(result, **params):
     """Diagnosis of an MSAL error result (a dict with ``error``, ``error_codes``...)."""
     codes = result.get("error_codes") or _codes_in(result.get("error_description", ""))
-    description = _first_line(result.get("error_description", ""))
+    description = _oauth_detail(result.get("error_description", ""))
     for code in codes:
         if code in _AADSTS:
             kind, summary, fix = _AADSTS[code]
@@ -323,6 +336,19 @@ def diagnose_mailbox(protocol, reply, **params):
 
 def _codes_in(description):
     return [int(c) for c in re.findall(r"AADSTS(\d+)", description or "")]
+
+
+_TRACE_LINE = re.compile(r"^(Trace ID|Correlation ID|Timestamp): ")
+
+
+def _oauth_detail(description):
+    """Entra's error_description on one line: "AADSTS…: text (Trace ID: …, Correlation ID: …,
+    Timestamp: …)". Entra separates those with CR LF; an administrator quotes them to Microsoft."""
+    lines = [line.strip() for line in (description or "").splitlines() if line.strip()]
+    if not lines:
+        return ""
+    trace = [line for line in lines[1:] if _TRACE_LINE.match(line)]
+    return (lines[0] + (f" ({', '.join(trace)})" if trace else ""))[:500]
 
 
 def _first_line(text):

@@ -46,7 +46,10 @@ class Microsoft365App(models.Model):
         required=True,
         default="global",
         help="The Microsoft cloud the tenant lives in. Custom: enter the endpoints yourself "
-        "(a proxy, or the local sandbox).",
+        "(a proxy, or the local sandbox). Microsoft does not confirm every national-cloud default: the US "
+        "Government DoD resource (https://outlook-dod.office365.us) and the China SMTP host "
+        "(smtp.partner.outlook.cn) are unverified; if they fail for your tenant, choose Custom and enter "
+        "the values Microsoft gives you.",
     )
     tenant = fields.Char(
         string="Directory (tenant) ID",
@@ -262,11 +265,8 @@ class Microsoft365App(models.Model):
         certificate = None
         if app.credential_type == "certificate" and app.certificate_sealed:
             stored = json.loads(vault._decrypt(app.certificate_sealed))
-            certificate = {
-                "private_key": stored["private_key"],
-                "thumbprint": app.certificate_thumbprint,
-                "public_certificate": stored["certificate"],
-            }
+            # PS256 with x5t#S256 (MSAL computes it from the certificate): no SHA-1 thumbprint.
+            certificate = {"private_key": stored["private_key"], "public_certificate": stored["certificate"]}
         default_tenant = "consumers" if app.cloud == "consumer" else "organizations"
         return AppCredentials(
             client_id=app.client_id,
