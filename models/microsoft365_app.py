@@ -4,10 +4,9 @@ import hashlib
 import json
 import os
 import time
-from urllib.parse import urlencode
 
 from odoo import api, fields, models
-from odoo.exceptions import ValidationError
+from odoo.exceptions import AccessError, UserError, ValidationError
 
 from ..m365 import certificates, identifiers
 from ..m365.clouds import CLOUDS
@@ -93,7 +92,10 @@ class Microsoft365App(models.Model):
     certificate_expires_on = fields.Date(readonly=True, copy=False)
     app_token_cache_sealed = fields.Text(groups=fields.NO_ACCESS, copy=False)
     app_token_expires_at = fields.Datetime(readonly=True, copy=False)
-    admin_consent_url = fields.Char(compute="_compute_admin_consent_url", string="Admin consent link")
+    admin_consent_available = fields.Boolean(
+        compute="_compute_admin_consent_available",
+        help="Tenant-wide admin consent needs the tenant of the app registration.",
+    )
     client_secret = fields.Char(
         compute="_compute_client_secret",
         inverse="_inverse_client_secret",
@@ -218,15 +220,24 @@ class Microsoft365App(models.Model):
         self.certificate_file = False  # write-only
         self.certificate_passphrase = False
 
-    @api.depends("cloud", "tenant", "client_id", "authority_host")
-    def _compute_admin_consent_url(self):
+    @api.depends("tenant", "client_id")
+    def _compute_admin_consent_available(self):
         for app in self:
-            if not app.client_id or app.tenant in ("organizations", "common", "consumers", False):
-                app.admin_consent_url = False
-                continue
-            app.admin_consent_url = f"{app._cloud().authority_host}/{app.tenant}/adminconsent?" + urlencode(
-                {"client_id": app.client_id, "redirect_uri": app.redirect_uri}
+            app.admin_consent_available = bool(app.client_id) and app.tenant not in (
+                "organizations",
+                "common",
+                "consumers",
+                False,
             )
+
+    def action_admin_consent(self):
+        """Open Microsoft's tenant-wide admin consent with a one-time state the callback checks."""
+        self.ensure_one()
+        if not self.env.user.has_group("base.group_system"):
+            raise AccessError(self.env._("Only an administrator may grant consent for the organisation."))
+        if not self.admin_consent_available:
+            raise UserError(self.env._("Enter the directory (tenant) ID of the app registration first."))
+        return self.env["microsoft365.admin.consent"].sudo()._start(self)
 
     def _inverse_client_secret(self):
         for app in self:

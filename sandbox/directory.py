@@ -40,6 +40,7 @@ SETTINGS_DEFAULTS = {
     "smtp_concurrency_reply": "concurrent",  # or "sender_thread": the documented wording
     # Identity platform (CONFORMANCE ID-15)
     "user_consent_allowed": True,  # False: users may not consent, only administrators
+    "admin_consent_error": "access_denied",  # or "consent_required", Microsoft's example (ID-24)
 }
 
 

@@ -592,11 +592,20 @@ class _Handler(BaseHTTPRequestHandler):
         if submitted is None:
             return self._sign_in_page(app, params, admins, "", app["delegated"] + app["application"])
         if submitted.get("action") != "accept" or submitted.get("account") not in {u["upn"] for u in admins}:
+            # Both parameters arrive together: error and admin_consent=True (CONFORMANCE ID-24).
+            body = OAuthError("access_denied", 65004).body(self._correlation_id())
+            if directory.settings.get("admin_consent_error") == "consent_required":  # Microsoft's own example
+                body["error"] = "consent_required"
+                body["error_description"] = body["error_description"].replace(
+                    MESSAGES[65004], "The resource owner or authorization server denied the request."
+                )
             return self._reply_to_client(
                 dict(params, response_mode="query"),
                 {
-                    "error": "access_denied",
-                    "error_description": "AADSTS65004: User declined to consent to access the app.",
+                    "error": body["error"],
+                    "error_description": body["error_description"],
+                    "error_uri": body["error_uri"],
+                    "admin_consent": "True",
                 },
             )
         entry = {"client_id": app["client_id"], "tenant": tenant["id"], "delegated": True, "application": True}
@@ -608,7 +617,12 @@ class _Handler(BaseHTTPRequestHandler):
             ]
             directory.data["consents"].append(entry)
             directory.save()
-        self._reply_to_client(dict(params, response_mode="query"), {"admin_consent": "True", "tenant": tenant["id"]})
+        granted = [f"https://outlook.office.com/{p}" for p in app["delegated"]]
+        granted += [f"https://outlook.office365.com/{p}" for p in app["application"]]
+        self._reply_to_client(
+            dict(params, response_mode="query"),
+            {"admin_consent": "True", "tenant": tenant["id"], "scope": " ".join(granted)},
+        )
 
     def _session_cookie(self):
         jar = cookies.SimpleCookie(self.headers.get("Cookie") or "")

@@ -347,3 +347,39 @@ def test_token_endpoint_can_hang(fresh):
     with pytest.raises(requests.Timeout):
         session_for(fresh).post(f"{fresh.authority()}/oauth2/v2.0/token", data={"client_id": "x"}, timeout=0.5)
     assert time.monotonic() - started < 2
+
+
+# admin consent ---------------------------------------------------------------------------------
+
+
+def admin_consent_url(sandbox, state="12345"):
+    from urllib.parse import urlencode
+
+    query = urlencode({"client_id": sandbox.app()["client_id"], "redirect_uri": REDIRECT_URI, "state": state})
+    return f"{sandbox.authority()}/adminconsent?{query}"
+
+
+def test_admin_consent_granted_carries_tenant_scope_and_state(fresh):
+    """CONFORMANCE ID-25: ?admin_consent=True&tenant=<guid>&scope=<granted scopes>&state=12345."""
+    params = fresh.sign_in(admin_consent_url(fresh), "admin@contoso.com")
+    assert (params["admin_consent"], params["tenant"], params["state"]) == ("True", fresh.tenant()["id"], "12345")
+    assert "https://outlook.office365.com/IMAP.AccessAsApp" in params["scope"].split()
+    assert "error" not in params
+
+
+@pytest.mark.parametrize(
+    "shape, error, text",
+    [
+        ("access_denied", "access_denied", "User declined to consent to access the app."),
+        ("consent_required", "consent_required", "The resource owner or authorization server denied the request."),
+    ],
+)
+def test_admin_consent_declined_carries_error_and_admin_consent_true(fresh, shape, error, text):
+    """CONFORMANCE ID-24: error, error_description (CR LF trace lines), error_uri, admin_consent=True and
+    state arrive together (MicrosoftDocs/azure-docs#114009; Microsoft's example uses consent_required)."""
+    fresh.control("settings", admin_consent_error=shape)
+    params = fresh.sign_in(admin_consent_url(fresh, "st4te"), "admin@contoso.com", accept=False)
+    assert (params["error"], params["admin_consent"], params["state"]) == (error, "True", "st4te")
+    assert params["error_description"].startswith(f"AADSTS65004: {text}\r\nTrace ID: ")
+    assert params["error_uri"] == "https://login.microsoftonline.com/error?code=65004"
+    assert "tenant" not in params
