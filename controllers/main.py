@@ -21,6 +21,7 @@ CALLBACK_FIELDS = (
     "error_uri",
     "admin_consent",
     "tenant",
+    "scope",
 )
 MAX_FIELD_LENGTH = 8192
 
@@ -56,17 +57,37 @@ class Microsoft365OAuthController(http.Controller):
                 ),
             )
 
-        if "admin_consent" in params:  # back from the tenant-wide admin consent link: nothing to store
-            if params["admin_consent"] == "True":
+        # Back from the tenant-wide admin consent link: only with the one-time state Odoo gave that
+        # link, for this administrator; Microsoft's `error` wins over `admin_consent=True`.
+        app = request.env["microsoft365.admin.consent"].sudo()._take(params.get("state"), request.env.user)
+        if app:
+            if params.get("error"):
+                found = diagnosis.diagnose_oauth(params, redirect_uri=app.redirect_uri)
+                return self._page(request.env._("Microsoft did not record the consent"), explain(request.env, found))
+            if params.get("admin_consent") == "True":
                 return self._page(
                     request.env._("Administrator consent granted"),
                     request.env._(
-                        "Microsoft recorded the consent for the whole organisation. You can close this page and use "
-                        "Test connection on the mailboxes."
+                        "Microsoft recorded the consent of %(app)s for the whole organisation. You can close this "
+                        "page and use Test connection on the mailboxes.",
+                        app=app.name,
                     ),
                 )
-            found = diagnosis.diagnose_oauth(params)
-            return self._page(request.env._("Microsoft did not record the consent"), explain(request.env, found))
+            return self._page(
+                request.env._("Microsoft did not record the consent"),
+                request.env._("Microsoft's answer says neither that the consent was granted nor why not."),
+            )
+        if "admin_consent" in params:
+            _logger.warning("Microsoft 365 admin consent answer refused: unknown, used, expired or foreign state")
+            return self._page(
+                request.env._("This consent answer cannot be used"),
+                request.env._(
+                    "Odoo did not start this admin consent, it was already answered, it has expired (after 30 "
+                    "minutes), or another Odoo user started it. Nothing was recorded by Odoo; whether Microsoft "
+                    "recorded a consent is shown in Entra ID > Enterprise applications > the app > Permissions. "
+                    "To grant it, use the button on the app registration."
+                ),
+            )
 
         account, flow = request.env["microsoft365.authorization"].sudo()._take(params.get("state"), request.env.user)
         if not flow:

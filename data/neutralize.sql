@@ -5,3 +5,4 @@ UPDATE microsoft365_account
  WHERE status != 'app_only';
 UPDATE microsoft365_app SET app_token_cache_sealed = NULL, app_token_expires_at = NULL;
 DELETE FROM microsoft365_authorization;
+DELETE FROM microsoft365_admin_consent;

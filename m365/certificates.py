@@ -25,7 +25,9 @@ class CertificateCredential:
         return f"CertificateCredential(thumbprint={self.thumbprint!r}, expires_at={self.expires_at!r})"
 
     def for_msal(self):
-        return {"private_key": self.private_key, "thumbprint": self.thumbprint, "public_certificate": self.certificate}
+        # No SHA-1 "thumbprint": MSAL then signs PS256 with the SHA-256 thumbprint (x5t#S256), as
+        # Entra asks; with one it falls back to the deprecated RS256 + x5t.
+        return {"private_key": self.private_key, "public_certificate": self.certificate}
 
 
 def load_certificate_credential(data, passphrase=None, now=None):

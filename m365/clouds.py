@@ -70,8 +70,10 @@ CLOUDS = {
             key="usgov_dod",
             label="US Government DoD",
             authority_host="https://login.microsoftonline.us",
-            delegated_resource="https://outlook.office365.us",
-            app_resource="https://outlook.office365.us",
+            # Microsoft's CSS-Exchange scripts (Get-CloudServiceEndpoint.ps1, USGovernmentL5); unverified
+            # as an XOAUTH2 scope resource (sandbox/CONFORMANCE.md CLD-03).
+            delegated_resource="https://outlook-dod.office365.us",
+            app_resource="https://outlook-dod.office365.us",
             imap_host="outlook-dod.office365.us",
             pop_host="outlook-dod.office365.us",
             smtp_host="outlook-dod.office365.us",
@@ -84,7 +86,7 @@ CLOUDS = {
             app_resource="https://partner.outlook.cn",
             imap_host="partner.outlook.cn",
             pop_host="partner.outlook.cn",
-            smtp_host="partner.outlook.cn",
+            smtp_host="smtp.partner.outlook.cn",  # public samples; unconfirmed by Microsoft (CLD-04)
         ),
         Cloud(
             key="consumer",

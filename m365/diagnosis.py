@@ -92,8 +92,21 @@ _AADSTS = {
     ),
     65004: (
         CONFIGURATION,
-        _lt("The sign-in was cancelled: consent was declined."),
-        _lt("Authorize again and accept the requested permissions."),
+        _lt("The sign-in was cancelled: consent was declined, or an administrator's approval was not given."),
+        _lt(
+            "Authorize again. If Microsoft asked for an administrator's approval, an administrator must first "
+            "grant consent for the organisation (the admin consent link on the app registration, or Entra ID > "
+            "Enterprise applications > the app > Permissions)."
+        ),
+    ),
+    90094: (
+        CONFIGURATION,
+        _lt("An administrator must approve this app: users of this organisation may not consent to it."),
+        _lt(
+            "Ask an Entra ID administrator to grant consent for the organisation (the admin consent link on the "
+            "app registration, or Entra ID > Enterprise applications > the app > Permissions > Grant admin "
+            "consent), then authorize again."
+        ),
     ),
     500011: (
         CONFIGURATION,
@@ -142,7 +155,7 @@ _UNKNOWN_OAUTH = (
 def diagnose_oauth(result, **params):
     """Diagnosis of an MSAL error result (a dict with ``error``, ``error_codes``...)."""
     codes = result.get("error_codes") or _codes_in(result.get("error_description", ""))
-    description = _first_line(result.get("error_description", ""))
+    description = _oauth_detail(result.get("error_description", ""))
     for code in codes:
         if code in _AADSTS:
             kind, summary, fix = _AADSTS[code]
@@ -195,6 +208,13 @@ def diagnose_connection(protocol, host, port, exc):
 
 _SMTP_RULES = [
     (
+        re.compile(r"5\.7\.30|basic authentication is (?:disabled|not supported)", re.I),
+        "SMTP BASIC AUTH",
+        CONFIGURATION,
+        _lt("Exchange Online no longer accepts a password for sending (Basic authentication)."),
+        _lt("Switch this outgoing server to Microsoft 365 (OAuth): no password is needed."),
+    ),
+    (
         re.compile(r"5\.7\.139"),
         "SMTP 5.7.139",
         CONFIGURATION,
@@ -209,11 +229,11 @@ _SMTP_RULES = [
         re.compile(r"5\.2\.252|SendAsDenied|5\.7\.60", re.I),
         "SMTP SendAsDenied",
         CONFIGURATION,
-        _lt("Microsoft refused to send as this sender address."),
+        _lt("Exchange Online refused to send as %(sender)s: %(login)s has no Send As permission on that address."),
         _lt(
-            "Send from the mailbox's own address, or grant Send As on the sender's address in Exchange Online "
-            "PowerShell: Add-RecipientPermission -Identity <sender address> -Trustee <the mailbox, or for app-only "
-            "(Get-ServicePrincipal -Identity <application ID>).Identity> -AccessRights SendAs"
+            "Grant Send As in Exchange Online PowerShell:\n"
+            'Add-RecipientPermission -Identity "%(sender)s" -Trustee %(trustee)s -AccessRights SendAs\n'
+            "or send from %(login)s's own address. A new permission can take up to an hour to apply."
         ),
     ),
     (
@@ -229,9 +249,28 @@ _SMTP_RULES = [
 ]
 
 
+_CONCURRENCY = re.compile(r"Concurrent connections limit exceeded|sender thread limit exceeded", re.I)
+
+
 def diagnose_smtp(code, message, **params):
     """Diagnosis of an SMTP failure reply (code and text as smtplib gives them)."""
     text = f"{code} {message.decode(errors='replace') if isinstance(message, bytes) else message}"
+    if code == 432 or _CONCURRENCY.search(text):
+        return Diagnosis(
+            "SMTP 4.3.2",
+            TRANSIENT,
+            _lt(
+                "Exchange Online refused the message for now: too many connections are sending from this "
+                "mailbox at the same time (Exchange allows three)."
+            ),
+            _lt(
+                "Nothing is lost: try again in a few minutes (Retry on the message). If it happens often, "
+                "send fewer messages at the same time through this mailbox (fewer Odoo workers sending mail, "
+                "or no other program sending from it)."
+            ),
+            _first_line(text),
+            params,
+        )
     if 400 <= code < 500:
         return Diagnosis(
             f"SMTP {code}",
@@ -297,6 +336,19 @@ def diagnose_mailbox(protocol, reply, **params):
 
 def _codes_in(description):
     return [int(c) for c in re.findall(r"AADSTS(\d+)", description or "")]
+
+
+_TRACE_LINE = re.compile(r"^(Trace ID|Correlation ID|Timestamp): ")
+
+
+def _oauth_detail(description):
+    """Entra's error_description on one line: "AADSTS…: text (Trace ID: …, Correlation ID: …,
+    Timestamp: …)". Entra separates those with CR LF; an administrator quotes them to Microsoft."""
+    lines = [line.strip() for line in (description or "").splitlines() if line.strip()]
+    if not lines:
+        return ""
+    trace = [line for line in lines[1:] if _TRACE_LINE.match(line)]
+    return (lines[0] + (f" ({', '.join(trace)})" if trace else ""))[:500]
 
 
 def _first_line(text):

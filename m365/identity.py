@@ -53,7 +53,7 @@ class AppCredentials:
     client_id: str
     authority: str  # https://<sign-in host>/<tenant>
     client_secret: str = None
-    certificate: dict = None  # {"private_key": PEM, "thumbprint": hex SHA-1[, "public_certificate": PEM]}
+    certificate: dict = None  # {"private_key": PEM, "public_certificate": PEM}: PS256 with x5t#S256
     ca_file: str = None  # trust anchor of a private authority (the sandbox, a TLS-inspecting proxy)
     timeout: float = 10.0  # per request; retries are bounded too (_TimeoutSession)
 

@@ -12,7 +12,6 @@ from odoo.addons.mail.models.fetchmail import POP3Connection
 
 from ..m365.errors import M365Error
 from ..m365.mailcheck import imap_authenticate, pop3_authenticate
-from .microsoft365_account import explain
 
 _logger = logging.getLogger(__name__)
 
@@ -154,7 +153,7 @@ class FetchmailServer(models.Model):
                     connection = super().connect(allow_archived=allow_archived)
             except M365Error as exc:
                 self._microsoft365_honour_backoff(exc.diagnosis)
-                raise UserError(explain(self.env, exc.diagnosis)) from None
+                raise UserError(self._microsoft365_explain(exc.diagnosis)) from None
         except Exception as exc:
             # Kept for the health check: in the cron, fetchmail logs the error and goes on.
             self.write(

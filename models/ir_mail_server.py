@@ -1,3 +1,6 @@
+import email.utils
+import smtplib
+
 from odoo import api, fields, models
 from odoo.exceptions import UserError
 
@@ -92,20 +95,44 @@ class IrMailServer(models.Model):
         try:
             return super().send_email(message, *args, **kwargs)
         except MailDeliveryException as exc:
-            # Exchange refuses some sends only after the message (Send As): add what to do about it.
-            detail = str(exc.args[1]) if len(exc.args) > 1 else ""
-            found = diagnose_smtp(550, detail)
-            if found.code not in ("SMTP SendAsDenied", "SMTP 5.7.139"):
+            # Exchange refuses some sends only at the end of the message (Send As, too many
+            # connections): say what to do about it, quoting Exchange's own reply.
+            refusal = exc.__context__
+            server = self._microsoft365_sending_server(kwargs.get("mail_server_id", args[0] if args else None), kwargs)
+            if not server or not isinstance(refusal, smtplib.SMTPResponseException):
                 raise
-            raise MailDeliveryException(exc.args[0], f"{detail}\n{explain(self.env, found)}") from exc
+            account = server.sudo()._microsoft365_account()
+            found = diagnose_smtp(
+                refusal.smtp_code,
+                refusal.smtp_error,
+                mailbox=account._smtp_login_user(),
+                login=account._smtp_login_user(),
+                sender=email.utils.parseaddr(str(message["From"] or ""))[1] or account.email,
+                trustee=account._send_as_trustee(),
+            )
+            if found.code not in ("SMTP SendAsDenied", "SMTP 5.7.139", "SMTP 4.3.2"):
+                raise
+            raise MailDeliveryException(exc.args[0], explain(self.env, found)) from exc
+
+    def _microsoft365_sending_server(self, mail_server_id, kwargs):
+        """The Microsoft 365 server a send went through, when it is one of ours."""
+        session = kwargs.get("smtp_session")
+        tagged = getattr(getattr(session, "__obj__", session), "_microsoft365_server_id", None)
+        server = self.browse(mail_server_id or tagged) if (mail_server_id or tagged) else self
+        server = server.exists() if len(server) == 1 else self.browse()
+        return server if server and server._microsoft365_in_use() else self.browse()
 
     def _smtp_login(self, connection, smtp_user, smtp_password):
         # Odoo calls this on an empty recordset when no server record is involved.
         if len(self) != 1 or not self._microsoft365_in_use():
             return super()._smtp_login(connection, smtp_user, smtp_password)
-        account = self._microsoft365_account()
+        account = self._microsoft365_account().sudo()
+        # Odoo's SMTPConnection wrapper exposes only some of smtplib's attributes.
+        raw = getattr(connection, "__obj__", connection)
+        token = self._microsoft365_token()
         try:
-            # Odoo's SMTPConnection wrapper exposes only some of smtplib's attributes.
-            smtp_authenticate(getattr(connection, "__obj__", connection), account.email, self._microsoft365_token())
+            # Exchange's SMTP AUTH takes only the signed-in user; a shared address is the From.
+            smtp_authenticate(raw, account._smtp_login_user(), token)
         except M365Error as exc:
-            raise UserError(explain(self.env, exc.diagnosis)) from None
+            raise UserError(account._explain_mail_refusal(exc.diagnosis, token)) from None
+        raw._microsoft365_server_id = self.id  # send_email explains Exchange's refusals of this session

@@ -204,20 +204,12 @@ class Microsoft365Account(models.Model):
             checks.append(("SMTP", mailcheck.check_smtp, cloud.smtp_host, cloud.smtp_port))
         failures = []
         for protocol, check, host, port in checks:
+            # SMTP AUTH takes only the signed-in user; IMAP and POP3 open the mailbox itself.
+            login = account._smtp_login_user() if protocol == "SMTP" else account.email
             try:
-                check(host, int(port), account.email, token, ca_file=ca_file)
+                check(host, int(port), login, token, ca_file=ca_file)
             except MailLoginFailed as exc:
-                found = exc.diagnosis
-                if app.flow == "app_only":
-                    found = diagnosis.diagnose_app_only(
-                        protocol,
-                        found,
-                        unverified_claims(token).get("roles", []),
-                        app_id=app.client_id,
-                        app_name=app.name,
-                        mailbox=account.email,
-                    )
-                failures.append(f"{protocol} {host}:{port}: {explain(self.env, found)}")
+                failures.append(f"{protocol} {host}:{port}: {account._explain_mail_refusal(exc.diagnosis, token)}")
         tested = ", ".join(f"{protocol} {host}:{port}" for protocol, _check, host, port in checks)
         if failures:
             raise UserError(
@@ -225,11 +217,50 @@ class Microsoft365Account(models.Model):
                 + "\n\n"
                 + "\n\n".join(failures)
             )
-        return self._notify(
-            self.env._("Connection test successful"),
-            self.env._("%(mailbox)s accepts the OAuth token: %(tested)s.", mailbox=account.email, tested=tested),
-            "success",
-        )
+        message = self.env._("%(mailbox)s accepts the OAuth token: %(tested)s.", mailbox=account.email, tested=tested)
+        if account._smtp_login_user() != account.email:
+            message += "\n" + self.env._(
+                "SMTP signs in as %(login)s and sends from %(mailbox)s. Nothing was sent: Exchange checks Send As "
+                "for %(mailbox)s at the first send only. If that send is refused, grant it in Exchange Online "
+                'PowerShell: Add-RecipientPermission -Identity "%(mailbox)s" -Trustee %(trustee)s -AccessRights SendAs',
+                login=account._smtp_login_user(),
+                mailbox=account.email,
+                trustee=account._send_as_trustee(),
+            )
+        return self._notify(self.env._("Connection test successful"), message, "success")
+
+    def _smtp_login_user(self):
+        """The user= of SMTP AUTH. Exchange accepts only the signed-in user (535 5.7.3 otherwise) or,
+        app-only, the mailbox itself; a shared mailbox's address goes in From and needs Send As."""
+        self.ensure_one()
+        if self.app_id.flow == "app_only":
+            return self.email
+        return self.username or self.email
+
+    def _send_as_trustee(self):
+        """Who needs Send As on a sender address, as Add-RecipientPermission's -Trustee."""
+        self.ensure_one()
+        if self.app_id.flow == "app_only":
+            return f"(Get-ServicePrincipal -Identity {self.app_id.client_id}).Identity"
+        return f'"{self._smtp_login_user()}"'
+
+    def _explain_mail_refusal(self, found, token=None):
+        """explain(); a refused login of an app-only registration in app-only words (its Exchange
+        application permission, admin consent, service principal, mailbox permission)."""
+        self.ensure_one()
+        app = self.app_id
+        protocol = found.code.split(" ", 1)[0]
+        login_refused = found.code == "SMTP 5.7.3" or found.code.endswith(("AUTHENTICATE", "NOT CONNECTED"))
+        if app.flow == "app_only" and login_refused and protocol in diagnosis.APP_ROLES:
+            found = diagnosis.diagnose_app_only(
+                protocol,
+                found,
+                unverified_claims(token or self._access_token()).get("roles", []),
+                app_id=app.client_id,
+                app_name=app.name,
+                mailbox=self.email,
+            )
+        return explain(self.env, found)
 
     def action_open(self):
         self.ensure_one()

@@ -4,10 +4,9 @@ import hashlib
 import json
 import os
 import time
-from urllib.parse import urlencode
 
 from odoo import api, fields, models
-from odoo.exceptions import ValidationError
+from odoo.exceptions import AccessError, UserError, ValidationError
 
 from ..m365 import certificates, identifiers
 from ..m365.clouds import CLOUDS
@@ -46,7 +45,10 @@ class Microsoft365App(models.Model):
         required=True,
         default="global",
         help="The Microsoft cloud the tenant lives in. Custom: enter the endpoints yourself "
-        "(a proxy, or the local sandbox).",
+        "(a proxy, or the local sandbox). Microsoft does not confirm every national-cloud default: the US "
+        "Government DoD resource (https://outlook-dod.office365.us) and the China SMTP host "
+        "(smtp.partner.outlook.cn) are unverified; if they fail for your tenant, choose Custom and enter "
+        "the values Microsoft gives you.",
     )
     tenant = fields.Char(
         string="Directory (tenant) ID",
@@ -90,7 +92,10 @@ class Microsoft365App(models.Model):
     certificate_expires_on = fields.Date(readonly=True, copy=False)
     app_token_cache_sealed = fields.Text(groups=fields.NO_ACCESS, copy=False)
     app_token_expires_at = fields.Datetime(readonly=True, copy=False)
-    admin_consent_url = fields.Char(compute="_compute_admin_consent_url", string="Admin consent link")
+    admin_consent_available = fields.Boolean(
+        compute="_compute_admin_consent_available",
+        help="Tenant-wide admin consent needs the tenant of the app registration.",
+    )
     client_secret = fields.Char(
         compute="_compute_client_secret",
         inverse="_inverse_client_secret",
@@ -215,15 +220,24 @@ class Microsoft365App(models.Model):
         self.certificate_file = False  # write-only
         self.certificate_passphrase = False
 
-    @api.depends("cloud", "tenant", "client_id", "authority_host")
-    def _compute_admin_consent_url(self):
+    @api.depends("tenant", "client_id")
+    def _compute_admin_consent_available(self):
         for app in self:
-            if not app.client_id or app.tenant in ("organizations", "common", "consumers", False):
-                app.admin_consent_url = False
-                continue
-            app.admin_consent_url = f"{app._cloud().authority_host}/{app.tenant}/adminconsent?" + urlencode(
-                {"client_id": app.client_id, "redirect_uri": app.redirect_uri}
+            app.admin_consent_available = bool(app.client_id) and app.tenant not in (
+                "organizations",
+                "common",
+                "consumers",
+                False,
             )
+
+    def action_admin_consent(self):
+        """Open Microsoft's tenant-wide admin consent with a one-time state the callback checks."""
+        self.ensure_one()
+        if not self.env.user.has_group("base.group_system"):
+            raise AccessError(self.env._("Only an administrator may grant consent for the organisation."))
+        if not self.admin_consent_available:
+            raise UserError(self.env._("Enter the directory (tenant) ID of the app registration first."))
+        return self.env["microsoft365.admin.consent"].sudo()._start(self)
 
     def _inverse_client_secret(self):
         for app in self:
@@ -262,11 +276,8 @@ class Microsoft365App(models.Model):
         certificate = None
         if app.credential_type == "certificate" and app.certificate_sealed:
             stored = json.loads(vault._decrypt(app.certificate_sealed))
-            certificate = {
-                "private_key": stored["private_key"],
-                "thumbprint": app.certificate_thumbprint,
-                "public_certificate": stored["certificate"],
-            }
+            # PS256 with x5t#S256 (MSAL computes it from the certificate): no SHA-1 thumbprint.
+            certificate = {"private_key": stored["private_key"], "public_certificate": stored["certificate"]}
         default_tenant = "consumers" if app.cloud == "consumer" else "organizations"
         return AppCredentials(
             client_id=app.client_id,

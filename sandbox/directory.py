@@ -30,6 +30,20 @@ DELEGATED_PERMISSIONS = ["IMAP.AccessAsUser.All", "POP.AccessAsUser.All", "SMTP.
 APPLICATION_PERMISSIONS = ["IMAP.AccessAsApp", "POP.AccessAsApp", "SMTP.SendAsApp"]
 
 
+# Settings added after a state folder may have been seeded: merged into older directories too.
+SETTINGS_DEFAULTS = {
+    "single_use_refresh_tokens": True,
+    # SMTP submission (sandbox/CONFORMANCE.md SMTP-07, SMTP-10, SMTP-11)
+    "smtp_basic_auth_retired": False,  # AUTH LOGIN answered 550 5.7.30
+    "smtp_send_as_denied": "5.2.252",  # or "5.2.0" or "5.7.60": Exchange's three wordings
+    "smtp_concurrency_limit": 3,  # authenticated connections per mailbox
+    "smtp_concurrency_reply": "concurrent",  # or "sender_thread": the documented wording
+    # Identity platform (CONFORMANCE ID-15)
+    "user_consent_allowed": True,  # False: users may not consent, only administrators
+    "admin_consent_error": "access_denied",  # or "consent_required", Microsoft's example (ID-24)
+}
+
+
 def stable_id(*names):
     return str(uuid.uuid5(NAMESPACE, "/".join(names)))
 
@@ -176,7 +190,7 @@ def default_seed():
             "access_token_lifetime": 3600,
             "refresh_token_lifetime": 90 * DAY,
             "basic_auth_allowed": False,
-            "single_use_refresh_tokens": True,
+            **SETTINGS_DEFAULTS,
         },
     }
 
@@ -193,6 +207,7 @@ class Directory:
         self.signer = TokenSigner(state_dir)
         if self.path.exists():
             self.data = json.loads(self.path.read_text())
+            self._add_default_settings()
         else:
             self.reset()
         self.codes = {}  # authorization codes live in memory: they expire in minutes anyway
@@ -206,11 +221,16 @@ class Directory:
     def reset(self):
         with self.lock:
             self.data = copy.deepcopy(self.seed)
+            self._add_default_settings()
             self.data.setdefault("refresh_tokens", {})
             self.data.setdefault("access_tokens_valid_after", {})
             self.codes, self.sessions, self.counters, self.fault = {}, {}, {}, None
             self.mail_throttles = {}
             self.save()
+
+    def _add_default_settings(self):
+        for key, value in SETTINGS_DEFAULTS.items():
+            self.data["settings"].setdefault(key, value)
 
     def save(self):
         with self.lock:

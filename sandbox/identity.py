@@ -66,6 +66,7 @@ MESSAGES = {
     "into the correct cloud. Check with your subscription administrator, this may happen if there "
     "are no active subscriptions for the tenant.",
     90033: "A transient error has occurred. Please try again.",
+    90094: "Administrator consent is required.",
     90055: "TenantThrottlingError - There are too many incoming requests. Please retry later.",
     500011: "The resource principal named {resource} was not found in the tenant named {tenant_name}. This "
     "can happen if the application has not been installed by the administrator of the tenant or "
@@ -111,8 +112,9 @@ class OAuthError(Exception):
         trace_id = str(uuid.uuid4())
         return {
             "error": self.error,
-            "error_description": f"{self.description_text} Trace ID: {trace_id} Correlation ID: "
-            f"{correlation_id} Timestamp: {now}",
+            # Entra separates the trace lines with CR LF (CONFORMANCE ID-09).
+            "error_description": f"{self.description_text}\r\nTrace ID: {trace_id}\r\nCorrelation ID: "
+            f"{correlation_id}\r\nTimestamp: {now}",
             "error_codes": [self.code],
             "timestamp": now,
             "trace_id": trace_id,
@@ -259,34 +261,35 @@ class IdentityServer:
 
     def _verify_assertion(self, app, assertion, token_endpoint):
         header = jwt.get_unverified_header(assertion)
+        # Entra asks for PS256 with the SHA-256 thumbprint (x5t#S256); the SHA-1 x5t with RS256 is
+        # refused here (CONFORMANCE ID-27, ID-28).
+        if header.get("alg") != "PS256" or not header.get("x5t#S256"):
+            raise OAuthError("invalid_client", 700027, status=401, thumbprint=header.get("x5t", ""))
         wanted = None
         for registered in app["certificates"]:
             cert = x509.load_pem_x509_certificate(registered["certificate"].encode())
-            if _thumbprint_bytes(header.get("x5t#S256")) == cert.fingerprint(hashes.SHA256()) or _thumbprint_bytes(
-                header.get("x5t")
-            ) == cert.fingerprint(hashes.SHA1()):
+            if _thumbprint_bytes(header.get("x5t#S256")) == cert.fingerprint(hashes.SHA256()):
                 wanted = cert
                 break
         if wanted is None:
-            presented = header.get("x5t#S256") or header.get("x5t") or ""
-            raise OAuthError("invalid_client", 700027, status=401, thumbprint=presented)
+            raise OAuthError("invalid_client", 700027, status=401, thumbprint=header.get("x5t#S256", ""))
         now = datetime.datetime.utcnow()  # cryptography < 42 has only the naive UTC validity dates
         if not (wanted.not_valid_before <= now <= wanted.not_valid_after):
-            raise OAuthError("invalid_client", 700027, status=401, thumbprint=header.get("x5t", ""))
+            raise OAuthError("invalid_client", 700027, status=401, thumbprint=header.get("x5t#S256", ""))
         try:
             claims = jwt.decode(
                 assertion,
                 wanted.public_key(),
-                algorithms=["RS256", "PS256"],
+                algorithms=["PS256"],
                 audience=[token_endpoint, token_endpoint.replace("/v2.0/token", "/token")],
                 options={"require": ["exp", "aud", "iss", "sub"]},
             )
         except jwt.ExpiredSignatureError:
             raise OAuthError("invalid_client", 700024, status=401) from None
         except jwt.InvalidTokenError:
-            raise OAuthError("invalid_client", 700027, status=401, thumbprint=header.get("x5t", "")) from None
+            raise OAuthError("invalid_client", 700027, status=401, thumbprint=header.get("x5t#S256", "")) from None
         if claims["iss"] != app["client_id"] or claims["sub"] != app["client_id"]:
-            raise OAuthError("invalid_client", 700027, status=401, thumbprint=header.get("x5t", ""))
+            raise OAuthError("invalid_client", 700027, status=401, thumbprint=header.get("x5t#S256", ""))
         return "2"
 
     def delegated_consent(self, app, tenant_id, upn):
@@ -589,11 +592,20 @@ class _Handler(BaseHTTPRequestHandler):
         if submitted is None:
             return self._sign_in_page(app, params, admins, "", app["delegated"] + app["application"])
         if submitted.get("action") != "accept" or submitted.get("account") not in {u["upn"] for u in admins}:
+            # Both parameters arrive together: error and admin_consent=True (CONFORMANCE ID-24).
+            body = OAuthError("access_denied", 65004).body(self._correlation_id())
+            if directory.settings.get("admin_consent_error") == "consent_required":  # Microsoft's own example
+                body["error"] = "consent_required"
+                body["error_description"] = body["error_description"].replace(
+                    MESSAGES[65004], "The resource owner or authorization server denied the request."
+                )
             return self._reply_to_client(
                 dict(params, response_mode="query"),
                 {
-                    "error": "access_denied",
-                    "error_description": "AADSTS65004: User declined to consent to access the app.",
+                    "error": body["error"],
+                    "error_description": body["error_description"],
+                    "error_uri": body["error_uri"],
+                    "admin_consent": "True",
                 },
             )
         entry = {"client_id": app["client_id"], "tenant": tenant["id"], "delegated": True, "application": True}
@@ -605,7 +617,12 @@ class _Handler(BaseHTTPRequestHandler):
             ]
             directory.data["consents"].append(entry)
             directory.save()
-        self._reply_to_client(dict(params, response_mode="query"), {"admin_consent": "True", "tenant": tenant["id"]})
+        granted = [f"https://outlook.office.com/{p}" for p in app["delegated"]]
+        granted += [f"https://outlook.office365.com/{p}" for p in app["application"]]
+        self._reply_to_client(
+            dict(params, response_mode="query"),
+            {"admin_consent": "True", "tenant": tenant["id"], "scope": " ".join(granted)},
+        )
 
     def _session_cookie(self):
         jar = cookies.SimpleCookie(self.headers.get("Cookie") or "")
@@ -620,6 +637,9 @@ class _Handler(BaseHTTPRequestHandler):
             if resource in EXCHANGE_RESOURCES and not user_tenant["exchange"]:
                 raise OAuthError("invalid_resource", 500011, resource=resource, tenant_name=user_tenant["name"])
             if not identity.delegated_consent(app, user_tenant["id"], upn):
+                if not user["admin"] and not directory.settings.get("user_consent_allowed", True):
+                    # "Need admin approval": this user may not consent (CONFORMANCE ID-15)
+                    raise OAuthError("access_denied", 90094)
                 if not consent:
                     raise OAuthError("consent_required", 65001, client_id=app["client_id"], app_name=app["name"])
                 entry = {
@@ -671,8 +691,15 @@ class _Handler(BaseHTTPRequestHandler):
         )
         needs_consent = any(not identity.delegated_consent(app, u["tenant"], u["upn"]) for u in eligible)
         consent = ""
-        if needs_consent:
+        if needs_consent and not identity.directory.settings.get("user_consent_allowed", True):
             consent = (
+                f"<p id='admin-approval'><b>Need admin approval</b><br>{html.escape(app['name'])} needs permission "
+                "to access resources in your organization that only an admin can grant. Please ask an admin to "
+                "grant permission to this app before you can use it. Cancel returns to the application without "
+                "granting consent.</p>"
+            )
+        if needs_consent:
+            consent += (
                 "<fieldset><legend>Permissions requested</legend><ul>"
                 + "".join(f"<li>{html.escape(p)}</li>" for p in permissions)
                 + '</ul><label><input type="checkbox" name="consent" value="yes" checked> Accept</label>'

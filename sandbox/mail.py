@@ -7,6 +7,7 @@ will report against Microsoft.
 
 import atexit
 import collections
+import datetime
 import email
 import email.policy
 import email.utils
@@ -41,12 +42,40 @@ SMTP_NOT_AUTHENTICATED = (
     "530 5.7.57 Client not authenticated to send mail. Error: 5.7.57 SMTP; Client was "
     "not authenticated to send anonymous mail during MAIL FROM [SANDBOX.PROD.OUTLOOK.COM]"
 )
-SMTP_SEND_AS_DENIED = (
-    "554 5.2.252 SendAsDenied; {mailbox} not allowed to send as {sender}; "
+# Exchange's three wordings of a refused Send As, all at the end of DATA (CONFORMANCE SMTP-07);
+# the `smtp_send_as_denied` setting chooses one.
+SMTP_SEND_AS_DENIED = {
+    "5.2.252": "554 5.2.252 SendAsDenied; {mailbox} not allowed to send as {sender}; "
     "STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied; Failed "
     "to process message due to a permanent exception with message [BeginDiagnosticData]"
-    "Cannot submit message. [Hostname=SANDBOX.PROD.OUTLOOK.COM]"
-)
+    "Cannot submit message. 0.35250:1F009983, 1.36674:0A000000 [Hostname={host}]",
+    "5.2.0": "554 5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied; "
+    "Failed to process message due to a permanent exception with message Cannot submit message. "
+    "0.35250:1F009983, 1.36674:0A000000 [Hostname={host}]",
+    "5.7.60": "550 5.7.60 SMTP; Client does not have permissions to send as this sender [{host}]",
+}
+# More than three authenticated connections of one mailbox (CONFORMANCE SMTP-11); the
+# `smtp_concurrency_reply` setting chooses the wording seen on the wire or the documented one.
+SMTP_CONCURRENCY = {
+    "concurrent": "432 4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending "
+    "for more information. [Hostname={host}]",
+    "sender_thread": "432 4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded [Hostname={host}]",
+}
+# aiosmtpd's own texts, and what Exchange says in their place (CONFORMANCE SMTP-02).
+SMTP_REWORDED = {"220 Ready to start TLS": "220 2.0.0 SMTP server ready"}
+SMTP_MAX_SIZE = 157286400  # Exchange Online's EHLO: 250-SIZE 157286400
+
+
+def _exchange_stamp():
+    """What Exchange appends to a refused AUTH: [server timestamp id]."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+    return f"[{SMTP_GREETING_NAME} {now.strftime('%Y-%m-%dT%H:%M:%S.')}{now.microsecond // 1000:03d}Z {_session_id()}]"
+
+
+def _session_id():
+    return uuid.uuid4().hex[:16].upper()
+
+
 MAIL_UID = 8  # Debian's `mail` user, which owns the mailboxes
 
 DOVECOT_CONFIG = """\
@@ -160,26 +189,38 @@ class _SubmissionHandler:
         else:
             response = await server.challenge_auth("", encode_to_b64=False)
             if not isinstance(response, bytes):
-                return AuthResult(success=False, handled=False, message=SMTP_REJECTED)
+                return AuthResult(success=False, handled=False, message=f"{SMTP_REJECTED} {_exchange_stamp()}")
         try:
             fields = dict(
                 part.split("=", 1) for part in b64decode(response, validate=True).decode().split("\x01") if "=" in part
             )
             user, token = fields["user"], fields["auth"].removeprefix("Bearer ")
         except (ValueError, KeyError, UnicodeDecodeError):
-            return AuthResult(success=False, handled=False, message=SMTP_REJECTED)
-        return self._result(self.servers.check_login(user, "smtp", token, "xoauth2"))
+            return AuthResult(success=False, handled=False, message=f"{SMTP_REJECTED} {_exchange_stamp()}")
+        return self._result(server, self.servers.check_login(user, "smtp", token, "xoauth2"))
 
     def authenticate_password(self, server, session, envelope, mechanism, auth_data):
         login = self.servers.check_login(auth_data.login.decode(), "smtp", auth_data.password.decode(), "password")
-        return self._result(login)
+        return self._result(server, login)
 
-    @staticmethod
-    def _result(login):
+    def _result(self, server, login):
         if login.ok:
+            self.servers.smtp_authenticated(server, login.mailbox)
             return AuthResult(success=True, handled=False, auth_data=login, message=login.smtp_reply)
         _logger.info("sandbox smtp login refused for %s: %s", login.mailbox, login.reason)
-        return AuthResult(success=False, handled=False, message=login.smtp_reply)
+        reply = login.smtp_reply
+        if reply.startswith("535 "):  # Exchange names the server, the time and the session
+            reply = f"{reply} {_exchange_stamp()}"
+        return AuthResult(success=False, handled=False, message=reply)
+
+    async def handle_EHLO(self, server, session, envelope, hostname, responses):
+        """Exchange Online's EHLO lines, in its order (CONFORMANCE SMTP-02)."""
+        session.host_name = hostname
+        peer = session.peer[0] if session.peer else HOST
+        lines = [f"250-{SMTP_GREETING_NAME} Hello [{peer}]", f"250-SIZE {SMTP_MAX_SIZE}"]
+        lines += ["250-PIPELINING", "250-DSN", "250-ENHANCEDSTATUSCODES"]
+        lines += [line for line in responses if line.startswith(("250-STARTTLS", "250-AUTH"))]
+        return [*lines, "250-8BITMIME", "250-BINARYMIME", "250-CHUNKING", "250 SMTPUTF8"]
 
     async def handle_MAIL(self, server, session, envelope, address, mail_options):
         if not session.authenticated:
@@ -195,10 +236,17 @@ class _SubmissionHandler:
 
     async def handle_DATA(self, server, session, envelope):
         login = session.auth_data
+        settings = self.servers.settings()
+        if self.servers.smtp_rank(server, login.mailbox) >= int(settings.get("smtp_concurrency_limit", 3)):
+            return SMTP_CONCURRENCY[settings.get("smtp_concurrency_reply", "concurrent")].format(
+                host=SMTP_GREETING_NAME
+            )
         message = email.message_from_bytes(envelope.content, policy=email.policy.SMTP)
         sender = email.utils.parseaddr(message.get("From", ""))[1] or envelope.mail_from
         if not self.servers.may_send_as(login, sender):
-            return SMTP_SEND_AS_DENIED.format(mailbox=login.mailbox, sender=sender)
+            return SMTP_SEND_AS_DENIED[settings.get("smtp_send_as_denied", "5.2.252")].format(
+                mailbox=login.mailbox, sender=sender, host=SMTP_GREETING_NAME
+            )
         internal_id = f"<{uuid.uuid4()}@SANDBOX.PROD.OUTLOOK.COM>"
         for recipient in envelope.rcpt_tos:
             if self.servers.is_mailbox(recipient):
@@ -216,6 +264,18 @@ class _SubmissionServer(SMTP):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.command_size_limits = collections.defaultdict(lambda: SMTP.command_size_limit, AUTH=16384)
+        # Exchange's greeting (CONFORMANCE SMTP-01), dated when the connection opens.
+        self.__ident__ = (
+            "Microsoft ESMTP MAIL Service ready at "
+            f"{email.utils.formatdate(usegmt=False, localtime=False).replace('-0000', '+0000')} [{_session_id()}]"
+        )
+
+    async def push(self, status):
+        await super().push(SMTP_REWORDED.get(status, status))
+
+    def connection_lost(self, error):
+        self.event_handler.servers.smtp_closed(self)
+        super().connection_lost(error)
 
 
 class _SubmissionController(Controller):
@@ -224,8 +284,12 @@ class _SubmissionController(Controller):
 
 
 class MailServers:
-    def __init__(self, state_dir, tls, ports, check_login, may_send_as, is_mailbox):
+    def __init__(self, state_dir, tls, ports, check_login, may_send_as, is_mailbox, settings=dict):
         self.state_dir = Path(state_dir).resolve()
+        self.settings = settings  # the directory's settings (a callable)
+        # Authenticated SMTP connections per mailbox, oldest first (Exchange allows three).
+        self._smtp_sessions = collections.defaultdict(list)
+        self._smtp_sessions_lock = threading.Lock()
         self.tls = tls
         self.ports = ports
         self.check_login = check_login
@@ -275,6 +339,24 @@ class MailServers:
         if self._base_dir:
             shutil.rmtree(self._base_dir, ignore_errors=True)
             self._base_dir = None
+
+    # SMTP connections per mailbox ---------------------------------------------------------------
+
+    def smtp_authenticated(self, connection, mailbox):
+        with self._smtp_sessions_lock:
+            self._smtp_sessions[mailbox].append(connection)
+
+    def smtp_closed(self, connection):
+        with self._smtp_sessions_lock:
+            for connections in self._smtp_sessions.values():
+                if connection in connections:
+                    connections.remove(connection)
+
+    def smtp_rank(self, connection, mailbox):
+        """How many authenticated connections of the mailbox are older than this one."""
+        with self._smtp_sessions_lock:
+            connections = self._smtp_sessions[mailbox]
+            return connections.index(connection) if connection in connections else 0
 
     # delivery ------------------------------------------------------------------------------
 
@@ -351,6 +433,7 @@ class MailServers:
             authenticator=handler.authenticate_password,
             auth_exclude_mechanism=["PLAIN"],
             decode_data=False,
+            data_size_limit=SMTP_MAX_SIZE,
             ready_timeout=10,
         )
         self._smtp.start()

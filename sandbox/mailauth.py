@@ -16,6 +16,7 @@ SMTP_AUTH_DISABLED = (
     "Visit https://aka.ms/smtp_auth_disabled for more information."
 )
 SMTP_BASIC_AUTH_DISABLED = "535 5.7.139 Authentication unsuccessful, basic authentication is disabled."
+SMTP_BASIC_AUTH_RETIRED = "550 5.7.30 Basic authentication is not supported for Client Submission."
 
 # Exchange Online accepts both of its resource URIs as audience, for user and for app tokens.
 EXCHANGE_AUDIENCES = ("https://outlook.office.com", "https://outlook.office365.com")
@@ -67,6 +68,8 @@ def check_mail_login(directory, mailbox, protocol, secret, mechanism):
     if protocol == "smtp" and not box["smtp_auth"]:
         return _refused(mailbox, "", "SMTP AUTH is disabled for the mailbox", SMTP_AUTH_DISABLED)
     if mechanism == "password":
+        if protocol == "smtp" and directory.settings.get("smtp_basic_auth_retired"):
+            return _refused(mailbox, mailbox, "basic authentication retired", SMTP_BASIC_AUTH_RETIRED)
         user = directory.user(mailbox)
         if not directory.basic_auth_allowed or not user or not user.get("password") or user["password"] != secret:
             reply = SMTP_REJECTED if directory.basic_auth_allowed else SMTP_BASIC_AUTH_DISABLED
@@ -83,6 +86,10 @@ def check_mail_login(directory, mailbox, protocol, secret, mechanism):
         if needed not in claims["scp"].split():
             return _refused(mailbox, claims.get("upn", ""), f"scope {needed} missing")
         upn = claims.get("upn", "").lower()
+        if protocol == "smtp" and upn != mailbox:
+            # SMTP AUTH takes only the signed-in user as user=, even with FullAccess; the shared
+            # address goes in From and needs Send As (CONFORMANCE SMTP-05).
+            return _refused(mailbox, upn, f"SMTP AUTH accepts only the signed-in user {upn}, not {mailbox}")
         if upn != mailbox and not directory.has_full_access(upn, mailbox):
             return _refused(mailbox, upn, f"{upn} has no access to mailbox {mailbox}")
         return _throttled(directory, MailLogin(True, mailbox, upn, "token accepted", SMTP_OK), protocol)

@@ -59,6 +59,7 @@ class SandboxService:
             ),
             may_send_as=lambda login, address: mailauth.may_send_as(directory, login, address),
             is_mailbox=lambda address: directory.mailbox(address) is not None,
+            settings=lambda: directory.settings,
         )
         try:
             self.mail.start()

@@ -102,13 +102,18 @@ class TestAppOnly(SandboxCase):
         with self.assertRaises(MailDeliveryException) as refused:
             smtp.send_email(message, mail_server_id=smtp.id)
         self.assertIn("SendAsDenied", str(refused.exception.args[1]))
-        self.assertIn("Add-RecipientPermission -Identity <sender address>", str(refused.exception.args[1]))
+        self.assertIn(
+            'Add-RecipientPermission -Identity "ceo@contoso.com" -Trustee (Get-ServicePrincipal -Identity '
+            f"{self.app_registration.client_id}).Identity -AccessRights SendAs",
+            str(refused.exception.args[1]),
+        )
 
     def test_admin_consent_link_records_consent_for_the_organisation(self):
         client_id, tenant = self.app_registration.client_id, self.sandbox.tenant()["id"]
         self.sandbox.control("consent", client_id=client_id, tenant=tenant, granted=False)
-        url = self.app_registration.admin_consent_url
+        url = self.app_registration.action_admin_consent()["url"]
         self.assertTrue(url.startswith(f"{self.sandbox.identity_url}/{tenant}/adminconsent?client_id={client_id}"))
+        self.assertIn("&state=", url)
         params = self.sandbox.sign_in(url, "admin@contoso.com")
         self.assertEqual((params["admin_consent"], params["tenant"]), ("True", tenant))
         token = self.new_account(email="info@contoso.com")._access_token()

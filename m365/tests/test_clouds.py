@@ -37,3 +37,15 @@ def test_overrides_keep_defaults_for_empty_values():
     cloud = CLOUDS["global"].with_overrides(authority_host="https://127.0.0.1:9443", imap_host="")
     assert cloud.authority_host == "https://127.0.0.1:9443"
     assert cloud.imap_host == "outlook.office365.com"
+
+
+def test_dod_resource_and_china_smtp_host_follow_the_best_sources():
+    """CLD-03: Microsoft's CSS-Exchange scripts use https://outlook-dod.office365.us for DoD;
+    CLD-04: public 21Vianet samples use smtp.partner.outlook.cn. Both unverified, so overridable."""
+    dod = CLOUDS["usgov_dod"]
+    assert dod.app_scopes() == ["https://outlook-dod.office365.us/.default"]
+    assert dod.delegated_scopes()[0] == "https://outlook-dod.office365.us/IMAP.AccessAsUser.All"
+    assert (CLOUDS["china"].smtp_host, CLOUDS["china"].smtp_port) == ("smtp.partner.outlook.cn", 587)
+    assert "smtp.partner.outlook.cn" in MICROSOFT_MAIL_HOSTS
+    custom = CLOUDS["china"].with_overrides(smtp_host="partner.outlook.cn")
+    assert custom.smtp_host == "partner.outlook.cn"

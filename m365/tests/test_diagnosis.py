@@ -66,7 +66,9 @@ def test_unknown_invalid_grant_means_reconnect():
     ],
 )
 def test_smtp_replies(code, text, key, kind):
-    found = diagnosis.diagnose_smtp(code, text.encode(), mailbox="a@contoso.com")
+    found = diagnosis.diagnose_smtp(
+        code, text.encode(), mailbox="a@contoso.com", sender="x@y.z", login="a@b.c", trustee='"a@b.c"'
+    )
     assert (found.code, found.kind) == (key, kind)
     assert found.fix % found.params
 

@@ -8,7 +8,7 @@ import msal
 import pytest
 import requests
 
-from sandbox.ca import make_client_certificate, thumbprint
+from sandbox.ca import make_client_certificate
 
 EXCHANGE = "https://outlook.office.com"
 SCOPES = [f"{EXCHANGE}/IMAP.AccessAsUser.All", f"{EXCHANGE}/POP.AccessAsUser.All", f"{EXCHANGE}/SMTP.Send"]
@@ -283,40 +283,46 @@ def test_bad_client_secrets(fresh, secret, code):
     assert_microsoft_error(result, code, "invalid_client")
 
 
-@pytest.mark.parametrize("shape", ["sha1 thumbprint (RS256)", "public certificate (PS256)"])
-def test_client_credentials_with_certificate(fresh, shape):
+def ps256(certificate, private_key=None):
+    """What MSAL sends PS256 with x5t#S256 for: no SHA-1 thumbprint, the public certificate."""
+    return {"private_key": private_key or certificate["private_key"], "public_certificate": certificate["certificate"]}
+
+
+def test_client_credentials_with_a_certificate_need_ps256_and_the_sha256_thumbprint(fresh):
+    """CONFORMANCE ID-27, ID-28: Entra asks for PS256 with x5t#S256; the SHA-1 form (RS256 + x5t) is refused."""
     certificate = fresh.certificate()
-    credential = {"private_key": certificate["private_key"]}
-    if shape.startswith("sha1"):
-        credential["thumbprint"] = certificate["thumbprint"]
-    else:
-        credential["public_certificate"] = certificate["certificate"]
-    result = msal_app(fresh, credential=credential).acquire_token_for_client(APP_SCOPE)
+    result = msal_app(fresh, credential=ps256(certificate)).acquire_token_for_client(APP_SCOPE)
     assert claims(result["access_token"])["appidacr"] == "2", result
+    sha1 = {"private_key": certificate["private_key"], "thumbprint": certificate["thumbprint"]}
+    assert_microsoft_error(msal_app(fresh, credential=sha1).acquire_token_for_client(APP_SCOPE), 700027)
 
 
 def test_certificate_assertion_also_redeems_a_code(fresh):
-    certificate = fresh.certificate()
-    app = msal_app(
-        fresh, credential={"private_key": certificate["private_key"], "public_certificate": certificate["certificate"]}
-    )
+    app = msal_app(fresh, credential=ps256(fresh.certificate()))
     flow, params = sign_in(fresh, app)
     assert claims(app.acquire_token_by_auth_code_flow(flow, params)["access_token"])["appidacr"] == "2"
 
 
 def test_unregistered_or_expired_certificate_is_aadsts700027(fresh):
     key, cert = make_client_certificate("not registered")
-    unregistered = {"private_key": key, "thumbprint": thumbprint(cert)}
+    unregistered = {"private_key": key, "public_certificate": cert}
     assert_microsoft_error(msal_app(fresh, credential=unregistered).acquire_token_for_client(APP_SCOPE), 700027)
-    expired = fresh.certificate(which="expired")
-    credential = {"private_key": expired["private_key"], "thumbprint": expired["thumbprint"]}
-    assert_microsoft_error(msal_app(fresh, credential=credential).acquire_token_for_client(APP_SCOPE), 700027)
+    expired = ps256(fresh.certificate(which="expired"))
+    assert_microsoft_error(msal_app(fresh, credential=expired).acquire_token_for_client(APP_SCOPE), 700027)
 
 
 def test_assertion_signed_by_another_key_is_refused(fresh):
     other_key, _ = make_client_certificate("impostor")
-    credential = {"private_key": other_key, "thumbprint": fresh.certificate()["thumbprint"]}
+    credential = ps256(fresh.certificate(), private_key=other_key)
     assert_microsoft_error(msal_app(fresh, credential=credential).acquire_token_for_client(APP_SCOPE), 700027)
+
+
+def test_error_description_separates_trace_lines_with_crlf(fresh):
+    """CONFORMANCE ID-09: "AADSTS…: text\\r\\nTrace ID: …\\r\\nCorrelation ID: …\\r\\nTimestamp: …"."""
+    result = msal_app(fresh, credential="not-the-secret").acquire_token_for_client(APP_SCOPE)
+    lines = result["error_description"].split("\r\n")
+    assert lines[0].startswith("AADSTS7000215: ") and len(lines) == 4, result["error_description"]
+    assert [line.split(": ")[0] for line in lines[1:]] == ["Trace ID", "Correlation ID", "Timestamp"]
 
 
 # faults --------------------------------------------------------------------------------------
@@ -341,3 +347,39 @@ def test_token_endpoint_can_hang(fresh):
     with pytest.raises(requests.Timeout):
         session_for(fresh).post(f"{fresh.authority()}/oauth2/v2.0/token", data={"client_id": "x"}, timeout=0.5)
     assert time.monotonic() - started < 2
+
+
+# admin consent ---------------------------------------------------------------------------------
+
+
+def admin_consent_url(sandbox, state="12345"):
+    from urllib.parse import urlencode
+
+    query = urlencode({"client_id": sandbox.app()["client_id"], "redirect_uri": REDIRECT_URI, "state": state})
+    return f"{sandbox.authority()}/adminconsent?{query}"
+
+
+def test_admin_consent_granted_carries_tenant_scope_and_state(fresh):
+    """CONFORMANCE ID-25: ?admin_consent=True&tenant=<guid>&scope=<granted scopes>&state=12345."""
+    params = fresh.sign_in(admin_consent_url(fresh), "admin@contoso.com")
+    assert (params["admin_consent"], params["tenant"], params["state"]) == ("True", fresh.tenant()["id"], "12345")
+    assert "https://outlook.office365.com/IMAP.AccessAsApp" in params["scope"].split()
+    assert "error" not in params
+
+
+@pytest.mark.parametrize(
+    "shape, error, text",
+    [
+        ("access_denied", "access_denied", "User declined to consent to access the app."),
+        ("consent_required", "consent_required", "The resource owner or authorization server denied the request."),
+    ],
+)
+def test_admin_consent_declined_carries_error_and_admin_consent_true(fresh, shape, error, text):
+    """CONFORMANCE ID-24: error, error_description (CR LF trace lines), error_uri, admin_consent=True and
+    state arrive together (MicrosoftDocs/azure-docs#114009; Microsoft's example uses consent_required)."""
+    fresh.control("settings", admin_consent_error=shape)
+    params = fresh.sign_in(admin_consent_url(fresh, "st4te"), "admin@contoso.com", accept=False)
+    assert (params["error"], params["admin_consent"], params["state"]) == (error, "True", "st4te")
+    assert params["error_description"].startswith(f"AADSTS65004: {text}\r\nTrace ID: ")
+    assert params["error_uri"] == "https://login.microsoftonline.com/error?code=65004"
+    assert "tenant" not in params

@@ -4,6 +4,7 @@ import base64
 import email.message
 import imaplib
 import poplib
+import re
 import smtplib
 import socket
 import ssl
@@ -214,6 +215,10 @@ def test_smtp_xoauth2_send_and_read_back_over_imap(box):
     assert any(b"partner@fabrikam.example" in path.read_bytes() for path in outbound)
 
 
+# Exchange appends "[<server> <timestamp> <session id>]" to a refused AUTH (MailKit#1770).
+STAMP = rb" \[SANDBOX\.PROD\.OUTLOOK\.COM \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z [0-9A-F]{16}\]$"
+
+
 def test_smtp_refusals_match_exchange(box):
     token = user_token(box)
     with smtp_connection(box) as smtp:
@@ -224,26 +229,165 @@ def test_smtp_refusals_match_exchange(box):
             b"SMTP; Client was not authenticated to send anonymous mail "
             b"during MAIL FROM",
         )
-        assert smtp_auth(smtp, "bob@contoso.com", token) == (535, b"5.7.3 Authentication unsuccessful")
+        code, text = smtp_auth(smtp, "bob@contoso.com", token)
+        assert code == 535 and re.fullmatch(rb"5\.7\.3 Authentication unsuccessful" + STAMP, text), text
     box.control("smtp_auth", mailbox="alice@contoso.com", enabled=False)
     with smtp_connection(box) as smtp:
         code, text = smtp_auth(smtp, "alice@contoso.com", token)
         assert code == 535 and text.startswith(
             b"5.7.139 Authentication unsuccessful, SmtpClientAuthentication is disabled for the Mailbox."
         )
+        assert re.search(STAMP, text), text
+
+
+def test_smtp_greeting_and_ehlo_are_exchanges(box):
+    """CONFORMANCE SMTP-01, SMTP-02: the lines MailKit#1770 and emayili#147 captured."""
+    smtp = smtplib.SMTP(timeout=10)
+    try:
+        code, greeting = smtp.connect(box.host, box.ports["smtp"])
+        assert code == 220
+        assert re.fullmatch(
+            rb"SANDBOX\.PROD\.OUTLOOK\.COM Microsoft ESMTP MAIL Service ready at "
+            rb"\w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d \+0000 \[[0-9A-F]{16}\]",
+            greeting,
+        ), greeting
+        code, lines = smtp.ehlo("odoo.example")
+        assert code == 250
+        assert lines.splitlines() == [
+            b"SANDBOX.PROD.OUTLOOK.COM Hello [127.0.0.1]",
+            b"SIZE 157286400",
+            b"PIPELINING",
+            b"DSN",
+            b"ENHANCEDSTATUSCODES",
+            b"STARTTLS",
+            b"8BITMIME",
+            b"BINARYMIME",
+            b"CHUNKING",
+            b"SMTPUTF8",
+        ]
+        assert smtp.docmd("STARTTLS") == (220, b"2.0.0 SMTP server ready")
+        smtp.sock = tls(box).wrap_socket(smtp.sock, server_hostname=box.host)
+        smtp.file = None
+        code, lines = smtp.ehlo("odoo.example")
+        assert b"AUTH LOGIN XOAUTH2" in lines.splitlines() and b"STARTTLS" not in lines.splitlines()
+    finally:
+        smtp.close()
+
+
+def test_smtp_auth_takes_only_the_signed_in_user(box):
+    """CONFORMANCE SMTP-05: a delegate with FullAccess on info@ may read it over IMAP, but SMTP AUTH
+    refuses user=info@ with the delegate's token; app-only logs in as the target mailbox."""
+    alice = user_token(box, "alice@contoso.com")
+    imap_login(box, "info@contoso.com", alice).logout()
+    with smtp_connection(box) as smtp:
+        code, text = smtp_auth(smtp, "info@contoso.com", alice)
+        assert code == 535 and text.startswith(b"5.7.3 Authentication unsuccessful [")
+    with smtp_connection(box) as smtp:
+        assert smtp_auth(smtp, "info@contoso.com", app_token(box))[0] == 235
+
+
+def send_from(smtp, sender, to="bob@contoso.com"):
+    smtp.sendmail(sender, [to], f"From: {sender}\r\nSubject: x\r\n\r\nx\r\n".encode())
 
 
 def test_send_as_is_enforced(box):
     with smtp_connection(box) as smtp:
         smtp_auth(smtp, "bob@contoso.com", user_token(box, "bob@contoso.com"))
         with pytest.raises(smtplib.SMTPDataError) as refused:
-            smtp.sendmail(
-                "info@contoso.com", ["alice@contoso.com"], b"From: info@contoso.com\r\nSubject: x\r\n\r\nx\r\n"
-            )
-        assert refused.value.smtp_code == 554 and refused.value.smtp_error.startswith(b"5.2.252 SendAsDenied")
-    with smtp_connection(box) as smtp:  # alice was granted Send As on info@
-        smtp_auth(smtp, "info@contoso.com", user_token(box, "alice@contoso.com"))
-        smtp.sendmail("info@contoso.com", ["bob@contoso.com"], b"From: info@contoso.com\r\nSubject: y\r\n\r\ny\r\n")
+            send_from(smtp, "info@contoso.com", "alice@contoso.com")
+        assert refused.value.smtp_code == 554 and refused.value.smtp_error.startswith(
+            b"5.2.252 SendAsDenied; bob@contoso.com not allowed to send as info@contoso.com; "
+            b"STOREDRV.Submission.Exception:SendAsDeniedException.MapiExceptionSendAsDenied;"
+        )
+    with smtp_connection(box) as smtp:  # alice signs in as herself and was granted Send As on info@
+        assert smtp_auth(smtp, "alice@contoso.com", user_token(box, "alice@contoso.com"))[0] == 235
+        assert smtp.mail("info@contoso.com") == (250, b"2.1.0 Sender OK")
+        smtp.rset()
+        send_from(smtp, "info@contoso.com")
+
+
+@pytest.mark.parametrize(
+    "variant, code, reply",
+    [
+        ("5.2.252", 554, rb"5\.2\.252 SendAsDenied; bob@contoso\.com not allowed to send as info@contoso\.com; .*"),
+        (
+            "5.2.0",
+            554,
+            rb"5\.2\.0 STOREDRV\.Submission\.Exception:SendAsDeniedException\.MapiExceptionSendAsDenied; .*",
+        ),
+        (
+            "5.7.60",
+            550,
+            rb"5\.7\.60 SMTP; Client does not have permissions to send as this sender \[SANDBOX\.PROD\.OUTLOOK\.COM\]",
+        ),
+    ],
+)
+def test_send_as_denied_in_each_of_exchanges_wordings(box, variant, code, reply):
+    """CONFORMANCE SMTP-07: MAIL FROM passes, the refusal comes at the end of DATA."""
+    box.control("settings", smtp_send_as_denied=variant)
+    with smtp_connection(box) as smtp:
+        smtp_auth(smtp, "bob@contoso.com", user_token(box, "bob@contoso.com"))
+        assert smtp.mail("info@contoso.com")[0] == 250
+        smtp.rset()
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            send_from(smtp, "info@contoso.com")
+        assert refused.value.smtp_code == code and re.fullmatch(reply, refused.value.smtp_error), refused.value
+
+
+@pytest.mark.parametrize(
+    "wording, reply",
+    [
+        (
+            "concurrent",
+            b"4.3.2 Concurrent connections limit exceeded. Visit https://aka.ms/concurrent_sending for more "
+            b"information. [Hostname=SANDBOX.PROD.OUTLOOK.COM]",
+        ),
+        (
+            "sender_thread",
+            b"4.3.2 STOREDRV.ClientSubmit; sender thread limit exceeded [Hostname=SANDBOX.PROD.OUTLOOK.COM]",
+        ),
+    ],
+)
+def test_a_fourth_concurrent_connection_of_a_mailbox_is_432(box, wording, reply):
+    """CONFORMANCE SMTP-11: three authenticated connections per mailbox may send; the fourth is
+    refused at DATA, and may send once another one has closed."""
+    box.control("settings", smtp_concurrency_reply=wording)
+    token = user_token(box)
+    connections = [smtp_connection(box) for _ in range(4)]
+    try:
+        for smtp in connections:
+            assert smtp_auth(smtp, "alice@contoso.com", token)[0] == 235
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            send_from(connections[3], "alice@contoso.com")
+        assert (refused.value.smtp_code, refused.value.smtp_error) == (432, reply)
+        for smtp in connections[:3]:
+            send_from(smtp, "alice@contoso.com")
+        with smtp_connection(box) as other:  # another mailbox is not affected
+            smtp_auth(other, "bob@contoso.com", user_token(box, "bob@contoso.com"))
+            send_from(other, "bob@contoso.com")
+        connections.pop(0).quit()
+        send_from(connections[2], "alice@contoso.com")
+    finally:
+        for smtp in connections:
+            smtp.close()
+
+
+def test_basic_auth_for_client_submission_retired_is_550_5_7_30(box):
+    """CONFORMANCE SMTP-10: before retirement 535 5.7.139, after it 550 5.7.30."""
+    password = box.user("alice@contoso.com")["password"]
+    with smtp_connection(box) as smtp:
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            smtp.login("alice@contoso.com", password)
+        assert refused.value.smtp_code == 535
+        assert refused.value.smtp_error.startswith(b"5.7.139 Authentication unsuccessful, basic authentication")
+    box.control("settings", smtp_basic_auth_retired=True)
+    with smtp_connection(box) as smtp:
+        with pytest.raises(smtplib.SMTPAuthenticationError) as refused:
+            smtp.login("alice@contoso.com", password)
+        assert (refused.value.smtp_code, refused.value.smtp_error) == (
+            550,
+            b"5.7.30 Basic authentication is not supported for Client Submission.",
+        )
 
 
 def test_stop_frees_every_port(tmp_path):

@@ -1,0 +1,159 @@
+import base64
+import imaplib
+import smtplib
+import ssl
+
+from odoo.exceptions import UserError
+from odoo.tests import tagged
+from odoo.tools import mute_logger
+
+from odoo.addons.base.models.ir_mail_server import MailDeliveryException
+
+from ..m365.identity import AppCredentials, IdentityClient
+from .common import SandboxCase
+
+QUIET = ("odoo.addons.base.models.ir_mail_server",)
+
+
+@tagged("post_install", "-at_install")
+class TestSmtpExchangeRules(SandboxCase):
+    """Exchange's SMTP rules (sandbox/CONFORMANCE.md SMTP-05, -07, -11) as an Odoo user meets them."""
+
+    def outgoing_server(self, account):
+        return self.env["ir.mail_server"].create(
+            {
+                "name": f"{account.email} SMTP",
+                "smtp_authentication": "microsoft365",
+                "microsoft365_account_id": account.id,
+                "smtp_host": self.sandbox.host,
+                "smtp_port": self.sandbox.ports["smtp"],
+                "smtp_encryption": "starttls",
+                "smtp_user": account.email,
+                "from_filter": account.email,
+            }
+        )
+
+    def shared_info(self):
+        """info@ (shared) connected by alice, who has FullAccess and Send As on it."""
+        info = self.connect(self.new_account(email="info@contoso.com"), upn="alice@contoso.com")
+        return info, self.outgoing_server(info)
+
+    def send(self, server, sender, subject):
+        message = server.build_email(sender, ["sales@contoso.com"], subject, "Hello")
+        return server.send_email(message, mail_server_id=server.id)
+
+    def arrived(self, subject):
+        """The messages with `subject` in sales@ (read as the sandbox app, which has FullAccess)."""
+        credentials = AppCredentials(
+            client_id=self.sandbox.app()["client_id"],
+            authority=self.sandbox.authority(),
+            client_secret=self.sandbox.secret(),
+            ca_file=self.sandbox.ca_file,
+        )
+        token = IdentityClient(credentials).app_access_token(["https://outlook.office365.com/.default"])
+        context = ssl.create_default_context(cafile=self.sandbox.ca_file)
+        with imaplib.IMAP4_SSL(self.sandbox.host, self.sandbox.ports["imaps"], ssl_context=context) as imap:
+            imap.authenticate("XOAUTH2", lambda _: f"user=sales@contoso.com\x01auth=Bearer {token.token}\x01\x01")
+            imap.select("INBOX")
+            _status, data = imap.search(None, "SUBJECT", f'"{subject}"')
+            return data[0].split()
+
+    def test_shared_mailbox_logs_in_as_the_signed_in_user_and_sends_from_the_shared_address(self):
+        info, server = self.shared_info()
+        server.test_smtp_connection()
+        result = info.action_test_connection()
+        self.assertEqual(result["params"]["type"], "success")
+        message = result["params"]["message"]
+        self.assertIn("SMTP signs in as alice@contoso.com", message)
+        self.assertIn("Exchange checks Send As for info@contoso.com at the first send", message)
+        self.send(server, "info@contoso.com", "From the shared mailbox")
+        self.assertEqual(len(self.arrived("From the shared mailbox")), 1)
+
+    @mute_logger(*QUIET)
+    def test_send_as_refused_at_the_first_send_names_the_exact_grant(self):
+        info, server = self.shared_info()
+        self.sandbox.control(
+            "grant", right="send_as", identity="alice@contoso.com", mailbox="info@contoso.com", granted=False
+        )
+        # Nothing is sent by Test connection: Exchange checks Send As only at the end of DATA.
+        self.assertEqual(info.action_test_connection()["params"]["type"], "success")
+        for variant, reply in (
+            ("5.2.252", "554 5.2.252 SendAsDenied; alice@contoso.com not allowed to send as info@contoso.com"),
+            ("5.2.0", "554 5.2.0 STOREDRV.Submission.Exception:SendAsDeniedException"),
+            ("5.7.60", "550 5.7.60 SMTP; Client does not have permissions to send as this sender"),
+        ):
+            with self.subTest(variant=variant):
+                self.sandbox.control("settings", smtp_send_as_denied=variant)
+                with self.assertRaises(MailDeliveryException) as refused:
+                    self.send(server, "info@contoso.com", f"Send As {variant}")
+                text = str(refused.exception.args[1])
+                self.assertIn(
+                    'Add-RecipientPermission -Identity "info@contoso.com" -Trustee "alice@contoso.com" '
+                    "-AccessRights SendAs",
+                    text,
+                )
+                self.assertIn(f"({reply}", text)  # Exchange's own reply, not a code it never sent
+                self.assertNotIn("SMTP server 'None'", text)
+
+    @mute_logger(*QUIET)
+    def test_concurrent_connection_limit_is_told_in_plain_words(self):
+        alice = self.connect(self.new_account())
+        server = self.outgoing_server(alice)
+        token = alice._access_token()
+        context = ssl.create_default_context(cafile=self.sandbox.ca_file)
+        busy = []
+        try:
+            for _ in range(3):  # three other senders of the same mailbox, still connected
+                smtp = smtplib.SMTP(self.sandbox.host, self.sandbox.ports["smtp"], timeout=10)
+                busy.append(smtp)
+                smtp.starttls(context=context)
+                smtp.ehlo()
+                xoauth2 = base64.b64encode(f"user=alice@contoso.com\x01auth=Bearer {token}\x01\x01".encode())
+                self.assertEqual(smtp.docmd("AUTH", "XOAUTH2 " + xoauth2.decode())[0], 235)
+            with self.assertRaises(MailDeliveryException) as refused:
+                self.send(server, "alice@contoso.com", "One sender too many")
+        finally:
+            for smtp in busy:
+                smtp.close()
+        text = str(refused.exception.args[1])
+        self.assertIn("too many connections", text)
+        self.assertIn("try again", text)
+        self.assertIn("(432 4.3.2 Concurrent connections limit exceeded.", text)
+        self.assertNotIn("SMTPDataError", text)
+
+
+@tagged("post_install", "-at_install")
+class TestAppOnlyTestAndConfirm(SandboxCase):
+    """An app-only server's Test & Confirm explains a refusal in app-only words."""
+
+    def setUp(self):
+        super().setUp()
+        self.app_registration.flow = "app_only"
+        self.app_registration.sudo().app_token_cache_sealed = False
+
+    @mute_logger("odoo.addons.mail_microsoft365_oauth.models.microsoft365_account")
+    def test_refused_logins_name_the_service_principal_not_a_signed_in_account(self):
+        client_id, tenant = self.app_registration.client_id, self.sandbox.tenant()["id"]
+        self.sandbox.control("service_principal", client_id=client_id, tenant=tenant, registered=False)
+        info = self.new_account(email="info@contoso.com")
+        host, ports = self.sandbox.host, self.sandbox.ports
+        incoming = self.env["fetchmail.server"].create(
+            {
+                "name": "info IMAP",
+                "connect_with": "microsoft365",
+                "microsoft365_account_id": info.id,
+                "server_type": "imap",
+                "is_ssl": True,
+                "server": host,
+                "port": ports["imaps"],
+                "user": info.email,
+            }
+        )
+        outgoing = TestSmtpExchangeRules.outgoing_server(self, info)
+        for test in (incoming.button_confirm_login, outgoing.test_smtp_connection):
+            with self.subTest(test=test.__name__), self.assertRaises(UserError) as refused:
+                test()
+            text = str(refused.exception)
+            self.assertIn(f"New-ServicePrincipal -AppId {client_id}", text)
+            self.assertNotIn("AccessAsUser", text)
+            self.assertNotIn("signed-in account", text)
