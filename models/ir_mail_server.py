@@ -72,6 +72,7 @@ class IrMailServer(models.Model):
                 self.from_filter = self.microsoft365_account_id.email
         self.smtp_pass = False
 
+    @api.onchange("smtp_encryption")
     def _onchange_encryption(self):
         # Odoo resets the port when the encryption changes; Microsoft's port is set above.
         if self.smtp_authentication != "microsoft365":
@@ -88,16 +89,29 @@ class IrMailServer(models.Model):
         self._microsoft365_link_accounts(changed=vals)
         return result
 
+    @api.model
     def send_email(self, message, *args, **kwargs):
         try:
             return super().send_email(message, *args, **kwargs)
         except MailDeliveryException as exc:
+            if not self._microsoft365_sent_with_oauth(*args, **kwargs):
+                raise
             # Exchange refuses some sends only after the message (Send As): add what to do about it.
             detail = str(exc.args[1]) if len(exc.args) > 1 else ""
             found = diagnose_smtp(550, detail)
             if found.code not in ("SMTP SendAsDenied", "SMTP 5.7.139"):
                 raise
             raise MailDeliveryException(exc.args[0], f"{detail}\n{explain(self.env, found)}") from exc
+
+    @api.model
+    def _microsoft365_sent_with_oauth(self, mail_server_id=None, *args, smtp_session=None, **kwargs):
+        """Whether send_email's arguments name a server of ours (or a session opened to its host)."""
+        if mail_server_id:
+            return self.sudo().browse(mail_server_id).smtp_authentication == "microsoft365"
+        host = getattr(getattr(smtp_session, "__obj__", smtp_session), "_host", None)
+        return bool(host) and bool(
+            self.sudo().search_count([("smtp_authentication", "=", "microsoft365"), ("smtp_host", "=", host)], limit=1)
+        )
 
     def _smtp_login(self, connection, smtp_user, smtp_password):
         # Odoo calls this on an empty recordset when no server record is involved.
