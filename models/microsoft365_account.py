@@ -225,6 +225,9 @@ class Microsoft365Account(models.Model):
                 + "\n\n"
                 + "\n\n".join(failures)
             )
+        # The first successful test proves a switch to OAuth: the servers' old passwords can go.
+        account.incoming_server_ids._microsoft365_after_successful_test()
+        account.outgoing_server_ids._microsoft365_after_successful_test()
         return self._notify(
             self.env._("Connection test successful"),
             self.env._("%(mailbox)s accepts the OAuth token: %(tested)s.", mailbox=account.email, tested=tested),
