@@ -63,6 +63,7 @@ class Microsoft365Account(models.Model):
     last_refresh = fields.Datetime(readonly=True, copy=False)
     last_error = fields.Text(readonly=True, copy=False)
     signed_in_as_other = fields.Boolean(compute="_compute_signed_in_as_other")
+    signed_in_as_other_message = fields.Char(string="Signed in as another user", compute="_compute_signed_in_as_other")
     is_administrator = fields.Boolean(compute="_compute_is_administrator")
     owner_user_id = fields.Many2one(
         "res.users",
@@ -133,6 +134,13 @@ class Microsoft365Account(models.Model):
     def _compute_signed_in_as_other(self):
         for account in self:
             account.signed_in_as_other = bool(account.username) and account.username != account.email
+            # One sentence, so that each language can order it its own way.
+            account.signed_in_as_other_message = account.signed_in_as_other and self.env._(
+                "Signed in as %(user)s, not as the mailbox %(mailbox)s. That is right for a shared mailbox this "
+                "account has Full Access to; otherwise click Renew and sign in as %(mailbox)s.",
+                user=account.username,
+                mailbox=account.email,
+            )
 
     def _compute_is_administrator(self):
         self.is_administrator = self.env.user.has_group("base.group_system")

@@ -109,6 +109,7 @@ class Microsoft365ServerMixin(models.AbstractModel):
             "params": {
                 "title": self.env._("Switch to OAuth"),
                 "message": "\n".join(report),
+                "className": "text-prewrap",  # one line per server
                 "sticky": True,
                 "type": "info",
                 "next": {"type": "ir.actions.client", "tag": "soft_reload"},
