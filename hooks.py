@@ -38,11 +38,11 @@ def uninstall_hook(env):
         outgoing.invalidate_recordset(["active"])
     else:
         in_use = {}
-    for server in list(incoming) + list(outgoing):
-        note = env._(
-            "Microsoft 365 OAuth was uninstalled: this server signed in with it and was archived. Give it a "
-            "sign-in method before you use it again."
-        )
+    note = env._(
+        "Microsoft 365 OAuth was uninstalled: this server signed in with it and was archived. Give it a "
+        "sign-in method before you use it again."
+    )
+    for server, used_by in [(s, []) for s in incoming] + [(s, in_use.get(s.id, [])) for s in outgoing]:
         if hasattr(server, "message_post"):
             server.message_post(body=note)
         else:
@@ -53,6 +53,6 @@ def uninstall_hook(env):
                 server.name,
                 server.id,
                 note,
-                f" Used by: {', '.join(in_use[server.id])}." if server.id in in_use else "",
+                f" Used by: {', '.join(used_by)}." if used_by else "",
             )
     env["ir.config_parameter"].sudo().search([("key", "=like", PARAMETER_PREFIX + "%")]).unlink()

@@ -18,6 +18,11 @@ app = env["microsoft365.app"].create(
 env["ir.config_parameter"].set_param("mail_microsoft365_oauth.default_app_id", app.id)
 env["microsoft365.connect.wizard"].create({"email": "sales@contoso.com", "app_id": app.id})._connect()
 incoming = env["fetchmail.server"].search([("connect_with", "=", "microsoft365")])
+outgoing = env["ir.mail_server"].search([("smtp_authentication", "=", "microsoft365")])
+# A template naming the server: Odoo refuses to archive a server in use through the ORM.
+env["mail.template"].create(
+    {"name": "Quote", "model_id": env.ref("base.model_res_partner").id, "mail_server_id": outgoing.id}
+)
 incoming.state = "done"  # as after a successful Test & Confirm
 env["fetchmail.server"].create(
     {"name": "Legacy", "server_type": "imap", "server": "imap.example.com", "port": 993, "is_ssl": True,
