@@ -2,3 +2,4 @@
 # through it (as a plain package) to reach m365/ and sandbox/, which must stay Odoo-free.
 if __name__.startswith("odoo.addons."):
     from . import controllers, models, wizard
+    from .hooks import uninstall_hook

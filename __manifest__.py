@@ -23,4 +23,5 @@
         "views/menus.xml",
         "data/ir_cron.xml",
     ],
+    "uninstall_hook": "uninstall_hook",
 }

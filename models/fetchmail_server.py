@@ -90,6 +90,26 @@ class FetchmailServer(models.Model):
     def _microsoft365_clear_password(self):
         self.password = False
 
+    def _microsoft365_has_password(self):
+        return bool(self.password)
+
+    @api.constrains("connect_with", "server_type", "is_ssl")
+    def _check_microsoft365_connection(self):
+        for server in self.filtered(lambda s: s._microsoft365_in_use()):
+            if server.server_type not in ("imap", "pop"):
+                raise ValidationError(
+                    self.env._(
+                        "Incoming server %s signs in with Microsoft 365 OAuth: its server type must be IMAP or POP.",
+                        server.display_name,
+                    )
+                )
+            if not server.is_ssl:
+                raise ValidationError(
+                    self.env._(
+                        "Incoming server %s signs in with Microsoft 365 OAuth: it needs SSL/TLS.", server.display_name
+                    )
+                )
+
     @api.onchange("connect_with", "microsoft365_account_id", "server_type")
     def _onchange_connect_with_microsoft365(self):
         if self.connect_with != "microsoft365":
@@ -107,7 +127,7 @@ class FetchmailServer(models.Model):
         self.is_ssl = True
         if self.microsoft365_account_id:
             self.user = self.microsoft365_account_id.email
-        self.password = False
+        # A password is kept (hidden) until the first successful test: see _microsoft365_sync_password.
 
     @api.onchange("server_type", "is_ssl", "object_id")
     def onchange_server_type(self):
@@ -121,11 +141,13 @@ class FetchmailServer(models.Model):
     def create(self, vals_list):
         servers = super().create(vals_list)
         servers._microsoft365_link_accounts()
+        servers._microsoft365_sync_password()
         return servers
 
     def write(self, vals):
         result = super().write(vals)
         self._microsoft365_link_accounts(changed=vals)
+        self._microsoft365_sync_password()
         return result
 
     def _imap_login(self, connection):

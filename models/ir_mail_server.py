@@ -2,7 +2,7 @@ import email.utils
 import smtplib
 
 from odoo import api, fields, models
-from odoo.exceptions import UserError
+from odoo.exceptions import UserError, ValidationError
 
 from odoo.addons.base.models.ir_mail_server import MailDeliveryException
 
@@ -37,6 +37,21 @@ class IrMailServer(models.Model):
     def _microsoft365_clear_password(self):
         self.smtp_pass = False
 
+    def _microsoft365_has_password(self):
+        return bool(self.smtp_pass)
+
+    @api.constrains("smtp_authentication", "smtp_encryption")
+    def _check_microsoft365_connection(self):
+        for server in self.filtered(lambda s: s._microsoft365_in_use()):
+            if server.smtp_encryption == "none":
+                raise ValidationError(
+                    self.env._(
+                        "Outgoing server %s signs in with Microsoft 365 OAuth: choose TLS (STARTTLS) or SSL/TLS "
+                        "as its connection encryption.",
+                        server.display_name,
+                    )
+                )
+
     def test_smtp_connection(self, autodetect_max_email_size=False):
         result = super().test_smtp_connection(autodetect_max_email_size=autodetect_max_email_size)
         self._microsoft365_after_successful_test()  # only reached when the test succeeded
@@ -48,6 +63,12 @@ class IrMailServer(models.Model):
         for server in self.filtered(lambda s: s._microsoft365_in_use() and not s.smtp_user):
             server.smtp_user = server.microsoft365_account_id.email
         return result
+
+    def _microsoft365_default_from_filter(self):
+        # Without a FROM filter the server would take every mail, and Exchange refuses to send as
+        # anyone but the mailbox (SendAsDenied): as the connect wizard does, send as the mailbox.
+        for server in self.filtered(lambda s: s._microsoft365_in_use() and not s.from_filter):
+            server.from_filter = server.microsoft365_account_id.email
 
     def _compute_smtp_authentication_info(self):
         ours = self.filtered(lambda s: s.smtp_authentication == "microsoft365")
@@ -73,8 +94,9 @@ class IrMailServer(models.Model):
             self.smtp_user = self.microsoft365_account_id.email
             if not self.from_filter:
                 self.from_filter = self.microsoft365_account_id.email
-        self.smtp_pass = False
+        # A password is kept (hidden) until the first successful test: see _microsoft365_sync_password.
 
+    @api.onchange("smtp_encryption")
     def _onchange_encryption(self):
         # Odoo resets the port when the encryption changes; Microsoft's port is set above.
         if self.smtp_authentication != "microsoft365":
@@ -84,13 +106,19 @@ class IrMailServer(models.Model):
     def create(self, vals_list):
         servers = super().create(vals_list)
         servers._microsoft365_link_accounts()
+        servers._microsoft365_default_from_filter()
+        servers._microsoft365_sync_password()
         return servers
 
     def write(self, vals):
         result = super().write(vals)
         self._microsoft365_link_accounts(changed=vals)
+        if {"smtp_authentication", "microsoft365_account_id"} & set(vals):
+            self._microsoft365_default_from_filter()
+        self._microsoft365_sync_password()
         return result
 
+    @api.model
     def send_email(self, message, *args, **kwargs):
         try:
             return super().send_email(message, *args, **kwargs)

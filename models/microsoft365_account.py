@@ -63,6 +63,7 @@ class Microsoft365Account(models.Model):
     last_refresh = fields.Datetime(readonly=True, copy=False)
     last_error = fields.Text(readonly=True, copy=False)
     signed_in_as_other = fields.Boolean(compute="_compute_signed_in_as_other")
+    signed_in_as_other_message = fields.Char(string="Signed in as another user", compute="_compute_signed_in_as_other")
     is_administrator = fields.Boolean(compute="_compute_is_administrator")
     owner_user_id = fields.Many2one(
         "res.users",
@@ -133,6 +134,13 @@ class Microsoft365Account(models.Model):
     def _compute_signed_in_as_other(self):
         for account in self:
             account.signed_in_as_other = bool(account.username) and account.username != account.email
+            # One sentence, so that each language can order it its own way.
+            account.signed_in_as_other_message = account.signed_in_as_other and self.env._(
+                "Signed in as %(user)s, not as the mailbox %(mailbox)s. That is right for a shared mailbox this "
+                "account has Full Access to; otherwise click Renew and sign in as %(mailbox)s.",
+                user=account.username,
+                mailbox=account.email,
+            )
 
     def _compute_is_administrator(self):
         self.is_administrator = self.env.user.has_group("base.group_system")
@@ -227,6 +235,9 @@ class Microsoft365Account(models.Model):
                 mailbox=account.email,
                 trustee=account._send_as_trustee(),
             )
+        # The first successful test proves a switch to OAuth: the servers' old passwords can go.
+        account.incoming_server_ids._microsoft365_after_successful_test()
+        account.outgoing_server_ids._microsoft365_after_successful_test()
         return self._notify(self.env._("Connection test successful"), message, "success")
 
     def _smtp_login_user(self):

@@ -112,12 +112,12 @@ class Microsoft365App(models.Model):
     authority_host = fields.Char(help="For example https://login.microsoftonline.com")
     delegated_resource = fields.Char(help="For example https://outlook.office.com")
     app_resource = fields.Char(help="For example https://outlook.office365.com")
-    imap_host = fields.Char()
-    imap_port = fields.Integer()
-    pop_host = fields.Char()
-    pop_port = fields.Integer()
-    smtp_host = fields.Char()
-    smtp_port = fields.Integer()
+    imap_host = fields.Char(string="IMAP host")
+    imap_port = fields.Integer(string="IMAP port")
+    pop_host = fields.Char(string="POP host")
+    pop_port = fields.Integer(string="POP port")
+    smtp_host = fields.Char(string="SMTP host")
+    smtp_port = fields.Integer(string="SMTP port")
     ca_file = fields.Char(
         string="Trusted CA file",
         help="Path on the Odoo server of a PEM file of the CA that signed the sign-in service's "
@@ -178,6 +178,30 @@ class Microsoft365App(models.Model):
         except InvalidInput as exc:
             raise ValidationError(self.env._(exc.message, **exc.params)) from None
         return vals
+
+    @api.constrains(
+        "cloud", "authority_host", "imap_host", "imap_port", "pop_host", "pop_port", "smtp_host", "smtp_port"
+    )
+    def _check_custom_endpoints(self):
+        # An empty custom endpoint would fall back to Microsoft's own host without a word.
+        for app in self.filtered(lambda a: a.cloud == "custom"):
+            missing = [
+                app._fields[name]._description_string(self.env)
+                for name in ("authority_host", "imap_host", "pop_host", "smtp_host")
+                if not (app[name] or "").strip()
+            ] + [
+                app._fields[name]._description_string(self.env)
+                for name in ("imap_port", "pop_port", "smtp_port")
+                if not 0 < app[name] < 65536
+            ]
+            if missing:
+                raise ValidationError(
+                    self.env._(
+                        "App registration %(app)s uses custom endpoints: enter %(fields)s (ports from 1 to 65535).",
+                        app=app.display_name,
+                        fields=", ".join(missing),
+                    )
+                )
 
     @api.model
     def _check_ca_file(self, path):
@@ -248,6 +272,7 @@ class Microsoft365App(models.Model):
         for app in self:
             app.has_client_secret = bool(app.sudo().client_secret_sealed)
 
+    @api.depends("cloud")  # any field the form starts with: shown on a new registration before its first save
     def _compute_redirect_uri(self):
         for app in self:
             app.redirect_uri = app.get_base_url().rstrip("/") + CALLBACK_PATH

@@ -97,6 +97,7 @@ class Microsoft365OutlookImport(models.AbstractModel):
             "params": {
                 "title": self.env._("Imported from Odoo's Outlook module"),
                 "message": "\n".join(report),
+                "className": "text-prewrap",  # one line per server
                 "sticky": True,
                 "type": "info",
                 "next": {"type": "ir.actions.act_window_close"},

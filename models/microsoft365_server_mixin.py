@@ -46,6 +46,9 @@ class Microsoft365ServerMixin(models.AbstractModel):
     def _microsoft365_clear_password(self):
         raise NotImplementedError
 
+    def _microsoft365_has_password(self):
+        raise NotImplementedError
+
     def _microsoft365_in_use(self):
         """True when this server authenticates through Microsoft 365."""
         raise NotImplementedError
@@ -106,11 +109,26 @@ class Microsoft365ServerMixin(models.AbstractModel):
             "params": {
                 "title": self.env._("Switch to OAuth"),
                 "message": "\n".join(report),
+                "className": "text-prewrap",  # one line per server
                 "sticky": True,
                 "type": "info",
                 "next": {"type": "ir.actions.client", "tag": "soft_reload"},
             },
         }
+
+    def _microsoft365_sync_password(self):
+        """After create/write, as Switch to OAuth does: a password on a server that connects with OAuth is
+        kept until the first successful test; back on a password, it is the server's own again."""
+        kept = self.filtered(
+            lambda s: s._microsoft365_in_use()
+            and s._microsoft365_has_password()
+            and not s.microsoft365_password_pending
+        )
+        if kept:
+            kept.microsoft365_password_pending = True
+        back = self.filtered(lambda s: not s._microsoft365_in_use() and s.microsoft365_password_pending)
+        if back:
+            back.microsoft365_password_pending = False
 
     def _microsoft365_after_successful_test(self):
         """The first successful OAuth test proves the switch: the old password can go."""

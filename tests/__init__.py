@@ -10,7 +10,9 @@ from . import (
     test_health,
     test_i18n,
     test_migration,
+    test_odoo_citizen,
     test_secrets_stay_secret,
     test_security,
     test_setup_flow,
+    test_uninstall,
 )

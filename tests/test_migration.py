@@ -165,7 +165,9 @@ class TestTakeOverMicrosoftOutlook(SandboxCase):
         settings = self.env["res.config.settings"].create({})
         self.assertEqual(settings.microsoft365_outlook_servers, 3)
         sign_ins = self.sandbox.counter("authorize")
-        report = settings.action_microsoft365_import_outlook()["params"]["message"]
+        params = settings.action_microsoft365_import_outlook()["params"]
+        report = params["message"]
+        self.assertIn("text-prewrap", params["className"])  # one line per server, not a run-on toast
 
         account = incoming.microsoft365_account_id
         self.assertEqual(account, outgoing.microsoft365_account_id)

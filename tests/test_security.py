@@ -197,6 +197,8 @@ class TestSecurity(HttpCase):
             "client_id": "1b2c3d4e-0000-4000-8000-00000000abcd",
             "cloud": "custom",
             "authority_host": "https://login.example.com",
+            **{f"{protocol}_host": f"{protocol}.example.com" for protocol in ("imap", "pop", "smtp")},
+            **{"imap_port": 993, "pop_port": 995, "smtp_port": 587},
         }
         targets = [
             ("microsoft365.app", base, field)
