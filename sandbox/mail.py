@@ -30,6 +30,7 @@ from urllib.parse import parse_qsl
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult
 
+from .imap_front import ImapFront
 from .mailauth import SMTP_REJECTED
 
 _logger = logging.getLogger(__name__)
@@ -70,6 +71,13 @@ mail_gid = mail
 first_valid_uid = {mail_uid}
 imap_capability = +XLIST
 login_greeting = The Microsoft Exchange IMAP4/POP3 service (sandbox) is ready.
+# IMAP clients meet the Exchange front (imap_front.py), which logs in here as a master user.
+auth_master_user_separator = *
+passdb {{
+  driver = static
+  args = password={master_password}
+  master = yes
+}}
 passdb {{
   driver = lua
   args = file={lua} blocking=yes
@@ -80,11 +88,11 @@ userdb {{
 }}
 service imap-login {{
   inet_listener imap {{
-    port = 0
+    address = {host}
+    port = {imap_backend}
   }}
   inet_listener imaps {{
-    port = {imaps}
-    ssl = yes
+    port = 0
   }}
 }}
 service pop3-login {{
@@ -224,7 +232,7 @@ class _SubmissionController(Controller):
 
 
 class MailServers:
-    def __init__(self, state_dir, tls, ports, check_login, may_send_as, is_mailbox):
+    def __init__(self, state_dir, tls, ports, check_login, may_send_as, is_mailbox, take_mail_throttle=None):
         self.state_dir = Path(state_dir).resolve()
         self.tls = tls
         self.ports = ports
@@ -235,6 +243,14 @@ class MailServers:
         self._dovecot = None
         self._verify = None
         self._smtp = None
+        self._imap_front = ImapFront(
+            HOST,
+            ports["imaps"],
+            tls,
+            ports["imap_backend"],
+            check_login,
+            take_mail_throttle or (lambda mailbox, where: None),
+        )
         self._base_dir = None
         self._outbound_lock = threading.Lock()
 
@@ -247,16 +263,18 @@ class MailServers:
         self._start_verify_listener()
         self._start_dovecot()
         self._start_smtp()
-        for name in ("imaps", "pop3s", "lmtp"):
+        for name in ("imap_backend", "pop3s", "lmtp"):
             if not _wait_for_port(self.ports[name], deadline):
                 log = self.state_dir / "dovecot" / "dovecot.log"
                 tail = log.read_text()[-2000:] if log.exists() else ""
                 self.stop()
                 raise RuntimeError(f"Dovecot did not open its {name} port {self.ports[name]}:\n{tail}")
+        self._imap_front.start()
         atexit.register(self.stop)
         return self
 
     def stop(self):
+        self._imap_front.stop()
         if self._smtp:
             self._smtp.stop()
             self._smtp = None
@@ -324,7 +342,8 @@ class MailServers:
                 key=self.tls.server_key,
                 mail_uid=MAIL_UID,
                 lua=lua,
-                imaps=self.ports["imaps"],
+                imap_backend=self.ports["imap_backend"],
+                master_password=self._imap_front.master_password,
                 pop3s=self.ports["pop3s"],
                 lmtp=self.ports["lmtp"],
             )

@@ -11,7 +11,15 @@ from .ca import ensure_tls
 from .directory import Directory
 from .identity import IdentityServer
 
-FIXED_PORTS = {"identity": 9443, "imaps": 9993, "pop3s": 9995, "smtp": 9587, "lmtp": 9024, "verify": 9080}
+FIXED_PORTS = {
+    "identity": 9443,
+    "imaps": 9993,
+    "pop3s": 9995,
+    "smtp": 9587,
+    "lmtp": 9024,
+    "verify": 9080,
+    "imap_backend": 9143,  # Dovecot's IMAP behind the Exchange front (internal)
+}
 HOST = "127.0.0.1"
 
 
@@ -59,6 +67,7 @@ class SandboxService:
             ),
             may_send_as=lambda login, address: mailauth.may_send_as(directory, login, address),
             is_mailbox=lambda address: directory.mailbox(address) is not None,
+            take_mail_throttle=lambda mailbox, where: mailauth.take_throttle(directory, mailbox, where),
         )
         try:
             self.mail.start()
