@@ -8,6 +8,7 @@ random per state folder and published in sandbox.json.
 import copy
 import hashlib
 import json
+import os
 import secrets
 import threading
 import time
@@ -19,9 +20,11 @@ from .tokens import TokenSigner
 
 NAMESPACE = uuid.UUID("6d1c8a52-6a8e-4c63-9d1c-2b1f5a0e3b77")
 DAY = 86400
+# Odoo's default port, and the one a test run's Odoo listens on (bin/test picks a free one, so that
+# runs side by side do not collide): the app registration lists both, as an administrator would.
+ODOO_PORTS = sorted({8069, int(os.environ.get("M365_ODOO_HTTP_PORT") or 8069)})
 ODOO_REDIRECT_URIS = [
-    "http://localhost:8069/microsoft365/oauth/callback",
-    "http://127.0.0.1:8069/microsoft365/oauth/callback",
+    f"http://{host}:{port}/microsoft365/oauth/callback" for port in ODOO_PORTS for host in ("localhost", "127.0.0.1")
 ]
 DELEGATED_PERMISSIONS = ["IMAP.AccessAsUser.All", "POP.AccessAsUser.All", "SMTP.Send"]
 APPLICATION_PERMISSIONS = ["IMAP.AccessAsApp", "POP.AccessAsApp", "SMTP.SendAsApp"]
