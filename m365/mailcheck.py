@@ -12,7 +12,7 @@ import smtplib
 import ssl
 
 from . import diagnosis
-from .errors import MailLoginFailed
+from .errors import MailCommandFailed, MailLoginFailed
 from .xoauth2 import xoauth2_base64, xoauth2_string
 
 
@@ -56,18 +56,22 @@ def imap_reply(failure):
 
 def imap_command(connection, command, *args, **params):
     """One IMAP command after the login, its refusal diagnosed: a BAD (imaplib raises IMAP4.error),
-    a BYE (IMAP4.abort) or a NO (returned) all become MailLoginFailed with the diagnosis, so the
-    caller never meets a raw imaplib exception nor reads a refusal as data."""
+    a BYE (IMAP4.abort) or a NO (returned) all become MailCommandFailed (a MailLoginFailed) with the
+    diagnosis, so the caller never meets a raw imaplib exception nor reads a refusal as data."""
     connection = getattr(connection, "__obj__", connection)
-    method = getattr(connection, command.lower().replace(" ", "_"))
+    method = getattr(connection, command.lower())
     try:
         status, data = method(*args)
-    except imaplib.IMAP4.error as exc:  # IMAP4.abort (BYE, a lost connection) is a subclass
-        raise MailLoginFailed(diagnosis.diagnose_imap_command(command, imap_reply(exc), **params)) from None
+    except imaplib.IMAP4.abort as exc:  # BYE, or the connection is gone
+        found = diagnosis.diagnose_imap_command(command, imap_reply(exc), **params)
+        raise MailCommandFailed(found, closed=True) from None
+    except (imaplib.IMAP4.error, OSError) as exc:  # BAD (a BYE may follow it: the next command meets it)
+        text = imap_reply(exc) if isinstance(exc, imaplib.IMAP4.error) else f"{type(exc).__name__}: {exc}"
+        found = diagnosis.diagnose_imap_command(command, text, **params)
+        raise MailCommandFailed(found, closed=isinstance(exc, OSError)) from None
     if status != "OK":
-        raise MailLoginFailed(
-            diagnosis.diagnose_imap_command(command, f"{status} {imap_reply(data)}".strip(), **params)
-        )
+        found = diagnosis.diagnose_imap_command(command, f"{status} {imap_reply(data)}".strip(), **params)
+        raise MailCommandFailed(found)
     return data
 
 
