@@ -31,6 +31,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult
 
 from .imap_front import ImapFront
+from .pop3_front import Pop3Front
 from .mailauth import SMTP_REJECTED
 
 _logger = logging.getLogger(__name__)
@@ -71,7 +72,8 @@ mail_gid = mail
 first_valid_uid = {mail_uid}
 imap_capability = +XLIST
 login_greeting = The Microsoft Exchange IMAP4/POP3 service (sandbox) is ready.
-# IMAP clients meet the Exchange front (imap_front.py), which logs in here as a master user.
+# IMAP and POP3 clients meet the Exchange fronts (imap_front.py, pop3_front.py), which log in here as a
+# master user.
 auth_master_user_separator = *
 passdb {{
   driver = static
@@ -97,11 +99,11 @@ service imap-login {{
 }}
 service pop3-login {{
   inet_listener pop3 {{
-    port = 0
+    address = {host}
+    port = {pop3_backend}
   }}
   inet_listener pop3s {{
-    port = {pop3s}
-    ssl = yes
+    port = 0
   }}
 }}
 service lmtp {{
@@ -251,6 +253,14 @@ class MailServers:
             check_login,
             take_mail_throttle or (lambda mailbox, where: None),
         )
+        self._pop3_front = Pop3Front(
+            HOST,
+            ports["pop3s"],
+            self._imap_front.tls,
+            ports["pop3_backend"],
+            check_login,
+            self._imap_front.master_password,
+        )
         self._base_dir = None
         self._outbound_lock = threading.Lock()
 
@@ -263,18 +273,20 @@ class MailServers:
         self._start_verify_listener()
         self._start_dovecot()
         self._start_smtp()
-        for name in ("imap_backend", "pop3s", "lmtp"):
+        for name in ("imap_backend", "pop3_backend", "lmtp"):
             if not _wait_for_port(self.ports[name], deadline):
                 log = self.state_dir / "dovecot" / "dovecot.log"
                 tail = log.read_text()[-2000:] if log.exists() else ""
                 self.stop()
                 raise RuntimeError(f"Dovecot did not open its {name} port {self.ports[name]}:\n{tail}")
         self._imap_front.start()
+        self._pop3_front.start()
         atexit.register(self.stop)
         return self
 
     def stop(self):
         self._imap_front.stop()
+        self._pop3_front.stop()
         if self._smtp:
             self._smtp.stop()
             self._smtp = None
@@ -343,8 +355,8 @@ class MailServers:
                 mail_uid=MAIL_UID,
                 lua=lua,
                 imap_backend=self.ports["imap_backend"],
+                pop3_backend=self.ports["pop3_backend"],
                 master_password=self._imap_front.master_password,
-                pop3s=self.ports["pop3s"],
                 lmtp=self.ports["lmtp"],
             )
         )

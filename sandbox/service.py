@@ -19,6 +19,7 @@ FIXED_PORTS = {
     "lmtp": 9024,
     "verify": 9080,
     "imap_backend": 9143,  # Dovecot's IMAP behind the Exchange front (internal)
+    "pop3_backend": 9110,  # Dovecot's POP3 behind the Exchange front (internal)
 }
 HOST = "127.0.0.1"
 
