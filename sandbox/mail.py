@@ -31,8 +31,8 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult
 
 from .imap_front import ImapFront
-from .pop3_front import Pop3Front
 from .mailauth import SMTP_REJECTED
+from .pop3_front import Pop3Front
 
 _logger = logging.getLogger(__name__)
 logging.getLogger("mail.log").setLevel(logging.ERROR)  # aiosmtpd: every command at INFO, deprecations at WARNING
