@@ -237,9 +237,10 @@ class FetchmailServer(models.Model):
                 server._microsoft365_fetch_imap()
             except Exception as exc:
                 if raise_exception:
-                    # Fetch Now: keep what was recorded (the error, Microsoft's back-off) for the health
-                    # check and the next fetch, although the error below rolls the request back.
-                    self.env.cr.commit()  # pylint: disable=invalid-commit
+                    if server.microsoft365_retry_at and server.microsoft365_retry_at > fields.Datetime.now():
+                        # Fetch Now: Microsoft's back-off (and the error that came with it) must outlive
+                        # the rolled-back request, or the next fetch would connect too early.
+                        self.env.cr.commit()  # pylint: disable=invalid-commit
                     raise ValidationError(
                         self.env._(
                             "Couldn't get your emails. Check out the error message below for more info:\n%s",
