@@ -994,13 +994,14 @@ def _deliver(identity, body):
 
 
 def _mail_throttle(identity, body):
-    if body.get("where", "command") not in ("command", "fetch"):
-        raise KeyError(f"where={body['where']!r} (command or fetch)")
+    if body.get("where", "command") not in ("command", "fetch", "store"):
+        raise KeyError(f"where={body['where']!r} (command, fetch or store)")
     with identity.directory.lock:
         identity.directory.mail_throttles[body["mailbox"].lower()] = {
             "backoff_ms": int(body.get("backoff_ms", 2000)),
             "remaining": int(body.get("count", 1)),
-            "where": body.get("where", "command"),  # "command": BAD + BYE after login; "fetch": NO on FETCH
+            # "command": BAD + BYE after login; "fetch" / "store": NO on FETCH / STORE
+            "where": body.get("where", "command"),
         }
 
 

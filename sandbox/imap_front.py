@@ -9,7 +9,7 @@ differently:
 - a refusal after a good login comes on the NEXT command: `BAD User is authenticated but not
   connected.`, and on the command after that the same BAD then `* BYE Connection closed. 14`
   (IMAP-08); throttling as `BAD Request is throttled. ...` + BYE (IMAP-09), or `NO Request is
-  throttled. ...` on FETCH with the session left open (IMAP-10);
+  throttled. ...` on FETCH (or STORE) with the session left open (IMAP-10);
 - client-defined keywords in STORE and in SEARCH's KEYWORD/UNKEYWORD are refused with `BAD Command
   Argument Error. 11` (IMAP-12); SELECT's FLAGS and PERMANENTFLAGS name the system flags and
   `$MDNSent` only (IMAP-11);
@@ -310,8 +310,8 @@ class _Session(socketserver.StreamRequestHandler):
         if command.verb == "SEARCH" and _keyword_in_search(command.words()):
             self.send(f"{tag} {ARGUMENT_ERROR}")
             return
-        if command.verb == "FETCH":
-            backoff_ms = self.front.take_throttle(self.login.mailbox, "fetch")
+        if command.verb in ("FETCH", "STORE"):
+            backoff_ms = self.front.take_throttle(self.login.mailbox, command.verb.lower())
             if backoff_ms is not None:
                 self.send(f"{tag} NO {THROTTLED.format(backoff_ms=backoff_ms)}")
                 return
@@ -375,7 +375,7 @@ class _Server(socketserver.ThreadingTCPServer):
 class ImapFront:
     """The public IMAPS listener. `check_login(user, protocol, secret, mechanism)` is the sandbox's
     login decision; `take_throttle(mailbox, where)` returns a back-off in ms when the control
-    interface throttles that mailbox at that place ("fetch"), else None."""
+    interface throttles that mailbox at that place ("fetch", "store"), else None."""
 
     def __init__(self, host, port, tls, dovecot_port, check_login, take_throttle):
         self.host, self.port, self.dovecot_port = host, port, dovecot_port

@@ -41,7 +41,7 @@ THROTTLED = "Request is throttled. Suggested Backoff Time: {backoff_ms} millisec
 
 def take_throttle(directory, mailbox, where):
     """The back-off (ms) when the control interface throttles `mailbox` at `where` ("command": the
-    session after login, "fetch": IMAP FETCH); None otherwise. Each use counts down."""
+    session after login, "fetch" / "store": IMAP FETCH / STORE); None otherwise. Each use counts down."""
     return directory.take_mail_throttle(mailbox, where)
 
 

@@ -172,3 +172,21 @@ class TestExchangeReplies(SandboxCase):
         with patch.object(self.env.cr, "commit", lambda: None):
             server.fetch_mail()
         self.assertEqual(self.partners("Fetch now held"), 1)
+
+    @mute_logger(*QUIET)
+    def test_a_refused_store_after_processing_never_processes_the_message_twice(self):
+        """NO on the STORE that marks the message read: it stays unread, the next fetch finds it again
+        and Odoo knows its Message-ID, so it is marked read without a second processing."""
+        account = self.connect(self.new_account(email="bob@contoso.com"), upn="bob@contoso.com")
+        server = self.incoming(account)
+        self.sandbox.control("deliver", mailbox="bob@contoso.com", subject="Stored late")
+        self.sandbox.control("mail_throttle", mailbox="bob@contoso.com", backoff_ms=1000, count=1, where="store")
+        self.cron_fetch()
+        self.assertEqual(self.partners("Stored late"), 1)
+        self.assertPlain(server.microsoft365_fetch_error, "throttling", "1000 ms")
+        self.assertEqual(len(self.unread(account, "Stored late")), 1)
+        self.wait_is_over(server)
+        self.cron_fetch()
+        self.assertEqual(self.partners("Stored late"), 1)
+        self.assertEqual(self.unread(account, "Stored late"), [])
+        self.assertFalse(server.microsoft365_fetch_error)

@@ -158,6 +158,12 @@ def test_throttling_on_fetch_is_no_and_the_session_goes_on(box):
     assert imap.search(None, "UNSEEN", "SUBJECT", '"Held back"')[1][0] == number  # nothing was read
     status, data = imap.fetch(number, "(RFC822)")
     assert status == "OK" and b"Subject: Held back" in data[0][1]
+    box.control("mail_throttle", mailbox="bob@contoso.com", backoff_ms=1000, count=1, where="store")  # assumed
+    assert imap.store(number, "-FLAGS", "\\Seen") == (
+        "NO",
+        [b"Request is throttled. Suggested Backoff Time: 1000 milliseconds"],
+    )
+    assert imap.search(None, "UNSEEN", "SUBJECT", '"Held back"')[1][0] == b""  # still read
     imap.logout()
 
 
