@@ -313,10 +313,11 @@ def diagnose_mailbox(protocol, reply, **params):
         return Diagnosis(
             f"{protocol} NOT CONNECTED",
             CONFIGURATION,
-            _lt("The app may sign in, but has no access to this mailbox."),
+            _lt("Exchange Online accepted the sign-in but refuses to open the mailbox %(mailbox)s."),
             _lt(
-                "In Exchange Online PowerShell run Add-MailboxPermission -Identity %(mailbox)s "
-                "-User <service principal id> -AccessRights FullAccess."
+                "Check that the mailbox exists and is enabled, and that the signed-in account (or, for app-only, "
+                "the app) has Full Access to it. For an app, in Exchange Online PowerShell run "
+                "Add-MailboxPermission -Identity %(mailbox)s -User <service principal id> -AccessRights FullAccess."
             ),
             _first_line(text),
             params,
@@ -328,6 +329,39 @@ def diagnose_mailbox(protocol, reply, **params):
         _lt(
             "Check that the app has the %(scope)s permission and that the signed-in account "
             "owns or has Full Access to %(mailbox)s; then authorize again."
+        ),
+        _first_line(text),
+        params,
+    )
+
+
+def diagnose_imap_command(command, reply, **params):
+    """Diagnosis of a refusal after the IMAP login (on SELECT, SEARCH, FETCH, STORE, LOGOUT): Exchange
+    refuses a session on the next command, throttles with BAD + BYE or with NO on FETCH, and answers
+    BAD ``Command Argument Error. 11`` to what it does not support."""
+    text = reply.decode(errors="replace") if isinstance(reply, bytes) else str(reply)
+    params = dict(params, command=command)
+    if _THROTTLED.search(text) or "authenticated but not connected" in text:
+        return diagnose_mailbox("IMAP", text, **params)
+    if "Command Argument Error" in text:
+        return Diagnosis(
+            "IMAP ARGUMENT",
+            TRANSIENT,
+            _lt("Exchange Online did not accept Odoo's %(command)s command (Command Argument Error)."),
+            _lt(
+                "Nothing to change in Microsoft 365: unread messages stay on the server and Odoo tries again "
+                "at the next fetch. If this repeats, report it with Microsoft's reply below."
+            ),
+            _first_line(text),
+            params,
+        )
+    return Diagnosis(
+        "IMAP COMMAND",
+        TRANSIENT,
+        _lt("The mail server refused the %(command)s command or closed the connection."),
+        _lt(
+            "Nothing to change if this is rare: unread messages stay on the server and Odoo tries again at "
+            "the next fetch. If it repeats, read the server's reply below."
         ),
         _first_line(text),
         params,

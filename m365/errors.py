@@ -37,3 +37,11 @@ class MailLoginFailed(M365Error):
     def __init__(self, diagnosis):
         self.diagnosis = diagnosis
         super().__init__(diagnosis.summary, **diagnosis.params)
+
+
+class MailCommandFailed(MailLoginFailed):
+    """An IMAP command after the login was refused; ``closed`` when the server ended the session (BYE)."""
+
+    def __init__(self, diagnosis, closed=False):
+        self.closed = closed
+        super().__init__(diagnosis)

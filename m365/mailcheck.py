@@ -7,11 +7,12 @@ its timeouts and TLS handling; this module only authenticates and reads the repl
 import contextlib
 import imaplib
 import poplib
+import re
 import smtplib
 import ssl
 
 from . import diagnosis
-from .errors import MailLoginFailed
+from .errors import MailCommandFailed, MailLoginFailed
 from .xoauth2 import xoauth2_base64, xoauth2_string
 
 
@@ -34,18 +35,44 @@ def imap_authenticate(connection, mailbox, access_token):
             connection.authenticate("XOAUTH2", lambda _challenge: raw.encode())
     except imaplib.IMAP4.error as exc:
         raise MailLoginFailed(
-            diagnosis.diagnose_mailbox("IMAP", str(exc), mailbox=mailbox, scope="IMAP.AccessAsUser.All")
+            diagnosis.diagnose_mailbox("IMAP", imap_reply(exc), mailbox=mailbox, scope="IMAP.AccessAsUser.All")
         ) from None
-    status, data = connection.select("INBOX")
+    # Exchange accepts the token, then refuses the session on the next command (BAD, then BYE):
+    # an app without mailbox permission, a disabled mailbox, throttling.
+    imap_command(connection, "SELECT", "INBOX", mailbox=mailbox, scope="IMAP.AccessAsUser.All")
+
+
+def imap_reply(failure):
+    """The server's own words in imaplib's exception or NO data: ``SELECT command error: BAD
+    [b'User is authenticated but not connected.']`` gives ``BAD User is authenticated but not connected.``"""
+    if isinstance(failure, (list, tuple)):
+        return b" ".join(d for d in failure if isinstance(d, bytes)).decode(errors="replace")
+    text = str(failure)
+    match = re.search(r"(OK|NO|BAD) \[b?(['\"])(.*)\2\]\s*$", text)
+    if match:
+        return f"{match[1]} {match[3]}"
+    return re.sub(r"^command: \w+ => ", "", text)
+
+
+def imap_command(connection, command, *args, **params):
+    """One IMAP command after the login, its refusal diagnosed: a BAD (imaplib raises IMAP4.error),
+    a BYE (IMAP4.abort) or a NO (returned) all become MailCommandFailed (a MailLoginFailed) with the
+    diagnosis, so the caller never meets a raw imaplib exception nor reads a refusal as data."""
+    connection = getattr(connection, "__obj__", connection)
+    method = getattr(connection, command.lower())
+    try:
+        status, data = method(*args)
+    except imaplib.IMAP4.abort as exc:  # BYE, or the connection is gone
+        found = diagnosis.diagnose_imap_command(command, imap_reply(exc), **params)
+        raise MailCommandFailed(found, closed=True) from None
+    except (imaplib.IMAP4.error, OSError) as exc:  # BAD (a BYE may follow it: the next command meets it)
+        text = imap_reply(exc) if isinstance(exc, imaplib.IMAP4.error) else f"{type(exc).__name__}: {exc}"
+        found = diagnosis.diagnose_imap_command(command, text, **params)
+        raise MailCommandFailed(found, closed=isinstance(exc, OSError)) from None
     if status != "OK":
-        raise MailLoginFailed(
-            diagnosis.diagnose_mailbox(
-                "IMAP",
-                b" ".join(d for d in data if isinstance(d, bytes)),
-                mailbox=mailbox,
-                scope="IMAP.AccessAsUser.All",
-            )
-        )
+        found = diagnosis.diagnose_imap_command(command, f"{status} {imap_reply(data)}".strip(), **params)
+        raise MailCommandFailed(found)
+    return data
 
 
 def pop3_authenticate(connection, mailbox, access_token):

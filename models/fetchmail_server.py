@@ -1,3 +1,4 @@
+import contextlib
 import email
 import email.policy
 import hashlib
@@ -10,13 +11,27 @@ from odoo.exceptions import UserError, ValidationError
 
 from odoo.addons.mail.models.fetchmail import POP3Connection
 
-from ..m365.errors import M365Error
-from ..m365.mailcheck import imap_authenticate, pop3_authenticate
+from ..m365.errors import M365Error, MailCommandFailed
+from ..m365.mailcheck import imap_authenticate, imap_command, pop3_authenticate
+from .microsoft365_account import explain
 
 _logger = logging.getLogger(__name__)
 
 MAX_PROCESSING_ATTEMPTS = 3
-FAILED_KEYWORD = "OdooFailed"
+# Refusals after which the session cannot go on: the other messages wait for the next fetch.
+SESSION_ENDING = ("IMAP THROTTLED", "IMAP NOT CONNECTED")
+
+
+def _given_up(entry):
+    return entry["failures"] >= MAX_PROCESSING_ATTEMPTS
+
+
+def _header_message_id(fetched):
+    """The Message-ID out of a FETCH of BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)], or "" without one."""
+    header = next((part[1] for part in fetched if isinstance(part, tuple) and len(part) > 1), b"")
+    if not isinstance(header, bytes):
+        return ""
+    return str(email.message_from_bytes(header, policy=email.policy.default).get("Message-ID") or "").strip()
 
 
 class FetchmailServer(models.Model):
@@ -37,7 +52,8 @@ class FetchmailServer(models.Model):
     microsoft365_failed_messages = fields.Json(
         readonly=True,
         copy=False,
-        help="Messages Odoo could not process: Message-ID -> failures, subject, sender, last error.",
+        help="Messages Odoo could not process: Message-ID -> failures, subject, sender, last error, and "
+        "whether the administrator dismissed them. They stay unread in the mailbox.",
     )
     microsoft365_failed_summary = fields.Text(
         string="Messages left on the server", compute="_compute_microsoft365_failed_summary"
@@ -55,7 +71,7 @@ class FetchmailServer(models.Model):
             given_up = [
                 entry
                 for entry in (server.microsoft365_failed_messages or {}).values()
-                if entry["failures"] >= MAX_PROCESSING_ATTEMPTS
+                if _given_up(entry) and not entry.get("dismissed")
             ]
             server.microsoft365_failed_summary = (
                 "\n".join(
@@ -174,8 +190,9 @@ class FetchmailServer(models.Model):
                 else:
                     connection = super().connect(allow_archived=allow_archived)
             except M365Error as exc:
-                self._microsoft365_honour_backoff(exc.diagnosis)
-                raise UserError(self._microsoft365_explain(exc.diagnosis)) from None
+                found = self._microsoft365_mail_diagnosis(exc.diagnosis)
+                self._microsoft365_honour_backoff(found)
+                raise UserError(explain(self.env, found)) from None
         except Exception as exc:
             # Kept for the health check: in the cron, fetchmail logs the error and goes on.
             self.write(
@@ -202,6 +219,11 @@ class FetchmailServer(models.Model):
             raise
         return connection
 
+    def _microsoft365_mail_diagnosis(self, found):
+        """For an app-only account, a refused login or mailbox names the app's missing prerequisite
+        with its PowerShell line, as Test connection does."""
+        return self._microsoft365_account().sudo()._diagnose_mail_refusal(found)
+
     def _microsoft365_honour_backoff(self, found):
         backoff_ms = found.params.get("backoff_ms") if found else None
         if backoff_ms:
@@ -212,14 +234,19 @@ class FetchmailServer(models.Model):
     def fetch_mail(self, raise_exception=True):
         """IMAP servers of this addon fetch with a safety net: Odoo's own loop marks a message read
         even when processing it failed, so it is never fetched again. Here a failed message stays
-        unread and is retried by the next fetches; after a few failures it is left on the server
-        with the keyword OdooFailed, listed on the server, and no longer blocks the others."""
+        unread and is retried by the next fetches; after a few failures it is left unread on the
+        server, listed on the server record (kept in Odoo, by Message-ID: Exchange Online keeps no
+        client keywords) and no longer tried, until the administrator retries or dismisses it."""
         ours = self.filtered(lambda s: s._microsoft365_in_use() and s._get_connection_type() == "imap")
         for server in ours:
             try:
                 server._microsoft365_fetch_imap()
             except Exception as exc:
                 if raise_exception:
+                    if server.microsoft365_retry_at and server.microsoft365_retry_at > fields.Datetime.now():
+                        # Fetch Now: Microsoft's back-off (and the error that came with it) must outlive
+                        # the rolled-back request, or the next fetch would connect too early.
+                        self.env.cr.commit()  # pylint: disable=invalid-commit
                     raise ValidationError(
                         self.env._(
                             "Couldn't get your emails. Check out the error message below for more info:\n%s",
@@ -239,49 +266,106 @@ class FetchmailServer(models.Model):
         MailThread = self.env["mail.thread"].with_context(
             fetchmail_cron_running=True, default_fetchmail_server_id=self.id
         )
-        imap = self.connect()
-        count = failed = 0
+        imap = self.connect()  # logged in, INBOX selected; a refusal is explained and its back-off kept
+        counts = {"done": 0, "failed": 0, "skipped": 0}
+        unread = set()  # the keys of every unread message, to forget failures of messages gone meanwhile
         try:
-            imap.select()
-            _status, data = imap.search(None, f"(UNSEEN UNKEYWORD {FAILED_KEYWORD})")
-            for number in data[0].split():
-                _status, fetched = imap.fetch(number, "(RFC822)")
-                imap.store(number, "-FLAGS", "\\Seen")  # FETCH set it; it is earned by processing
-                raw = fetched[0][1]
+            for number in self._microsoft365_imap(imap, "SEARCH", None, "UNSEEN")[0].split():
                 try:
-                    with self.env.cr.savepoint():
-                        MailThread.message_process(
-                            self.object_id.model, raw, save_original=self.original, strip_attachments=not self.attach
-                        )
-                except Exception as exc:  # any message may be malformed: never let it stop the others
-                    failed += 1
-                    gave_up = self._microsoft365_record_failed_message(raw, exc)
-                    _logger.info(
-                        "Failed to process mail from %s server %s.", self.server_type, self.name, exc_info=True
-                    )
-                    if gave_up:
-                        imap.store(number, "+FLAGS", FAILED_KEYWORD)
-                else:
-                    imap.store(number, "+FLAGS", "\\Seen")
-                    self._microsoft365_forget_failed_message(raw)
+                    outcome = self._microsoft365_fetch_one(imap, number, MailThread, unread)
+                except MailCommandFailed as exc:
+                    if exc.closed or exc.diagnosis.code in SESSION_ENDING:
+                        raise
+                    # This message only (Exchange refused one command): it stays unread for the next fetch.
+                    _logger.info("Skipped message %s on server %s: %s", number, self.name, exc.diagnosis.detail)
+                    outcome = "skipped"
+                counts[outcome] += 1
                 # As Odoo's own fetch loop: each message is kept once processed, whatever follows.
                 self.env.cr.commit()  # pylint: disable=invalid-commit
-                count += 1
+        except MailCommandFailed as exc:
+            # Throttled, session refused, connection lost: what is left stays unread for the next fetch.
+            self._microsoft365_fetch_failed(exc.diagnosis)
+        else:
+            self._microsoft365_forget_failed_messages(lambda key, _entry: key not in unread)
+        finally:
+            with contextlib.suppress(OSError, IMAP4.error):  # the outcome is known; the session may be gone
+                imap.logout()
             _logger.info(
-                "Fetched %d email(s) on %s server %s; %d succeeded, %d failed.",
-                count,
+                "Fetched %d email(s) on %s server %s; %d failed, %d left unread.",
+                counts["done"],
                 self.server_type,
                 self.name,
-                count - failed,
-                failed,
+                counts["failed"],
+                counts["skipped"],
             )
-        finally:
-            try:
-                imap.close()
-                imap.logout()
-            except (OSError, IMAP4.abort, IMAP4.error):
-                _logger.warning("Failed to properly finish imap connection: %s.", self.name, exc_info=True)
         self.date = fields.Datetime.now()
+
+    def _microsoft365_imap(self, imap, command, *args):
+        return imap_command(imap, command, *args, mailbox=self._microsoft365_mailbox(), scope="IMAP.AccessAsUser.All")
+
+    def _microsoft365_fetch_failed(self, found):
+        """A refusal during the fetch: recorded and shown like a refused connection, then raised."""
+        found = self._microsoft365_mail_diagnosis(found)
+        self._microsoft365_honour_backoff(found)
+        message = explain(self.env, found)
+        self.write({"microsoft365_fetch_error": message, "microsoft365_fetch_failed_at": fields.Datetime.now()})
+        raise UserError(message)
+
+    def _microsoft365_fetch_one(self, imap, number, MailThread, unread):
+        """One unread message, read without marking it read (BODY.PEEK), marked read only once Odoo
+        has it. Returns "done", "failed" or "skipped"; raises MailCommandFailed when Exchange refuses."""
+        header = self._microsoft365_imap(imap, "FETCH", number, "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+        message_id = _header_message_id(header)
+        if message_id:
+            unread.add(message_id)
+            if self._microsoft365_is_given_up(message_id):
+                return "skipped"
+        fetched = self._microsoft365_imap(imap, "FETCH", number, "(BODY.PEEK[])")
+        raw = next((part[1] for part in fetched if isinstance(part, tuple) and len(part) > 1), None)
+        if not isinstance(raw, bytes):  # expunged meanwhile: nothing to read
+            return "skipped"
+        key, _message = self._microsoft365_message_key(raw)
+        unread.add(key)
+        if key != message_id and self._microsoft365_is_given_up(key):
+            return "skipped"
+        try:
+            with self.env.cr.savepoint():
+                MailThread.message_process(
+                    self.object_id.model, raw, save_original=self.original, strip_attachments=not self.attach
+                )
+        except Exception as exc:  # any message may be malformed: never let it stop the others
+            self._microsoft365_record_failed_message(raw, exc)
+            _logger.info("Failed to process mail from %s server %s.", self.server_type, self.name, exc_info=True)
+            return "failed"
+        self._microsoft365_forget_failed_message(raw)
+        # Should this fail, the message is fetched again and Odoo ignores it (same Message-ID).
+        self._microsoft365_imap(imap, "STORE", number, "+FLAGS.SILENT", "(\\Seen)")
+        unread.discard(key)
+        return "done"
+
+    def _microsoft365_is_given_up(self, key):
+        entry = (self.microsoft365_failed_messages or {}).get(key)
+        return bool(entry) and (_given_up(entry) or entry.get("dismissed"))
+
+    def _microsoft365_forget_failed_messages(self, condition):
+        failures = self.microsoft365_failed_messages or {}
+        kept = {key: entry for key, entry in failures.items() if not condition(key, entry)}
+        if kept != failures:
+            self.microsoft365_failed_messages = kept or False
+
+    def action_microsoft365_retry_failed_messages(self):
+        """Given-up messages are tried again by the next fetch (they are still unread in the mailbox)."""
+        for server in self:
+            server._microsoft365_forget_failed_messages(lambda _key, entry: _given_up(entry))
+
+    def action_microsoft365_dismiss_failed_messages(self):
+        """Given-up messages are no longer listed nor tried; they stay unread in the mailbox, where the
+        administrator deals with them (once read or moved there, Odoo forgets them)."""
+        for server in self:
+            failures = server.microsoft365_failed_messages or {}
+            server.microsoft365_failed_messages = {
+                key: dict(entry, dismissed=True) if _given_up(entry) else entry for key, entry in failures.items()
+            } or False
 
     @staticmethod
     def _microsoft365_message_key(raw):
@@ -300,7 +384,7 @@ class FetchmailServer(models.Model):
         entry = dict(entry, failures=entry["failures"] + 1, error=str(exc)[:300])
         failures[key] = entry
         self.microsoft365_failed_messages = failures
-        return entry["failures"] >= MAX_PROCESSING_ATTEMPTS
+        return _given_up(entry)
 
     def _microsoft365_forget_failed_message(self, raw):
         if not self.microsoft365_failed_messages:  # the usual case: nothing to parse

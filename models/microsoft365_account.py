@@ -256,22 +256,25 @@ class Microsoft365Account(models.Model):
         return f'"{self._smtp_login_user()}"'
 
     def _explain_mail_refusal(self, found, token=None):
-        """explain(); a refused login of an app-only registration in app-only words (its Exchange
-        application permission, admin consent, service principal, mailbox permission)."""
+        """explain() of _diagnose_mail_refusal()."""
+        return explain(self.env, self._diagnose_mail_refusal(found, token))
+
+    def _diagnose_mail_refusal(self, found, token=None):
+        """A refused login of an app-only registration in app-only words (its Exchange application
+        permission, admin consent, service principal, mailbox permission); other diagnoses as they are."""
         self.ensure_one()
         app = self.app_id
         protocol = found.code.split(" ", 1)[0]
         login_refused = found.code == "SMTP 5.7.3" or found.code.endswith(("AUTHENTICATE", "NOT CONNECTED"))
-        if app.flow == "app_only" and login_refused and protocol in diagnosis.APP_ROLES:
-            found = diagnosis.diagnose_app_only(
-                protocol,
-                found,
-                unverified_claims(token or self._access_token()).get("roles", []),
-                app_id=app.client_id,
-                app_name=app.name,
-                mailbox=self.email,
-            )
-        return explain(self.env, found)
+        if app.flow != "app_only" or not login_refused or protocol not in diagnosis.APP_ROLES:
+            return found
+        try:
+            roles = unverified_claims(token or self._access_token()).get("roles", [])
+        except (M365Error, UserError):  # no token to read the roles from: the refusal as it came
+            return found
+        return diagnosis.diagnose_app_only(
+            protocol, found, roles, app_id=app.client_id, app_name=app.name, mailbox=self.email
+        )
 
     def action_open(self):
         self.ensure_one()

@@ -160,10 +160,6 @@ class Microsoft365ServerMixin(models.AbstractModel):
     def _microsoft365_token(self):
         return self._microsoft365_account()._access_token_for_use()
 
-    def _microsoft365_explain(self, found):
-        """The diagnosis in plain words; a refused login of an app-only registration in app-only words."""
-        return self._microsoft365_account().sudo()._explain_mail_refusal(found)
-
     @api.model
     def _microsoft365_cloud_for(self, account):
         app = account.app_id if account else self.env["microsoft365.app"]._default_app()

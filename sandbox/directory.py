@@ -214,7 +214,7 @@ class Directory:
         self.sessions = {}  # sign-in page cookie -> upn
         self.counters = {}
         self.fault = None
-        self.mail_throttles = {}  # mailbox -> {"backoff_ms", "remaining"}
+        self.mail_throttles = {}  # mailbox -> {"backoff_ms", "remaining", "where"}
 
     # persistence ---------------------------------------------------------------------------
 
@@ -239,14 +239,14 @@ class Directory:
             temporary.chmod(0o600)
             temporary.replace(self.path)
 
-    def take_mail_throttle(self, mailbox):
-        """True when this login must be throttled (and counts it)."""
+    def take_mail_throttle(self, mailbox, where="command"):
+        """The back-off in ms when this use of the mailbox must be throttled (and counts it), else None."""
         with self.lock:
-            throttle = self.mail_throttles.get(mailbox)
-            if not throttle or throttle["remaining"] <= 0:
-                return False
+            throttle = self.mail_throttles.get((mailbox or "").lower())
+            if not throttle or throttle["remaining"] <= 0 or throttle.get("where", "command") != where:
+                return None
             throttle["remaining"] -= 1
-            return True
+            return throttle["backoff_ms"]
 
     def count(self, name, amount=1):
         with self.lock:

@@ -1021,16 +1021,25 @@ def _deliver(identity, body):
 
 
 def _mail_throttle(identity, body):
+    if body.get("where", "command") not in ("command", "fetch", "store"):
+        raise KeyError(f"where={body['where']!r} (command, fetch or store)")
     with identity.directory.lock:
         identity.directory.mail_throttles[body["mailbox"].lower()] = {
             "backoff_ms": int(body.get("backoff_ms", 2000)),
             "remaining": int(body.get("count", 1)),
+            # "command": BAD + BYE after login; "fetch" / "store": NO on FETCH / STORE
+            "where": body.get("where", "command"),
         }
+
+
+def _mailbox_enabled(identity, body):
+    identity.directory.update("mailboxes", {"address": body["mailbox"].lower()}, {"enabled": bool(body["enabled"])})
 
 
 _CONTROL = {
     "user_policy": _user_policy,
     "mail_throttle": _mail_throttle,
+    "mailbox_enabled": _mailbox_enabled,
     "deliver": _deliver,
     "token_fault": _set_fault,
     "reset": _reset,

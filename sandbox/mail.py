@@ -31,7 +31,9 @@ from urllib.parse import parse_qsl
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, AuthResult
 
+from .imap_front import ImapFront
 from .mailauth import SMTP_REJECTED
+from .pop3_front import Pop3Front
 
 _logger = logging.getLogger(__name__)
 logging.getLogger("mail.log").setLevel(logging.ERROR)  # aiosmtpd: every command at INFO, deprecations at WARNING
@@ -99,6 +101,14 @@ mail_gid = mail
 first_valid_uid = {mail_uid}
 imap_capability = +XLIST
 login_greeting = The Microsoft Exchange IMAP4/POP3 service (sandbox) is ready.
+# IMAP and POP3 clients meet the Exchange fronts (imap_front.py, pop3_front.py), which log in here as a
+# master user.
+auth_master_user_separator = *
+passdb {{
+  driver = static
+  args = password={master_password}
+  master = yes
+}}
 passdb {{
   driver = lua
   args = file={lua} blocking=yes
@@ -109,20 +119,20 @@ userdb {{
 }}
 service imap-login {{
   inet_listener imap {{
-    port = 0
+    address = {host}
+    port = {imap_backend}
   }}
   inet_listener imaps {{
-    port = {imaps}
-    ssl = yes
+    port = 0
   }}
 }}
 service pop3-login {{
   inet_listener pop3 {{
-    port = 0
+    address = {host}
+    port = {pop3_backend}
   }}
   inet_listener pop3s {{
-    port = {pop3s}
-    ssl = yes
+    port = 0
   }}
 }}
 service lmtp {{
@@ -284,7 +294,9 @@ class _SubmissionController(Controller):
 
 
 class MailServers:
-    def __init__(self, state_dir, tls, ports, check_login, may_send_as, is_mailbox, settings=dict):
+    def __init__(
+        self, state_dir, tls, ports, check_login, may_send_as, is_mailbox, settings=dict, take_mail_throttle=None
+    ):
         self.state_dir = Path(state_dir).resolve()
         self.settings = settings  # the directory's settings (a callable)
         # Authenticated SMTP connections per mailbox, oldest first (Exchange allows three).
@@ -299,6 +311,22 @@ class MailServers:
         self._dovecot = None
         self._verify = None
         self._smtp = None
+        self._imap_front = ImapFront(
+            HOST,
+            ports["imaps"],
+            tls,
+            ports["imap_backend"],
+            check_login,
+            take_mail_throttle or (lambda mailbox, where: None),
+        )
+        self._pop3_front = Pop3Front(
+            HOST,
+            ports["pop3s"],
+            self._imap_front.tls,
+            ports["pop3_backend"],
+            check_login,
+            self._imap_front.master_password,
+        )
         self._base_dir = None
         self._outbound_lock = threading.Lock()
 
@@ -311,16 +339,20 @@ class MailServers:
         self._start_verify_listener()
         self._start_dovecot()
         self._start_smtp()
-        for name in ("imaps", "pop3s", "lmtp"):
+        for name in ("imap_backend", "pop3_backend", "lmtp"):
             if not _wait_for_port(self.ports[name], deadline):
                 log = self.state_dir / "dovecot" / "dovecot.log"
                 tail = log.read_text()[-2000:] if log.exists() else ""
                 self.stop()
                 raise RuntimeError(f"Dovecot did not open its {name} port {self.ports[name]}:\n{tail}")
+        self._imap_front.start()
+        self._pop3_front.start()
         atexit.register(self.stop)
         return self
 
     def stop(self):
+        self._imap_front.stop()
+        self._pop3_front.stop()
         if self._smtp:
             self._smtp.stop()
             self._smtp = None
@@ -406,8 +438,9 @@ class MailServers:
                 key=self.tls.server_key,
                 mail_uid=MAIL_UID,
                 lua=lua,
-                imaps=self.ports["imaps"],
-                pop3s=self.ports["pop3s"],
+                imap_backend=self.ports["imap_backend"],
+                pop3_backend=self.ports["pop3_backend"],
+                master_password=self._imap_front.master_password,
                 lmtp=self.ports["lmtp"],
             )
         )

@@ -40,11 +40,17 @@ NOT_CONNECTED = "User is authenticated but not connected."
 THROTTLED = "Request is throttled. Suggested Backoff Time: {backoff_ms} milliseconds"
 
 
+def take_throttle(directory, mailbox, where):
+    """The back-off (ms) when the control interface throttles `mailbox` at `where` ("command": the
+    session after login, "fetch" / "store": IMAP FETCH / STORE); None otherwise. Each use counts down."""
+    return directory.take_mail_throttle(mailbox, where)
+
+
 def _throttled(directory, login, protocol):
     """A mailbox the control interface throttles refuses IMAP/POP3 sessions for a while."""
-    if protocol == "smtp" or not directory.take_mail_throttle(login.mailbox):
+    backoff_ms = None if protocol == "smtp" else take_throttle(directory, login.mailbox, "command")
+    if backoff_ms is None:
         return login
-    backoff_ms = directory.mail_throttles[login.mailbox]["backoff_ms"]
     return MailLogin(
         False,
         login.mailbox,
@@ -57,6 +63,14 @@ def _throttled(directory, login, protocol):
 
 def _refused(mailbox, identity, reason, smtp_reply=SMTP_REJECTED):
     return MailLogin(False, mailbox, identity, reason, smtp_reply)
+
+
+def _session(directory, box, login, protocol):
+    """A token Exchange accepts can still meet a session it refuses: a disabled mailbox (assumed to
+    answer like an app without permission, IMAP-08), or throttling."""
+    if protocol != "smtp" and not box.get("enabled", True):
+        return MailLogin(False, login.mailbox, login.identity, "the mailbox is disabled", SMTP_REJECTED, NOT_CONNECTED)
+    return _throttled(directory, login, protocol)
 
 
 def check_mail_login(directory, mailbox, protocol, secret, mechanism):
@@ -92,7 +106,7 @@ def check_mail_login(directory, mailbox, protocol, secret, mechanism):
             return _refused(mailbox, upn, f"SMTP AUTH accepts only the signed-in user {upn}, not {mailbox}")
         if upn != mailbox and not directory.has_full_access(upn, mailbox):
             return _refused(mailbox, upn, f"{upn} has no access to mailbox {mailbox}")
-        return _throttled(directory, MailLogin(True, mailbox, upn, "token accepted", SMTP_OK), protocol)
+        return _session(directory, box, MailLogin(True, mailbox, upn, "token accepted", SMTP_OK), protocol)
     # app-only: roles granted by admin consent, mailbox access granted in Exchange
     identity = f"app:{claims.get('appid', '')}"
     if claims.get("aud") not in EXCHANGE_AUDIENCES:
@@ -111,7 +125,7 @@ def check_mail_login(directory, mailbox, protocol, secret, mechanism):
             SMTP_REJECTED,
             session_refusal=NOT_CONNECTED,
         )
-    return _throttled(directory, MailLogin(True, mailbox, identity, "token accepted", SMTP_OK), protocol)
+    return _session(directory, box, MailLogin(True, mailbox, identity, "token accepted", SMTP_OK), protocol)
 
 
 def may_send_as(directory, login, from_address):

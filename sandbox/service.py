@@ -11,7 +11,16 @@ from .ca import ensure_tls
 from .directory import Directory
 from .identity import IdentityServer
 
-FIXED_PORTS = {"identity": 9443, "imaps": 9993, "pop3s": 9995, "smtp": 9587, "lmtp": 9024, "verify": 9080}
+FIXED_PORTS = {
+    "identity": 9443,
+    "imaps": 9993,
+    "pop3s": 9995,
+    "smtp": 9587,
+    "lmtp": 9024,
+    "verify": 9080,
+    "imap_backend": 9143,  # Dovecot's IMAP behind the Exchange front (internal)
+    "pop3_backend": 9110,  # Dovecot's POP3 behind the Exchange front (internal)
+}
 HOST = "127.0.0.1"
 
 
@@ -60,6 +69,7 @@ class SandboxService:
             may_send_as=lambda login, address: mailauth.may_send_as(directory, login, address),
             is_mailbox=lambda address: directory.mailbox(address) is not None,
             settings=lambda: directory.settings,
+            take_mail_throttle=lambda mailbox, where: mailauth.take_throttle(directory, mailbox, where),
         )
         try:
             self.mail.start()

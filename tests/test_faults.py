@@ -46,12 +46,28 @@ class TestFaults(SandboxCase):
     def partners(self, name):
         return self.env["res.partner"].search_count([("name", "=", name)])
 
-    @mute_logger(*QUIET)
-    def test_poison_message_is_retried_then_left_flagged_and_reported(self):
-        account = self.connect(self.new_account())
-        server = self.incoming(account)
-        self.sandbox.control("deliver", mailbox="alice@contoso.com", subject="Poison", sender="x@fabrikam.example")
-        self.sandbox.control("deliver", mailbox="alice@contoso.com", subject="Wholesome", sender="y@fabrikam.example")
+    def unread(self, account, subject):
+        """Unread messages with this subject in the account's INBOX (read with the account's token)."""
+        context = ssl.create_default_context(cafile=self.sandbox.ca_file)
+        with imaplib.IMAP4_SSL(self.sandbox.host, self.sandbox.ports["imaps"], ssl_context=context) as imap:
+            imap.authenticate(
+                "XOAUTH2", lambda _: f"user={account.email}\x01auth=Bearer {account._access_token()}\x01\x01".encode()
+            )
+            imap.select("INBOX")
+            return imap.search(None, "UNSEEN", "SUBJECT", f'"{subject}"')[1][0].split()
+
+    def mark_read(self, account, subject):
+        """Leave no unread test message behind for the next test that fetches this mailbox."""
+        context = ssl.create_default_context(cafile=self.sandbox.ca_file)
+        token = account._access_token()
+        with imaplib.IMAP4_SSL(self.sandbox.host, self.sandbox.ports["imaps"], ssl_context=context) as imap:
+            imap.authenticate("XOAUTH2", lambda _: f"user={account.email}\x01auth=Bearer {token}\x01\x01".encode())
+            imap.select("INBOX")
+            for number in imap.search(None, "UNSEEN", "SUBJECT", f'"{subject}"')[1][0].split():
+                imap.store(number, "+FLAGS", "\\Seen")
+
+    def poison(self):
+        """message_process fails for mail whose subject is "Poison": (patcher, attempts)."""
         MailThread = type(self.env["mail.thread"])
         original, attempts = MailThread.message_process, []
 
@@ -61,23 +77,59 @@ class TestFaults(SandboxCase):
                 raise ValueError("cannot route this message")
             return original(thread, model, message, *args, **kwargs)
 
-        with patch.object(MailThread, "message_process", message_process):
+        return patch.object(MailThread, "message_process", message_process), attempts
+
+    @mute_logger(*QUIET)
+    def test_poison_message_is_retried_then_left_unread_reported_and_can_be_tried_again(self):
+        """Exchange keeps no client keywords: the given-up message is kept in Odoo's record (by
+        Message-ID), left unread and untouched in the mailbox, and the administrator can retry it."""
+        account = self.connect(self.new_account())
+        server = self.incoming(account)
+        self.sandbox.control("deliver", mailbox="alice@contoso.com", subject="Poison", sender="x@fabrikam.example")
+        self.sandbox.control("deliver", mailbox="alice@contoso.com", subject="Wholesome", sender="y@fabrikam.example")
+        self.addCleanup(self.mark_read, account, "Poison")
+        patcher, attempts = self.poison()
+        with patcher:
             for _run in range(4):
                 self.cron_fetch()
         self.assertEqual(self.partners("Wholesome"), 1)  # processed once, not blocked by the poison
         self.assertEqual(len(attempts), 3)  # retried, then left alone
+        self.assertFalse(server.microsoft365_fetch_error)  # no keyword: Exchange answered every command
         self.assertIn("Poison (from x@fabrikam.example): cannot route this message", server.microsoft365_failed_summary)
-        context = ssl.create_default_context(cafile=self.sandbox.ca_file)
-        with imaplib.IMAP4_SSL(self.sandbox.host, self.sandbox.ports["imaps"], ssl_context=context) as imap:
-            imap.authenticate(
-                "XOAUTH2", lambda _: f"user=alice@contoso.com\x01auth=Bearer {account._access_token()}\x01\x01".encode()
-            )
-            imap.select("INBOX")
-            self.assertEqual(len(imap.search(None, "KEYWORD", "OdooFailed")[1][0].split()), 1)
-            self.assertEqual(len(imap.search(None, "UNSEEN")[1][0].split()), 1)  # still there, unread
+        self.assertEqual(len(self.unread(account, "Poison")), 1)  # still there, unread
+        self.assertEqual(self.unread(account, "Wholesome"), [])
         self.env["microsoft365.account"]._cron_health_check()
         self.assertEqual(account.health, "fetch_failing")
         self.assertIn("Poison", account.health_message)
+        # Fixed in Odoo: "Try again" on the server form, and the next fetch processes it once.
+        server.action_microsoft365_retry_failed_messages()
+        self.assertFalse(server.microsoft365_failed_summary)
+        self.cron_fetch()
+        self.cron_fetch()
+        self.assertEqual((self.partners("Poison"), self.partners("Wholesome")), (1, 1))
+        self.assertEqual(self.unread(account, "Poison"), [])
+        self.assertFalse(server.microsoft365_failed_messages)
+
+    @mute_logger(*QUIET)
+    def test_a_dismissed_message_is_no_longer_listed_nor_tried(self):
+        account = self.connect(self.new_account())
+        server = self.incoming(account)
+        self.sandbox.control("deliver", mailbox="alice@contoso.com", subject="Poison", sender="x@fabrikam.example")
+        self.addCleanup(self.mark_read, account, "Poison")
+        patcher, attempts = self.poison()
+        with patcher:
+            for _run in range(3):
+                self.cron_fetch()
+            server.action_microsoft365_dismiss_failed_messages()
+            self.assertFalse(server.microsoft365_failed_summary)
+            self.cron_fetch()
+        self.assertEqual(len(attempts), 3)
+        self.assertEqual(len(self.unread(account, "Poison")), 1)  # left to the administrator, in the mailbox
+        self.env["microsoft365.account"]._cron_health_check()
+        self.assertNotEqual(account.health, "fetch_failing")
+        self.mark_read(account, "Poison")  # read in Outlook: Odoo forgets it at the next fetch
+        self.cron_fetch()
+        self.assertFalse(server.microsoft365_failed_messages)
 
     @mute_logger(*QUIET)
     def test_throttling_is_honoured(self):
