@@ -6,6 +6,7 @@ from datetime import timedelta
 
 from odoo import api, fields, models
 from odoo.exceptions import UserError
+from odoo.tools import plaintext2html
 
 from ..m365.errors import M365Error
 
@@ -99,7 +100,7 @@ class Microsoft365Account(models.Model):
                 "mail.mail_activity_data_todo",
                 user_id=user.id,
                 summary=self.env._("Microsoft 365 mailbox %s needs attention", self.email),
-                note=message,
+                note=plaintext2html(message),  # carries subjects and senders of external mail
             )
 
 
@@ -165,6 +166,6 @@ class Microsoft365App(models.Model):
                     "mail.mail_activity_data_todo",
                     user_id=user.id,
                     summary=self.env._("Client secret of %s expires soon", app.name),
-                    note=app._secret_expiry_message(),
+                    note=plaintext2html(app._secret_expiry_message()),
                 )
             app.secret_expiry_notified = app._credential_expires_on()
