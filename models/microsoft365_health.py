@@ -16,6 +16,7 @@ SECRET_WARNING = timedelta(days=30)
 HEALTH_PROBLEMS = [
     ("ok", "OK"),
     ("reconnect", "Reconnect needed"),
+    ("failing", "Not working"),
     ("fetch_failing", "Fetching fails"),
     ("secret_expiring", "Client secret expires soon"),
 ]
@@ -50,6 +51,8 @@ class Microsoft365Account(models.Model):
         self.ensure_one()
         if self.status == "reconnect":
             return "reconnect", self.last_error or self.env._("Authorize the mailbox again.")
+        if self.status == "failing" and self.last_error:
+            return "failing", self.last_error
         failing = self.sudo().incoming_server_ids.filtered("microsoft365_fetch_error")
         if failing:
             server = failing[0]
