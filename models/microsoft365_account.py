@@ -466,6 +466,7 @@ class Microsoft365Account(models.Model):
         client = self.app_id._identity_client()
         try:
             sign_in = client.import_refresh_token(refresh_token, self.app_id._cloud().delegated_scopes())
+            self._store_sign_in(client, sign_in)  # refused if that account cannot open the mailbox
         except M365Error as exc:
             found = getattr(exc, "diagnosis", None)
             self.sudo().write(
@@ -475,7 +476,6 @@ class Microsoft365Account(models.Model):
                 }
             )
             return False
-        self._store_sign_in(client, sign_in)
         return True
 
     def _access_token(self, force_refresh=False):
@@ -543,6 +543,10 @@ class Microsoft365Account(models.Model):
                 "last_refresh = (now() at time zone 'UTC'), status = 'connected', last_error = NULL, "
                 "write_date = (now() at time zone 'UTC') WHERE id = %s",
                 [self.env["microsoft365.vault"]._encrypt(changed), _datetime(token.expires_at), self.id],
+            )
+            # Microsoft accepted the app registration again (a fixed clock, a restored consent...).
+            cr.execute(
+                "UPDATE microsoft365_app SET problem = NULL WHERE id = %s AND problem IS NOT NULL", [self.app_id.id]
             )
         return token.token
 

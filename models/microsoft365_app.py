@@ -357,6 +357,7 @@ class Microsoft365App(models.Model):
                 "UPDATE microsoft365_app SET app_token_cache_sealed = %s, app_token_expires_at = %s WHERE id = %s",
                 [vault._encrypt(changed), datetime.datetime.utcfromtimestamp(int(token.expires_at)), self.id],
             )
+            cr.execute("UPDATE microsoft365_app SET problem = NULL WHERE id = %s AND problem IS NOT NULL", [self.id])
         return token
 
     def _mail_ca_file(self):

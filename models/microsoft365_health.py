@@ -83,7 +83,8 @@ class Microsoft365Account(models.Model):
                 if account.health_notified:
                     account.health_notified = False
             elif account.health_notified != key:
-                account._notify_responsible(message)
+                if not (problem == "failing" and account.app_id.problem):  # told once, on the app registration
+                    account._notify_responsible(message)
                 account.health_notified = key
 
     def _responsible_users(self):
@@ -112,6 +113,7 @@ class Microsoft365App(models.Model):
 
     health_message = fields.Text(compute="_compute_health_message")
     secret_expiry_notified = fields.Date(readonly=True, copy=False)
+    problem_notified = fields.Text(readonly=True, copy=False, groups="base.group_system")
 
     @api.depends("secret_expires_on", "certificate_expires_on", "credential_type")
     def _compute_health_message(self):
@@ -162,6 +164,18 @@ class Microsoft365App(models.Model):
             )
         )
         for app in self.sudo():
+            if app.problem and app.problem_notified != app.problem:
+                # Microsoft refused the app registration itself: once here, not once per mailbox.
+                for user in admins:
+                    app.activity_schedule(
+                        "mail.mail_activity_data_todo",
+                        user_id=user.id,
+                        summary=self.env._("App registration %s is refused by Microsoft", app.name),
+                        note=plaintext2html(app.problem),
+                    )
+                app.problem_notified = app.problem
+            elif not app.problem and app.problem_notified:
+                app.problem_notified = False
             if not app._secret_expiring() or app.secret_expiry_notified == app._credential_expires_on():
                 continue
             for user in admins:

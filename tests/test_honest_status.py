@@ -148,11 +148,19 @@ class TestHonestStatus(SandboxCase):
     @mute_logger(*QUIET)
     def test_expired_client_secret_flags_the_app_registration(self):
         account = self.connect(self.new_account())
+        other = self.connect(self.new_account(email="bob@contoso.com"))
         self.app_registration.client_secret = self.sandbox.secret(which="expired")
-        self.assertIsInstance(self.failed_refresh(account), AuthorizationFailed)
-        self.assertEqual(account.status, "failing")  # not "reconnect": signing in again would not help
+        for mailbox in (account, other):
+            self.assertIsInstance(self.failed_refresh(mailbox), AuthorizationFailed)
+            self.assertEqual(mailbox.status, "failing")  # not "reconnect": signing in again would not help
+            self.assertIn(self.app_registration.name, mailbox.last_error)
         self.assertIn("The client secret has expired", self.app_registration.problem)
-        self.assertIn(self.app_registration.name, account.last_error)
+        self.env["microsoft365.account"]._cron_health_check()
+        self.assertFalse((account | other).activity_ids)  # not once per mailbox...
+        told = self.app_registration.activity_ids
+        self.assertTrue(told)  # ...but on the app registration
+        self.env["microsoft365.account"]._cron_health_check()
+        self.assertEqual(self.app_registration.activity_ids, told)  # once
         self.app_registration.client_secret = self.sandbox.secret()
         self.assertFalse(self.app_registration.problem)
 
@@ -246,10 +254,10 @@ class TestHonestStatus(SandboxCase):
                 account = self.new_account(email=email_address)
                 if flow == "delegated":
                     self.connect(account)
-                self.incoming(account, server="127.0.0.1", port=closed_port())
-                self.outgoing(account, smtp_host="127.0.0.1", smtp_port=closed_port())
+                self.incoming(account, server="imap.example.invalid")  # no such name (RFC 6761): DNS fails
+                self.outgoing(account, smtp_host="127.0.0.1", smtp_port=closed_port())  # refused
                 message = self.failed_test(account)
-                self.assertIn("Odoo could not connect to the IMAP server 127.0.0.1", message)
+                self.assertIn("Odoo could not connect to the IMAP server imap.example.invalid", message)
                 self.assertIn("Odoo could not connect to the SMTP server 127.0.0.1", message)
                 self.assertNotIn("New-ServicePrincipal", message)
                 self.assertNotIn("rejected", message)
@@ -400,3 +408,23 @@ class TestHonestStatus(SandboxCase):
             self.assertNotIn("external_email_server_default", node.get("invisible", ""))
         outlook = etree.fromstring(arch).xpath("//setting[@id='email-outlook-setting']")[0]
         self.assertIn("external_email_server_default", outlook.get("invisible"))  # core's own block unchanged
+
+
+@tagged("post_install", "-at_install")
+class TestTakeOverChecksTheMailbox(SandboxCase):
+    """Odoo's Outlook module never checked who signed in: a taken-over token of someone without
+    access to the mailbox is not "connected"."""
+
+    def test_a_token_of_someone_else_is_not_connected(self):
+        EXCHANGE = "https://outlook.office.com"
+        client = self.app_registration._identity_client()
+        flow = client.start_sign_in(
+            self.app_registration.redirect_uri, [f"{EXCHANGE}/IMAP.AccessAsUser.All"], login_hint="bob@contoso.com"
+        )
+        client.finish_sign_in(flow, self.sandbox.sign_in(flow["auth_uri"], "bob@contoso.com"))
+        refresh_token = next(iter(client.cache.search(client.cache.CredentialType.REFRESH_TOKEN)))["secret"]
+        account = self.new_account()  # alice's mailbox
+        self.assertFalse(account._adopt_refresh_token(refresh_token))
+        self.assertEqual(account.status, "not_connected")
+        self.assertFalse(account.sudo().token_cache_sealed)
+        self.assertIn("You signed in as bob@contoso.com", account.last_error)
