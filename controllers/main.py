@@ -1,10 +1,11 @@
 import logging
 
 from odoo import http
+from odoo.exceptions import UserError
 from odoo.http import request
 
 from ..m365 import diagnosis
-from ..m365.errors import AuthorizationFailed, TransientFailure
+from ..m365.errors import AuthorizationFailed, M365Error, MailLoginFailed, TransientFailure
 from ..models.microsoft365_account import explain
 from ..models.microsoft365_app import CALLBACK_PATH
 
@@ -98,18 +99,17 @@ class Microsoft365OAuthController(http.Controller):
                     "by another Odoo user. Nothing was changed. Start again with Authorize on the mailbox."
                 ),
             )
+        origin = flow.pop("odoo_origin", None)
+        confirm_servers = flow.pop("odoo_confirm_servers", False)
+        back_url = self._back_url(account, origin)
         if params.get("error"):
             found = diagnosis.diagnose_oauth(params, redirect_uri=account.app_id.redirect_uri)
-            return self._page(
-                request.env._("Microsoft did not authorize the mailbox"), explain(request.env, found), account
-            )
+            return self._refused(account, found, back_url)
         client = account.app_id._identity_client()
         try:
             sign_in = client.finish_sign_in(flow, params)
         except (AuthorizationFailed, TransientFailure) as exc:
-            return self._page(
-                request.env._("Microsoft did not authorize the mailbox"), explain(request.env, exc.diagnosis), account
-            )
+            return self._refused(account, exc.diagnosis, back_url)
         except ValueError:  # MSAL: state or nonce mismatch
             _logger.warning("Microsoft 365 sign-in refused by MSAL: state or nonce mismatch")
             return self._page(
@@ -118,15 +118,54 @@ class Microsoft365OAuthController(http.Controller):
                     "The answer from Microsoft does not match the sign-in Odoo started. Nothing was changed."
                 ),
             )
-        account._store_sign_in(client, sign_in)
-        return request.redirect(f"/odoo/microsoft365-accounts/{account.id}")
+        try:
+            account._store_sign_in(client, sign_in)
+        except MailLoginFailed as exc:
+            return self._page(
+                request.env._("The mailbox was not connected"),
+                explain(request.env, exc.diagnosis),
+                back_url=back_url,
+            )
+        if confirm_servers:
+            left = account._confirm_servers()
+            if left:
+                return self._page(
+                    request.env._("Signed in: what is left to do"),
+                    "\n".join(left),
+                    back_url=back_url,
+                )
+        return request.redirect(back_url)
 
-    def _page(self, title, message, account=None):
+    def _refused(self, account, found, back_url):
+        """Microsoft refused the sign-in: an earlier grant is checked again, so that the status tells
+        whether mail still flows; a refused app registration is flagged on it."""
+        if found.code in diagnosis.APP_REGISTRATION_CODES:
+            account.app_id._flag_problem(explain(request.env, found))
+        if account.status in ("connected", "failing"):
+            try:
+                account._access_token(force_refresh=True)
+            except (M365Error, UserError) as exc:  # recorded on the account with the reason
+                _logger.info("Microsoft 365 account %s: the previous sign-in fails too (%s)", account.id, exc)
+        return self._page(
+            request.env._("Microsoft did not authorize the mailbox"), explain(request.env, found), back_url=back_url
+        )
+
+    @staticmethod
+    def _back_url(account, origin):
+        """Back to the mail server the sign-in was started from, else to the account."""
+        model, record_id = origin or (None, None)
+        if model == "fetchmail.server" and request.env[model].browse(record_id).exists():
+            return f"/odoo/action-mail.action_email_server_tree/{record_id}"
+        if model == "ir.mail_server" and request.env[model].browse(record_id).exists():
+            return f"/odoo/action-base.action_ir_mail_server_list/{record_id}"
+        return f"/odoo/microsoft365-accounts/{account.id}"
+
+    def _page(self, title, message, account=None, back_url=None):
         return request.render(
             "mail_microsoft365_oauth.callback_result",
             {
                 "title": title,
                 "lines": message.splitlines(),
-                "back_url": account and f"/odoo/microsoft365-accounts/{account.id}",
+                "back_url": back_url or (account and f"/odoo/microsoft365-accounts/{account.id}"),
             },
         )

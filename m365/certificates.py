@@ -2,6 +2,7 @@
 uploads (PEM with key and certificate, or PFX with a passphrase) turned into what MSAL needs."""
 
 import datetime
+import re
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -77,3 +78,22 @@ def _from_pem(data, password):
     except ValueError:
         raise InvalidInput(_lt("The file must contain both the private key and the certificate.")) from None
     return key, certificate
+
+
+def load_ca_certificates(data):
+    """The PEM text of the CA certificate(s) in an uploaded PEM or DER file; refuses anything else
+    (a private key, an empty file, garbage). What a TLS client is told to trust."""
+    message = _lt("Upload the CA's certificate as a PEM or DER file (no private key).")
+    if not data or len(data) > MAX_UPLOAD or b"PRIVATE KEY" in data:
+        raise InvalidInput(message)
+    try:
+        if b"-----BEGIN" in data:
+            blocks = re.findall(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----", data, re.S)
+            found = [x509.load_pem_x509_certificate(block) for block in blocks]
+        else:
+            found = [x509.load_der_x509_certificate(data)]
+    except ValueError:
+        raise InvalidInput(message) from None
+    if not found:
+        raise InvalidInput(message)
+    return "".join(c.public_bytes(serialization.Encoding.PEM).decode("ascii") for c in found)

@@ -146,6 +146,12 @@ _AADSTS = {
     ),
 }
 
+# Refusals that are the app registration's problem (its credentials, tenant, redirect URI), the same
+# for every mailbox of the app: a new sign-in of a mailbox does not help.
+APP_REGISTRATION_CODES = frozenset(
+    f"AADSTS{code}" for code in (50011, 50194, 90002, 700016, 7000215, 7000222, 700027, 700024)
+)
+
 _UNKNOWN_OAUTH = (
     _lt("Microsoft refused the request (%(error)s)."),
     _lt("Read Microsoft's message below; if it persists, authorize the mailbox again."),
@@ -364,6 +370,31 @@ def diagnose_imap_command(command, reply, **params):
             "the next fetch. If it repeats, read the server's reply below."
         ),
         _first_line(text),
+        params,
+    )
+
+
+def diagnose_sign_in_refused(found, username, mailbox):
+    """The mail server refused a fresh sign-in for the mailbox: say who signed in and who may."""
+    params = dict(found.params, username=username, mailbox=mailbox)
+    if username and username.lower() != mailbox.lower():
+        return Diagnosis(
+            "SIGNED IN AS ANOTHER USER",
+            CONFIGURATION,
+            _lt("You signed in as %(username)s, who may not open the mailbox %(mailbox)s."),
+            _lt(
+                "Nothing was changed. Authorize again and sign in as %(mailbox)s, or as a user with Full Access "
+                "to it (a shared mailbox)."
+            ),
+            found.detail,
+            params,
+        )
+    return Diagnosis(
+        found.code,
+        found.kind,
+        found.summary,
+        found.fix,
+        found.detail,
         params,
     )
 

@@ -11,7 +11,7 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import msal
@@ -84,6 +84,7 @@ class SignIn:
     home_account_id: str
     scopes: tuple
     expires_at: float
+    access_token: str = field(default="", repr=False)  # to check the mailbox before storing
 
 
 def http_session(ca_file=None):
@@ -197,6 +198,7 @@ class IdentityClient:
             home_account_id=home_account_id,
             scopes=tuple((result.get("scope") or "").split()),
             expires_at=time.time() + int(result.get("expires_in", 0)),
+            access_token=result.get("access_token", ""),
         )
 
     def access_token(self, scopes, home_account_id=None, force_refresh=False):

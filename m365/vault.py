@@ -5,7 +5,9 @@ database dump alone reveals no token. Fernet: AES-128-CBC + HMAC-SHA256, authent
 """
 
 import base64
+import contextlib
 import os
+import secrets
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
 
@@ -45,14 +47,37 @@ def new_key():
 
 
 def load_or_create_key_file(path):
-    """Keys from ``path`` (one per line, newest first), creating it with one key, mode 0600."""
+    """Keys from ``path`` (one per line, newest first), creating it with one key, mode 0600.
+
+    Several workers may start at once: the key is written and flushed to disk in a file of this
+    worker's own, then published under ``path`` with link(), which fails if another worker
+    published first. ``path`` therefore always holds a whole key, and every worker reads the same."""
     if not os.path.exists(path):
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(new_key() + "\n")
+        folder = os.path.dirname(path) or "."
+        os.makedirs(folder, exist_ok=True)
+        draft = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{secrets.token_hex(8)}")
+        descriptor = os.open(draft, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                os.write(descriptor, (new_key() + "\n").encode("ascii"))
+                os.fsync(descriptor)
+            finally:
+                os.close(descriptor)
+            with contextlib.suppress(FileExistsError):  # another worker was first: use its key
+                os.link(draft, path)
+        finally:
+            os.unlink(draft)
+        _fsync_folder(folder)
     with open(path) as handle:
         return parse_keys(handle.read())
+
+
+def _fsync_folder(folder):
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def parse_keys(text):

@@ -11,6 +11,7 @@ from odoo.exceptions import UserError, ValidationError
 
 from odoo.addons.mail.models.fetchmail import POP3Connection
 
+from ..m365.diagnosis import diagnose_connection
 from ..m365.errors import M365Error, MailCommandFailed
 from ..m365.mailcheck import imap_authenticate, imap_command, pop3_authenticate
 from .microsoft365_account import explain
@@ -131,9 +132,7 @@ class FetchmailServer(models.Model):
         if self.connect_with != "microsoft365":
             return
         if not self.microsoft365_account_id and self.user:
-            self.microsoft365_account_id = self.env["microsoft365.account"].search(
-                [("email", "=", self.user.strip().lower())], limit=1
-            )
+            self.microsoft365_account_id = self._microsoft365_account_for(self.user)
         cloud = self._microsoft365_cloud_for(self.microsoft365_account_id)
         if self.server_type not in ("imap", "pop"):
             self.server_type = "imap"
@@ -144,6 +143,9 @@ class FetchmailServer(models.Model):
         if self.microsoft365_account_id:
             self.user = self.microsoft365_account_id.email
         # A password is kept (hidden) until the first successful test: see _microsoft365_sync_password.
+
+    def _microsoft365_onchange_connection(self):
+        self._onchange_connect_with_microsoft365()
 
     @api.onchange("server_type", "is_ssl", "object_id")
     def onchange_server_type(self):
@@ -237,7 +239,8 @@ class FetchmailServer(models.Model):
         unread and is retried by the next fetches; after a few failures it is left unread on the
         server, listed on the server record (kept in Odoo, by Message-ID: Exchange Online keeps no
         client keywords) and no longer tried, until the administrator retries or dismisses it."""
-        ours = self.filtered(lambda s: s._microsoft365_in_use() and s._get_connection_type() == "imap")
+        servers = self - self._microsoft365_without_grant(raise_exception)
+        ours = servers.filtered(lambda s: s._microsoft365_in_use() and s._get_connection_type() == "imap")
         for server in ours:
             try:
                 server._microsoft365_fetch_imap()
@@ -259,7 +262,33 @@ class FetchmailServer(models.Model):
                     server.name,
                     exc_info=True,
                 )
-        return super(FetchmailServer, self - ours).fetch_mail(raise_exception=raise_exception)
+        return super(FetchmailServer, servers - ours).fetch_mail(raise_exception=raise_exception)
+
+    def _microsoft365_without_grant(self, raise_exception):
+        """Servers whose mailbox has no usable sign-in: nothing to connect with. Said in plain words
+        on the server and in one log line (no traceback), or raised for Fetch Now."""
+        blocked = self.filtered(
+            lambda s: s._microsoft365_in_use()
+            and (not s.microsoft365_account_id or s.microsoft365_account_id.status in ("not_connected", "reconnect"))
+        )
+        for server in blocked:
+            account = server.microsoft365_account_id
+            if not account:
+                message = self.env._("Choose the OAuth account of server %s.", server.display_name)
+            else:
+                message = self.env._(
+                    "The mailbox %(mailbox)s is not connected to Microsoft 365 (%(status)s): click Authorize on it, "
+                    "then confirm this server again.",
+                    mailbox=account.email,
+                    status=dict(account._fields["status"]._description_selection(self.env))[account.status],
+                )
+                if account.status == "reconnect" and account.last_error:
+                    message += "\n" + account.last_error
+            if raise_exception:
+                raise UserError(message)
+            _logger.warning("Not fetching %s server %s: %s", server.server_type, server.name, message)
+            server.write({"microsoft365_fetch_error": message, "microsoft365_fetch_failed_at": fields.Datetime.now()})
+        return blocked
 
     def _microsoft365_fetch_imap(self):
         self.ensure_one()
@@ -407,6 +436,9 @@ class FetchmailServer(models.Model):
                     connection.logout()
             except UserError as exc:
                 raise UserError(self.env._("Connection test failed: %s", exc.args[0])) from None
+            except OSError as exc:  # DNS, refused, TLS, timeout: a connection failure, named as such
+                found = diagnose_connection(server.server_type.upper(), server.server, server.port, exc)
+                raise UserError(self.env._("Connection test failed: %s", explain(self.env, found))) from None
             except Exception as exc:  # network, TLS: Odoo's own wording
                 raise UserError(self.env._("Connection test failed: %s", exc)) from None
             server.state = "done"

@@ -3,6 +3,7 @@ import smtplib
 
 from odoo import api, fields, models
 from odoo.exceptions import UserError, ValidationError
+from odoo.tools import formataddr
 
 from odoo.addons.base.models.ir_mail_server import MailDeliveryException
 
@@ -82,9 +83,7 @@ class IrMailServer(models.Model):
         if self.smtp_authentication != "microsoft365":
             return
         if not self.microsoft365_account_id and self.smtp_user:
-            self.microsoft365_account_id = self.env["microsoft365.account"].search(
-                [("email", "=", self.smtp_user.strip().lower())], limit=1
-            )
+            self.microsoft365_account_id = self._microsoft365_account_for(self.smtp_user)
         cloud = self._microsoft365_cloud_for(self.microsoft365_account_id)
         if cloud:
             self.smtp_host = cloud.smtp_host
@@ -95,6 +94,9 @@ class IrMailServer(models.Model):
             if not self.from_filter:
                 self.from_filter = self.microsoft365_account_id.email
         # A password is kept (hidden) until the first successful test: see _microsoft365_sync_password.
+
+    def _microsoft365_onchange_connection(self):
+        self._onchange_smtp_authentication_microsoft365()
 
     @api.onchange("smtp_encryption")
     def _onchange_encryption(self):
@@ -149,6 +151,29 @@ class IrMailServer(models.Model):
         server = self.browse(mail_server_id or tagged) if (mail_server_id or tagged) else self
         server = server.exists() if len(server) == 1 else self.browse()
         return server if server and server._microsoft365_in_use() else self.browse()
+
+    def _prepare_email_message(self, message, smtp_session):
+        smtp_from, smtp_to_list, message = super()._prepare_email_message(message, smtp_session)
+        # "Name displayed": mail From a Microsoft 365 mailbox's own address without a name gets the
+        # mailbox's name; a From that names someone (a user, the company) is left as it is.
+        name, address = email.utils.parseaddr(message["From"] or "")
+        if address and not name:
+            account = (
+                self.env["microsoft365.account"]
+                .sudo()
+                .search(
+                    [
+                        ("email", "=", address.strip().lower()),
+                        ("sender_name", "!=", False),
+                        ("outgoing_server_ids", "!=", False),
+                    ],
+                    limit=1,
+                )
+            )
+            if account:
+                del message["From"]
+                message["From"] = formataddr((account.sender_name, account.email))
+        return smtp_from, smtp_to_list, message
 
     def _smtp_login(self, connection, smtp_user, smtp_password):
         # Odoo calls this on an empty recordset when no server record is involved.

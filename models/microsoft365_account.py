@@ -42,11 +42,11 @@ class Microsoft365Account(models.Model):
     app_name = fields.Char(related="app_id.name", string="App")
     server_summary = fields.Text(string="Mail servers", compute="_compute_server_summary")
     company_id = fields.Many2one(related="app_id.company_id", store=True)
-    provider = fields.Char(default="Microsoft 365", readonly=True)
     status = fields.Selection(
         [
             ("not_connected", "Not connected"),
             ("connected", "Connected"),
+            ("failing", "Not working"),
             ("reconnect", "Reconnect needed"),
             ("app_only", "App-only (no sign-in)"),
         ],
@@ -71,7 +71,12 @@ class Microsoft365Account(models.Model):
         help="This user sees the account and its servers, and can authorize, test and revoke it. "
         "Empty: administrators only.",
     )
-    sender_name = fields.Char(string="Name displayed", help="Sender name for mail from this mailbox that has none.")
+    sender_name = fields.Char(
+        string="Name displayed",
+        help="Sender name shown to recipients of mail sent through this mailbox when the From address is the "
+        "mailbox itself without a name (for example system notifications). A From that already carries a "
+        "name (a user's or the company's) keeps it.",
+    )
     home_account_id = fields.Char(groups="base.group_system", readonly=True, copy=False)
     token_cache_sealed = fields.Text(groups=fields.NO_ACCESS, copy=False)
     incoming_server_ids = fields.One2many("fetchmail.server", "microsoft365_account_id")
@@ -88,10 +93,40 @@ class Microsoft365Account(models.Model):
         return accounts
 
     def write(self, vals):
+        moved = self.browse()
+        if "app_id" in vals:
+            # Tokens belong to the app registration that obtained them: another app starts afresh.
+            moved = self.filtered(lambda account: account.app_id.id != vals["app_id"])
         result = super().write(self._normalise(vals))
+        if moved:
+            moved.sudo().write(dict(_DISCONNECTED, status="not_connected", last_error=False))
+            moved._unconfirm_incoming_servers()
+            for account in moved:
+                account.message_post(
+                    body=self.env._(
+                        "App registration changed to %s: the tokens of the previous one were forgotten.",
+                        account.app_id.name,
+                    )
+                )
         if "app_id" in vals:
             self._sync_app_only_status()
         return result
+
+    @api.ondelete(at_uninstall=False)
+    def _unlink_except_used_by_servers(self):
+        for account in self:
+            domain = [("microsoft365_account_id", "=", account.id)]
+            incoming = self.env["fetchmail.server"].sudo().with_context(active_test=False).search(domain)
+            outgoing = self.env["ir.mail_server"].sudo().with_context(active_test=False).search(domain)
+            if incoming or outgoing:
+                raise UserError(
+                    self.env._(
+                        "The OAuth account %(mailbox)s cannot be deleted: the mail servers %(servers)s use it. "
+                        "Delete those servers, or link them to another account, first.",
+                        mailbox=account.email,
+                        servers=", ".join(f'"{name}"' for name in (incoming.mapped("name") + outgoing.mapped("name"))),
+                    )
+                )
 
     def _sync_app_only_status(self):
         """Mailboxes of an app-only registration need no sign-in: their status says so."""
@@ -113,14 +148,24 @@ class Microsoft365Account(models.Model):
         return vals
 
     @api.model
-    def _find_or_create(self, mailbox):
-        """The account of `mailbox` (with the default app registration if it must be created)."""
+    def _find_or_create(self, mailbox, app=None):
+        """The account of `mailbox` with `app` (else any existing one, else created with the default
+        app registration)."""
         mailbox = self._normalise({"email": mailbox})["email"]
-        account = self.search([("email", "=", mailbox)], limit=1)
+        domain = [("email", "=", mailbox)] + ([("app_id", "=", app.id)] if app else [])
+        account = self.search(domain, limit=1)
         if account:
             return account
-        app = self.env["microsoft365.app"]._default_app()
+        app = app or self.env["microsoft365.app"]._default_app()
         if not app:
+            if self.env["microsoft365.app"].search_count([], limit=1):
+                raise ValidationError(
+                    self.env._(
+                        "Several app registrations exist and none is the default: choose the App registration "
+                        "on the mail server for %s (or a default one in General Settings > Emails).",
+                        mailbox,
+                    )
+                )
             raise ValidationError(
                 self.env._(
                     "There is no app registration for Microsoft 365 yet: create one (Settings > "
@@ -172,59 +217,115 @@ class Microsoft365Account(models.Model):
 
     def action_authorize(self):
         """Start the sign-in at Microsoft (also used to renew a connection)."""
+        return self._authorize()
+
+    def _authorize(self, origin=None, confirm_servers=False):
+        """The sign-in at Microsoft; the callback returns to `origin` (a mail server) if given, and
+        tests and confirms the account's servers if `confirm_servers`."""
         self.ensure_one()
         self._check_may_manage()
-        return self.env["microsoft365.authorization"].sudo()._start(self.sudo())
+        if self.app_id.flow == "app_only":
+            raise UserError(
+                self.env._(
+                    "The app registration %s uses application permissions: its mailboxes need no sign-in. "
+                    "Use Test connection.",
+                    self.app_id.name,
+                )
+            )
+        return (
+            self.env["microsoft365.authorization"]
+            .sudo()
+            ._start(self.sudo(), origin=origin, confirm_servers=confirm_servers)
+        )
 
     def action_revoke(self):
         self._check_may_manage()
+        unconfirmed = self.env["fetchmail.server"]
         for account in self.sudo():
             status = "app_only" if account.app_id.flow == "app_only" else "not_connected"
             account.write(dict(_DISCONNECTED, status=status, last_error=False))
-        return self._notify(
-            self.env._("Authorization revoked"),
-            self.env._(
-                "Odoo forgot every token of this mailbox. To remove the consent on Microsoft's side too, "
-                "open https://myapps.microsoft.com (your own consent) or Entra ID > Enterprise applications "
-                "> the app > Permissions (organisation consent)."
-            ),
-            "warning",
+            if status == "not_connected":
+                unconfirmed |= account._unconfirm_incoming_servers()
+            account.message_post(body=self.env._("Authorization revoked by %s.", self.env.user.name))
+        message = self.env._(
+            "Odoo forgot every token of this mailbox. To remove the consent on Microsoft's side too, "
+            "open https://myapps.microsoft.com (your own consent) or Entra ID > Enterprise applications "
+            "> the app > Permissions (organisation consent)."
         )
+        if unconfirmed:
+            message += "\n" + self.env._(
+                "Incoming servers set back to Not Confirmed (Odoo stops fetching them): %s. Confirm them again "
+                "after the next Authorize.",
+                ", ".join(unconfirmed.mapped("name")),
+            )
+        return self._notify(self.env._("Authorization revoked"), message, "warning")
 
-    def action_test_connection(self):
-        """Log in with XOAUTH2 where this mailbox is used (IMAP or POP3, and SMTP) without reading
-        or sending anything; green, or the reason in plain words."""
+    def _unconfirm_incoming_servers(self):
+        """Without a grant the scheduler must not fetch: confirmed servers go back to draft."""
+        servers = self.sudo().incoming_server_ids.filtered(
+            lambda s: s.connect_with == "microsoft365" and s.state == "done"
+        )
+        servers.write({"state": "draft"})
+        return servers
+
+    def _mailbox_checks(self, incoming_only=False):
+        """(protocol, check, host, port) of every login that Test connection makes."""
         self.ensure_one()
-        self._check_may_manage()
-        account = self.sudo()
-        token = account._access_token_for_use()
-        app = account.app_id
-        cloud, ca_file = app._cloud(), app._mail_ca_file()
+        cloud = self.app_id._cloud()
         checks = []
-        for server in account.incoming_server_ids.filtered(lambda s: s.connect_with == "microsoft365"):
+        for server in self.incoming_server_ids.filtered(lambda s: s.connect_with == "microsoft365"):
             check = mailcheck.check_pop3 if server.server_type == "pop" else mailcheck.check_imap
             checks.append((server.server_type.upper().replace("POP", "POP3"), check, server.server, server.port))
         if not checks:
             checks.append(("IMAP", mailcheck.check_imap, cloud.imap_host, cloud.imap_port))
-        for server in account.outgoing_server_ids.filtered(lambda s: s.smtp_authentication == "microsoft365"):
+        if incoming_only:
+            return checks
+        for server in self.outgoing_server_ids.filtered(lambda s: s.smtp_authentication == "microsoft365"):
             checks.append(("SMTP", mailcheck.check_smtp, server.smtp_host, server.smtp_port))
         if not any(protocol == "SMTP" for protocol, *_rest in checks):
             checks.append(("SMTP", mailcheck.check_smtp, cloud.smtp_host, cloud.smtp_port))
+        return checks
+
+    def _mailbox_failures(self, token, checks):
+        """[(protocol, host, port, diagnosis)] of the logins in `checks` that failed with `token`."""
+        self.ensure_one()
+        app = self.app_id
         failures = []
         for protocol, check, host, port in checks:
             # SMTP AUTH takes only the signed-in user; IMAP and POP3 open the mailbox itself.
-            login = account._smtp_login_user() if protocol == "SMTP" else account.email
+            login = self._smtp_login_user() if protocol == "SMTP" else self.email
             try:
-                check(host, int(port), login, token, ca_file=ca_file)
+                check(host, int(port), login, token, ca_file=app._mail_ca_file())
             except MailLoginFailed as exc:
-                failures.append(f"{protocol} {host}:{port}: {account._explain_mail_refusal(exc.diagnosis, token)}")
+                # A refused login in app-only words; a server that cannot be reached stays a
+                # connection failure, which says nothing about Exchange's permissions.
+                failures.append((protocol, host, port, self._diagnose_mail_refusal(exc.diagnosis, token)))
+        return failures
+
+    def action_test_connection(self):
+        """Log in with XOAUTH2 where this mailbox is used (IMAP or POP3, and SMTP) without reading
+        or sending anything; green, or the reason in plain words. The status follows the result."""
+        self.ensure_one()
+        self._check_may_manage()
+        account = self.sudo()
+        token = account._access_token_for_use()
+        checks = account._mailbox_checks()
+        failures = account._mailbox_failures(token, checks)
         tested = ", ".join(f"{protocol} {host}:{port}" for protocol, _check, host, port in checks)
         if failures:
-            raise UserError(
-                self.env._("Connection test failed for %(mailbox)s.", mailbox=account.email)
-                + "\n\n"
-                + "\n\n".join(failures)
+            text = "\n\n".join(
+                f"{protocol} {host}:{port}: {explain(self.env, found)}" for protocol, host, port, found in failures
             )
+            account._record_test_failure(text)
+            raise UserError(
+                self.env._("Connection test failed for %(mailbox)s.", mailbox=account.email) + "\n\n" + text
+            )
+        if account.status == "failing" or account.last_error:
+            account.write(
+                {"status": "connected" if account.status == "failing" else account.status, "last_error": False}
+            )
+        if account.app_id.problem:
+            account.app_id.problem = False
         message = self.env._("%(mailbox)s accepts the OAuth token: %(tested)s.", mailbox=account.email, tested=tested)
         if account._smtp_login_user() != account.email:
             message += "\n" + self.env._(
@@ -276,6 +377,57 @@ class Microsoft365Account(models.Model):
             protocol, found, roles, app_id=app.client_id, app_name=app.name, mailbox=self.email
         )
 
+    def _confirm_servers(self):
+        """Test the account's servers and confirm the incoming ones, so that Odoo's scheduler fetches
+        them; what could not be done, in plain words (empty: mail flows both ways)."""
+        self.ensure_one()
+        left = []
+        account = self.sudo()
+        for server in account.incoming_server_ids.filtered(lambda s: s.connect_with == "microsoft365"):
+            if server.state == "done":
+                continue
+            try:
+                with self.env.cr.savepoint():
+                    server.button_confirm_login()
+            except UserError as exc:
+                left.append(
+                    self.env._(
+                        "Incoming server %(server)s is not confirmed: %(reason)s",
+                        server=server.name,
+                        reason=exc.args[0],
+                    )
+                )
+        for server in account.outgoing_server_ids.filtered(lambda s: s.smtp_authentication == "microsoft365"):
+            try:
+                with self.env.cr.savepoint():
+                    server.test_smtp_connection()
+            except UserError as exc:
+                left.append(
+                    self.env._(
+                        "Outgoing server %(server)s cannot send: %(reason)s", server=server.name, reason=exc.args[0]
+                    )
+                )
+        return left
+
+    def _record_test_failure(self, text):
+        """A failed test is kept (the button's transaction is rolled back with the error)."""
+        values = {"last_error": text}
+        if self.status == "connected":
+            values["status"] = "failing"
+        self._keep_after_rollback(values)
+
+    def _keep_after_rollback(self, values):
+        self.write(values)
+        account_id = self.id
+
+        def keep_after_rollback():
+            # A button (Test connection, Fetch now) rolls the transaction back with the error;
+            # what it found must survive it. The row lock is released by then.
+            with self.env.registry.cursor() as cr:
+                self.env(cr=cr)[self._name].browse(account_id).sudo().write(values)
+
+        self.env.cr.postrollback.add(keep_after_rollback)
+
     def action_open(self):
         self.ensure_one()
         return {
@@ -301,12 +453,39 @@ class Microsoft365Account(models.Model):
 
     # Tokens -----------------------------------------------------------------------------------
 
-    def _store_sign_in(self, client, sign_in):
-        """Called by the callback once Microsoft returned the tokens."""
+    def _store_sign_in(self, client, sign_in, renewed=None):
+        """Called by the callback once Microsoft returned the tokens. The signed-in account must
+        open the mailbox (the IMAP or POP3 login Test connection makes, ``user=`` the mailbox: the
+        owner, or a delegate with Full Access to a shared mailbox); if the mail server refuses it,
+        nothing is stored and MailLoginFailed says why. A server that cannot be reached stores the
+        sign-in as "Not working", with the reason."""
         self.ensure_one()
+        renewed = self.status != "not_connected" if renewed is None else renewed
+        token = (
+            sign_in.access_token
+            or client.access_token(self.app_id._cloud().delegated_scopes(), sign_in.home_account_id).token
+        )
+        failures = self.sudo()._mailbox_failures(token, self.sudo()._mailbox_checks(incoming_only=True))
+        refused = [found for _protocol, _host, _port, found in failures if not found.code.endswith(" CONNECT")]
+        if refused:
+            found = diagnosis.diagnose_sign_in_refused(refused[0], username=sign_in.username, mailbox=self.email)
+            _logger.info(
+                "Microsoft 365 account %s: the sign-in of another account was refused (%s)", self.id, found.code
+            )
+            self.message_post(
+                body=self.env._(
+                    "Sign-in as %(username)s refused: %(reason)s",
+                    username=sign_in.username,
+                    reason=explain(self.env, found),
+                )
+            )
+            raise MailLoginFailed(found)
+        unreachable = "\n".join(
+            f"{protocol} {host}:{port}: {explain(self.env, found)}" for protocol, host, port, found in failures
+        )
         self.sudo().write(
             {
-                "status": "connected",
+                "status": "failing" if unreachable else "connected",
                 "username": sign_in.username,
                 "tenant_id": sign_in.tenant_id,
                 "home_account_id": sign_in.home_account_id,
@@ -314,9 +493,16 @@ class Microsoft365Account(models.Model):
                 "connected_since": fields.Datetime.now(),
                 "token_expires_at": _datetime(sign_in.expires_at),
                 "last_refresh": fields.Datetime.now(),
-                "last_error": False,
+                "last_error": unreachable or False,
                 "token_cache_sealed": self.env["microsoft365.vault"]._encrypt(client.cache.serialize()),
             }
+        )
+        self.message_post(
+            body=(
+                self.env._("Authorization renewed: signed in as %s.", sign_in.username)
+                if renewed
+                else self.env._("Authorized: signed in as %s.", sign_in.username)
+            )
         )
 
     def _adopt_refresh_token(self, refresh_token):
@@ -326,16 +512,16 @@ class Microsoft365Account(models.Model):
         client = self.app_id._identity_client()
         try:
             sign_in = client.import_refresh_token(refresh_token, self.app_id._cloud().delegated_scopes())
+            self._store_sign_in(client, sign_in)  # refused if that account cannot open the mailbox
         except M365Error as exc:
             found = getattr(exc, "diagnosis", None)
             self.sudo().write(
                 {
-                    "status": "reconnect" if found else "not_connected",
+                    "status": "reconnect" if isinstance(exc, ReconnectRequired) else "not_connected",
                     "last_error": explain(self.env, found) if found else str(exc),
                 }
             )
             return False
-        self._store_sign_in(client, sign_in)
         return True
 
     def _access_token(self, force_refresh=False):
@@ -353,7 +539,7 @@ class Microsoft365Account(models.Model):
             except (ReconnectRequired, AuthorizationFailed) as exc:
                 account._record_failure(account.status, exc)
                 raise
-        if account.status == "not_connected" or not account.token_cache_sealed:
+        if account.status in ("not_connected", "app_only") or not account.token_cache_sealed:
             raise UserError(
                 self.env._("The mailbox %s is not connected to Microsoft 365 yet: click Authorize.", account.email)
             )
@@ -404,6 +590,10 @@ class Microsoft365Account(models.Model):
                 "write_date = (now() at time zone 'UTC') WHERE id = %s",
                 [self.env["microsoft365.vault"]._encrypt(changed), _datetime(token.expires_at), self.id],
             )
+            # Microsoft accepted the app registration again (a fixed clock, a restored consent...).
+            cr.execute(
+                "UPDATE microsoft365_app SET problem = NULL WHERE id = %s AND problem IS NOT NULL", [self.app_id.id]
+            )
         return token.token
 
     def _identity_client_from(self, sealed_cache):
@@ -416,9 +606,17 @@ class Microsoft365Account(models.Model):
                 self.app_id._cloud().delegated_scopes(), self.home_account_id, force_refresh=force_refresh
             )
         except (ReconnectRequired, AuthorizationFailed) as exc:
-            status = self.status if isinstance(exc, TransientFailure) else "reconnect"
-            self._record_failure(status, exc, cr if committed else None)
+            self._record_failure(self._status_after(exc), exc, cr if committed else None)
             raise
+
+    def _status_after(self, exc):
+        """Only a lost grant needs a new sign-in; Microsoft or the network being away changes
+        nothing; anything else (consent, the app registration's credentials) stops the mail."""
+        if isinstance(exc, TransientFailure):
+            return self.status
+        if isinstance(exc, ReconnectRequired):
+            return "reconnect"
+        return "failing"
 
     def _access_token_for_use(self):
         """_access_token() for buttons and mail servers: Microsoft's refusal as a UserError in plain
@@ -431,7 +629,16 @@ class Microsoft365Account(models.Model):
 
     def _record_failure(self, status, exc, own_cursor=None):
         _logger.warning("Microsoft 365 account %s: %s", self.id, exc.diagnosis.code)
-        values = {"status": status, "last_error": explain(self.env, exc.diagnosis)}
+        found = exc.diagnosis
+        values = {"status": status, "last_error": explain(self.env, found)}
+        if found.code in diagnosis.APP_REGISTRATION_CODES:
+            # Not this mailbox's fault: every mailbox of the app is stopped until the app is fixed.
+            values["last_error"] = self.env._(
+                "The app registration %(app)s needs attention: %(problem)s",
+                app=self.app_id.name,
+                problem=values["last_error"],
+            )
+            self.app_id._flag_problem(explain(self.env, found), own_cursor)
         if own_cursor is not None:  # the refresh's own transaction: commit the failure with it
             own_cursor.execute(
                 "UPDATE microsoft365_account SET status = %s, last_error = %s WHERE id = %s",
@@ -439,16 +646,8 @@ class Microsoft365Account(models.Model):
             )
             own_cursor.commit()
             return
-        self.write(values)  # kept when the caller goes on (fetchmail's cron catches and commits)
-        account_id = self.id
-
-        def keep_after_rollback():
-            # A button (Test connection, Fetch now) rolls the transaction back with the error;
-            # the status must survive it. The row lock is released by then.
-            with self.env.registry.cursor() as cr:
-                self.env(cr=cr)[self._name].browse(account_id).sudo().write(values)
-
-        self.env.cr.postrollback.add(keep_after_rollback)
+        # Kept when the caller goes on (fetchmail's cron catches and commits) and when it fails.
+        self._keep_after_rollback(values)
 
 
 _DISCONNECTED = {

@@ -4,8 +4,9 @@ import hashlib
 import json
 import os
 import time
+import uuid
 
-from odoo import api, fields, models
+from odoo import api, fields, models, tools
 from odoo.exceptions import AccessError, UserError, ValidationError
 
 from ..m365 import certificates, identifiers
@@ -15,6 +16,7 @@ from ..m365.identity import AppCredentials, IdentityClient
 
 CALLBACK_PATH = "/microsoft365/oauth/callback"
 DEFAULT_APP_PARAMETER = "mail_microsoft365_oauth.default_app_id"
+WRITE_ONLY_FIELDS = ["client_secret", "certificate_file", "certificate_passphrase"]
 
 # Access tokens already read from a given stored token cache (an account's or an app's), per
 # process: a cache hit then costs a dictionary lookup. Keyed by the sealed state itself, so any
@@ -118,24 +120,64 @@ class Microsoft365App(models.Model):
     pop_port = fields.Integer(string="POP port")
     smtp_host = fields.Char(string="SMTP host")
     smtp_port = fields.Integer(string="SMTP port")
-    ca_file = fields.Char(
-        string="Trusted CA file",
-        help="Path on the Odoo server of a PEM file of the CA that signed the sign-in service's "
-        "certificate (custom endpoints only).",
+    ca_certificate = fields.Binary(
+        string="Trusted CA certificate",
+        attachment=False,
+        help="Custom endpoints only: upload the certificate (PEM or DER file) of the CA that signed the "
+        "sign-in service's and the mail servers' certificates, when it is not a public CA.",
     )
+    ca_certificate_name = fields.Char(string="CA certificate file name")
     account_ids = fields.One2many("microsoft365.account", "app_id", string="Mailboxes")
+    problem = fields.Text(
+        readonly=True,
+        copy=False,
+        help="Microsoft refused this app registration itself (its secret, certificate, tenant or redirect URI): "
+        "every mailbox of it is stopped until it is fixed.",
+    )
 
     @api.model_create_multi
     def create(self, vals_list):
-        return super().create([self._normalise(vals) for vals in vals_list])
+        apps = super().create([self._normalise(vals) for vals in vals_list])
+        apps.invalidate_recordset(WRITE_ONLY_FIELDS)
+        return apps
 
     def write(self, vals):
         result = super().write(self._normalise(vals))
+        # The web client reads the record back after saving: write-only values must not be in the
+        # cache then, or the secret goes back to the browser.
+        self.invalidate_recordset(WRITE_ONLY_FIELDS)
         if "flow" in vals:
             self.account_ids._sync_app_only_status()
         if {"flow", "client_id", "tenant", "credential_type", "client_secret", "certificate_file"} & set(vals):
             self.sudo().app_token_cache_sealed = False  # tokens of the old credentials are not ours any more
+        if {
+            "client_id",
+            "tenant",
+            "cloud",
+            "authority_host",
+            "credential_type",
+            "client_secret",
+            "certificate_file",
+        } & set(vals) and any(self.mapped("problem")):
+            self.problem = False  # changed: the next test or token request tells
         return result
+
+    def _flag_problem(self, message, cr=None):
+        """Microsoft refused the app registration itself: say so on it, once for all its mailboxes."""
+        self.ensure_one()
+        if cr is not None:  # a token refresh's own transaction, committed by the caller
+            cr.execute("UPDATE microsoft365_app SET problem = %s WHERE id = %s", [message, self.id])
+            return
+        if self.problem == message:
+            return
+        self.sudo().problem = message
+        app_id = self.id
+
+        def keep_after_rollback():  # a button's transaction is rolled back with the error
+            with self.env.registry.cursor() as own_cr:
+                own_cr.execute("UPDATE microsoft365_app SET problem = %s WHERE id = %s", [message, app_id])
+
+        self.env.cr.postrollback.add(keep_after_rollback)
 
     def _normalise(self, vals):
         vals = dict(vals)
@@ -160,8 +202,13 @@ class Microsoft365App(models.Model):
             for name, parse in parsers.items():
                 if vals.get(name):
                     vals[name] = parse(vals[name])
-            if vals.get("ca_file"):
-                vals["ca_file"] = self._check_ca_file(vals["ca_file"])
+            if vals.get("ca_certificate"):
+                try:
+                    uploaded = base64.b64decode(vals["ca_certificate"], validate=True)
+                except ValueError:
+                    uploaded = b""
+                pem = certificates.load_ca_certificates(uploaded)
+                vals["ca_certificate"] = base64.b64encode(pem.encode("ascii"))
             passphrase = vals.pop("certificate_passphrase", None)
             upload = vals.pop("certificate_file", None)
             if upload:
@@ -202,20 +249,6 @@ class Microsoft365App(models.Model):
                         fields=", ".join(missing),
                     )
                 )
-
-    @api.model
-    def _check_ca_file(self, path):
-        path = path.strip()
-        readable = (
-            len(path) <= 4096
-            and not any(ord(c) < 32 for c in path)
-            and os.path.isabs(path)
-            and os.path.isfile(path)
-            and os.access(path, os.R_OK)
-        )
-        if not readable:
-            raise ValidationError(self.env._("%s is not a readable file on the Odoo server.", path[:120]))
-        return path
 
     @api.model
     def _default_app(self):
@@ -309,7 +342,7 @@ class Microsoft365App(models.Model):
             authority=app._cloud().authority(app.tenant or default_tenant),
             client_secret=(vault._decrypt(app.client_secret_sealed) or None) if not certificate else None,
             certificate=certificate,
-            ca_file=(app.cloud == "custom" and app.ca_file) or None,
+            ca_file=app._mail_ca_file(),
         )
 
     def _credential_expires_on(self):
@@ -360,12 +393,26 @@ class Microsoft365App(models.Model):
                 "UPDATE microsoft365_app SET app_token_cache_sealed = %s, app_token_expires_at = %s WHERE id = %s",
                 [vault._encrypt(changed), datetime.datetime.utcfromtimestamp(int(token.expires_at)), self.id],
             )
+            cr.execute("UPDATE microsoft365_app SET problem = NULL WHERE id = %s AND problem IS NOT NULL", [self.id])
         return token
 
     def _mail_ca_file(self):
-        """CA of a private mail endpoint (custom cloud), else None: the system's trust store."""
+        """CA of a private endpoint (custom cloud), else None: the system's trust store. TLS clients
+        want a file: the uploaded certificate is written once into Odoo's data directory, named by
+        its content."""
         self.ensure_one()
-        return (self.cloud == "custom" and self.ca_file) or None
+        if self.cloud != "custom" or not self.ca_certificate:
+            return None
+        pem = base64.b64decode(self.ca_certificate)
+        folder = os.path.join(tools.config["data_dir"], "microsoft365_oauth")
+        path = os.path.join(folder, f"ca-{hashlib.sha256(pem).hexdigest()}.pem")
+        if not os.path.exists(path):
+            os.makedirs(folder, exist_ok=True)
+            draft = f"{path}.{os.getpid()}.{uuid.uuid4().hex}"
+            with open(draft, "wb") as handle:
+                handle.write(pem)
+            os.replace(draft, path)  # whole or absent, for any other worker
+        return path
 
     def _identity_client(self, cache_state=None):
         return IdentityClient(self._credentials(), cache_state)

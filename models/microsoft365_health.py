@@ -6,6 +6,7 @@ from datetime import timedelta
 
 from odoo import api, fields, models
 from odoo.exceptions import UserError
+from odoo.tools import plaintext2html
 
 from ..m365.errors import M365Error
 
@@ -15,6 +16,7 @@ SECRET_WARNING = timedelta(days=30)
 HEALTH_PROBLEMS = [
     ("ok", "OK"),
     ("reconnect", "Reconnect needed"),
+    ("failing", "Not working"),
     ("fetch_failing", "Fetching fails"),
     ("secret_expiring", "Client secret expires soon"),
 ]
@@ -49,6 +51,8 @@ class Microsoft365Account(models.Model):
         self.ensure_one()
         if self.status == "reconnect":
             return "reconnect", self.last_error or self.env._("Authorize the mailbox again.")
+        if self.status == "failing" and self.last_error:
+            return "failing", self.last_error
         failing = self.sudo().incoming_server_ids.filtered("microsoft365_fetch_error")
         if failing:
             server = failing[0]
@@ -79,7 +83,8 @@ class Microsoft365Account(models.Model):
                 if account.health_notified:
                     account.health_notified = False
             elif account.health_notified != key:
-                account._notify_responsible(message)
+                if not (problem == "failing" and account.app_id.problem):  # told once, on the app registration
+                    account._notify_responsible(message)
                 account.health_notified = key
 
     def _responsible_users(self):
@@ -99,7 +104,7 @@ class Microsoft365Account(models.Model):
                 "mail.mail_activity_data_todo",
                 user_id=user.id,
                 summary=self.env._("Microsoft 365 mailbox %s needs attention", self.email),
-                note=message,
+                note=plaintext2html(message),  # carries subjects and senders of external mail
             )
 
 
@@ -108,6 +113,7 @@ class Microsoft365App(models.Model):
 
     health_message = fields.Text(compute="_compute_health_message")
     secret_expiry_notified = fields.Date(readonly=True, copy=False)
+    problem_notified = fields.Text(readonly=True, copy=False, groups="base.group_system")
 
     @api.depends("secret_expires_on", "certificate_expires_on", "credential_type")
     def _compute_health_message(self):
@@ -158,6 +164,18 @@ class Microsoft365App(models.Model):
             )
         )
         for app in self.sudo():
+            if app.problem and app.problem_notified != app.problem:
+                # Microsoft refused the app registration itself: once here, not once per mailbox.
+                for user in admins:
+                    app.activity_schedule(
+                        "mail.mail_activity_data_todo",
+                        user_id=user.id,
+                        summary=self.env._("App registration %s is refused by Microsoft", app.name),
+                        note=plaintext2html(app.problem),
+                    )
+                app.problem_notified = app.problem
+            elif not app.problem and app.problem_notified:
+                app.problem_notified = False
             if not app._secret_expiring() or app.secret_expiry_notified == app._credential_expires_on():
                 continue
             for user in admins:
@@ -165,6 +183,6 @@ class Microsoft365App(models.Model):
                     "mail.mail_activity_data_todo",
                     user_id=user.id,
                     summary=self.env._("Client secret of %s expires soon", app.name),
-                    note=app._secret_expiry_message(),
+                    note=plaintext2html(app._secret_expiry_message()),
                 )
             app.secret_expiry_notified = app._credential_expires_on()

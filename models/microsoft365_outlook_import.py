@@ -2,7 +2,7 @@ import logging
 from urllib.parse import urlsplit
 
 from odoo import api, models
-from odoo.exceptions import UserError
+from odoo.exceptions import AccessError, UserError
 
 _logger = logging.getLogger(__name__)
 
@@ -53,6 +53,9 @@ class Microsoft365OutlookImport(models.AbstractModel):
 
     @api.model
     def action_import(self):
+        # Reads Outlook's client secret and refresh tokens: administrators only, whoever calls it.
+        if not self.env.is_superuser() and not self.env.user.has_group("base.group_system"):
+            raise AccessError(self.env._("Only an administrator may take over the servers of Odoo's Outlook module."))
         incoming, outgoing = self._outlook_servers()
         if not incoming and not outgoing:
             raise UserError(self.env._("No mail server uses Odoo's Outlook module: nothing to import."))

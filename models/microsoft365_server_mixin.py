@@ -21,6 +21,16 @@ class Microsoft365ServerMixin(models.AbstractModel):
         help="The Microsoft 365 mailbox this server signs in as. Left empty, it is found or created "
         "from the server's username with the default app registration (General Settings).",
     )
+    microsoft365_app_id = fields.Many2one(
+        "microsoft365.app",
+        string="App registration",
+        compute="_compute_microsoft365_app_id",
+        store=True,
+        readonly=False,
+        ondelete="restrict",
+        help="The app registration the mailbox's OAuth account is found or created with. Empty: the default one "
+        "of General Settings (or the only one there is).",
+    )
     microsoft365_status = fields.Selection(related="microsoft365_account_id.status", string="OAuth status")
     microsoft365_switchable = fields.Boolean(
         compute="_compute_microsoft365_switchable",
@@ -59,6 +69,32 @@ class Microsoft365ServerMixin(models.AbstractModel):
 
     # ---------------------------------------------------------------------------------------
 
+    @api.depends("microsoft365_account_id.app_id")
+    def _compute_microsoft365_app_id(self):
+        for server in self:
+            server.microsoft365_app_id = server.microsoft365_account_id.app_id or server.microsoft365_app_id
+
+    @api.onchange("microsoft365_app_id")
+    def _onchange_microsoft365_app_id(self):
+        app, account = self.microsoft365_app_id, self.microsoft365_account_id
+        if not app or not self._microsoft365_in_use() or account.app_id == app:
+            return
+        self.microsoft365_account_id = self._microsoft365_account_for(self._microsoft365_mailbox())
+        self.microsoft365_app_id = app
+        self._microsoft365_onchange_connection()
+
+    def _microsoft365_onchange_connection(self):
+        """The concrete server's onchange that fills in its cloud's hosts and ports."""
+
+    def _microsoft365_account_for(self, mailbox):
+        """The existing account of `mailbox` with the server's app registration (if one is chosen)."""
+        if not mailbox:
+            return self.env["microsoft365.account"]
+        domain = [("email", "=", mailbox.strip().lower())]
+        if self.microsoft365_app_id:
+            domain.append(("app_id", "=", self.microsoft365_app_id.id))
+        return self.env["microsoft365.account"].search(domain, limit=1)
+
     def _compute_microsoft365_switchable(self):
         hosts = MICROSOFT_MAIL_HOSTS | self.env["microsoft365.app"].sudo()._custom_mail_hosts()
         for server in self:
@@ -82,7 +118,7 @@ class Microsoft365ServerMixin(models.AbstractModel):
                 report.append(self.env._("%s: no mailbox address (username), left unchanged.", server.display_name))
                 continue
             try:
-                account = self.env["microsoft365.account"]._find_or_create(mailbox)
+                account = self.env["microsoft365.account"]._find_or_create(mailbox, server.microsoft365_app_id)
             except ValidationError as exc:
                 report.append(self.env._("%(server)s: %(reason)s", server=server.display_name, reason=exc.args[0]))
                 continue
@@ -93,6 +129,9 @@ class Microsoft365ServerMixin(models.AbstractModel):
                     microsoft365_password_pending=True,
                 )
             )
+            account.message_post(
+                body=self.env._("Mail server %s switched from a password to OAuth with this account.", server.name)
+            )
             report.append(
                 self.env._(
                     "%(server)s: switched to OAuth with %(mailbox)s (%(status)s).",
@@ -101,8 +140,8 @@ class Microsoft365ServerMixin(models.AbstractModel):
                     status=dict(account._fields["status"]._description_selection(self.env))[account.status],
                 )
             )
-        if len(self) == 1 and self._microsoft365_in_use() and self.microsoft365_status != "connected":
-            return self.microsoft365_account_id.action_authorize()
+        if len(self) == 1 and self._microsoft365_in_use() and self.microsoft365_status not in ("connected", "app_only"):
+            return self.action_microsoft365_authorize()
         return {
             "type": "ir.actions.client",
             "tag": "display_notification",
@@ -139,9 +178,15 @@ class Microsoft365ServerMixin(models.AbstractModel):
     _microsoft365_link_fields = set()  # fields whose change may need another OAuth account
 
     def _microsoft365_link_accounts(self, changed=None):
-        if changed is not None and not self._microsoft365_link_fields & set(changed):
+        if changed is not None and not (self._microsoft365_link_fields | {"microsoft365_app_id"}) & set(changed):
             return
-        for server in self.filtered(lambda s: s._microsoft365_in_use() and not s.microsoft365_account_id):
+        for server in self.filtered(
+            lambda s: s._microsoft365_in_use()
+            and (
+                not s.microsoft365_account_id
+                or (s.microsoft365_app_id and s.microsoft365_account_id.app_id != s.microsoft365_app_id)
+            )
+        ):
             mailbox = server._microsoft365_mailbox()
             if not mailbox:
                 raise ValidationError(
@@ -149,7 +194,9 @@ class Microsoft365ServerMixin(models.AbstractModel):
                         "Enter the mailbox address of server %s to connect it with Microsoft 365.", server.display_name
                     )
                 )
-            server.microsoft365_account_id = self.env["microsoft365.account"]._find_or_create(mailbox)
+            server.microsoft365_account_id = self.env["microsoft365.account"]._find_or_create(
+                mailbox, server.microsoft365_app_id
+            )
 
     def _microsoft365_account(self):
         self.ensure_one()
@@ -160,13 +207,15 @@ class Microsoft365ServerMixin(models.AbstractModel):
     def _microsoft365_token(self):
         return self._microsoft365_account()._access_token_for_use()
 
-    @api.model
     def _microsoft365_cloud_for(self, account):
-        app = account.app_id if account else self.env["microsoft365.app"]._default_app()
+        app = (
+            account.app_id if account else (self[:1].microsoft365_app_id or self.env["microsoft365.app"]._default_app())
+        )
         return app._cloud() if app else None
 
     def action_microsoft365_authorize(self):
-        return self._microsoft365_account().action_authorize()
+        self.ensure_one()
+        return self._microsoft365_account()._authorize(origin=self)
 
     def action_microsoft365_info(self):
         return self._microsoft365_account().action_open()

@@ -1,9 +1,10 @@
 import os
 
 from odoo import api, models, tools
+from odoo.exceptions import UserError
 from odoo.tools import SQL
 
-from ..m365.vault import Vault, load_or_create_key_file, parse_keys
+from ..m365.vault import Vault, VaultError, load_or_create_key_file, parse_keys
 
 KEY_OPTION = "microsoft365_oauth_keys"
 # Every encrypted column of this addon (table, column): constants, never user input.
@@ -36,11 +37,28 @@ class Microsoft365Vault(models.AbstractModel):
 
     @api.model
     def _encrypt(self, text):
-        return self._vault().encrypt(text)
+        try:
+            return self._vault().encrypt(text)
+        except VaultError:
+            raise self._vault_user_error() from None
 
     @api.model
     def _decrypt(self, token):
-        return self._vault().decrypt(token)
+        try:
+            return self._vault().decrypt(token)
+        except VaultError:
+            raise self._vault_user_error() from None
+
+    @api.model
+    def _vault_user_error(self):
+        return UserError(
+            self.env._(
+                "Odoo cannot decrypt the stored Microsoft 365 credentials: the encryption key is not the one they "
+                "were stored with (server option microsoft365_oauth_keys, else the file microsoft365_oauth.key in "
+                "Odoo's data directory). Put the previous key back (first in microsoft365_oauth_keys), or enter "
+                "the app registration's secret again and authorize the mailboxes again."
+            )
+        )
 
     @api.model
     def _rotate_all(self):

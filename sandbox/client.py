@@ -2,6 +2,7 @@
 and sign in on its page the way a person would."""
 
 import atexit
+import base64
 import html.parser
 import json
 import os
@@ -105,7 +106,7 @@ class Sandbox:
             "pop_port": ports["pop3s"],
             "smtp_host": host,
             "smtp_port": ports["smtp"],
-            "ca_file": self.ca_file,
+            "ca_certificate": base64.b64encode(Path(self.ca_file).read_bytes()).decode("ascii"),
         }
 
     # control interface -----------------------------------------------------------------------

@@ -1,10 +1,9 @@
 from unittest.mock import patch
 
-from odoo.exceptions import AccessError
+from odoo.exceptions import AccessError, UserError
 from odoo.tests import new_test_user, tagged
 from odoo.tools import mute_logger
 
-from ..m365.vault import VaultError
 from .common import SandboxCase
 
 
@@ -119,5 +118,6 @@ class TestCompaniesAndKeys(SandboxCase):
             self.assertEqual(account._access_token(), token)
             self.assertTrue(self.app_registration._credentials().client_secret)
         with patch.dict(config.options, {"microsoft365_oauth_keys": current}):  # and no longer opens anything
-            with self.assertRaises(VaultError):
+            with self.assertRaises(UserError) as refused:  # a clear message, not the core's VaultError
                 self.app_registration._credentials()
+            self.assertIn("encryption key", str(refused.exception))

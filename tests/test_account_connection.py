@@ -7,9 +7,10 @@ from odoo.exceptions import UserError, ValidationError
 from odoo.tests import tagged
 from odoo.tools import mute_logger
 
-from ..m365.errors import ReconnectRequired
+from ..m365.errors import MailLoginFailed, ReconnectRequired
 from ..m365.identity import AppCredentials, IdentityClient
 from ..m365.mailcheck import imap_authenticate
+from ..models.microsoft365_account import explain
 from .common import SandboxCase
 
 
@@ -205,10 +206,12 @@ class TestSharedMailboxAndNeutralize(SandboxCase):
         self.assertEqual(account.action_test_connection()["params"]["type"], "success")
 
     def test_signed_in_as_someone_without_access_is_refused_in_plain_words(self):
-        account = self.connect(self.new_account(email="bob@contoso.com"), upn="alice@contoso.com")
-        with self.assertRaises(UserError) as refused:
-            account.action_test_connection()
-        self.assertIn("owns or has Full Access to bob@contoso.com", str(refused.exception))
+        with self.assertRaises(MailLoginFailed) as refused:  # at the sign-in, before anything is stored
+            self.connect(self.new_account(email="bob@contoso.com"), upn="alice@contoso.com")
+        self.assertIn(
+            "alice@contoso.com, who may not open the mailbox bob@contoso.com",
+            explain(self.env, refused.exception.diagnosis),
+        )
 
     def test_neutralized_copy_forgets_every_token(self):
         from odoo.modules.neutralize import get_neutralization_queries

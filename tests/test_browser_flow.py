@@ -73,10 +73,12 @@ class TestBrowserFlow(HttpCase):
         browser.click("input[value='alice@contoso.com']")
         browser.screenshot("3-sandbox-sign-in")
         browser.click("#accept")
-        browser.wait("location.pathname.startsWith('/odoo/microsoft365-accounts/')", what="back in Odoo")
-        browser.wait_for(".o_statusbar_status .o_arrow_button_current", "Connected")
+        # Back on the server the sign-in was started from.
+        browser.wait(f"location.pathname.endsWith('/{self.server.id}')", what="back on the server in Odoo")
+        browser.wait_for("div[name=microsoft365_status]", "Connected")
         browser.screenshot("4-connected")
 
+        browser.click("button[name=action_microsoft365_info]", "Info")
         browser.click("button[name=action_test_connection]")
         browser.wait_for(".o_notification", "Connection test successful")
         browser.screenshot("5-test-connection")

@@ -66,7 +66,11 @@ class TestHealthCheck(SandboxCase):
 
     @mute_logger(*QUIET)
     def test_a_failing_fetch_is_shown_on_the_server_and_the_account(self):
-        account = self.connect(self.new_account(email="bob@contoso.com"), upn="alice@contoso.com")  # no access
+        account = self.connect(self.new_account(email="info@contoso.com"), upn="alice@contoso.com")
+        # Then alice loses her Full Access to the shared mailbox.
+        self.sandbox.control(
+            "grant", right="full_access", identity="alice@contoso.com", mailbox="info@contoso.com", granted=False
+        )
         server = self.env["fetchmail.server"].create(
             {
                 "name": "bob",
@@ -82,7 +86,7 @@ class TestHealthCheck(SandboxCase):
         )
         with patch.object(self.env.cr, "commit", lambda: None):
             self.env["fetchmail.server"]._fetch_mails()  # the cron: logs and goes on
-        self.assertIn("owns or has Full Access to bob@contoso.com", server.microsoft365_fetch_error)
+        self.assertIn("owns or has Full Access to info@contoso.com", server.microsoft365_fetch_error)
         self.assertTrue(server.microsoft365_fetch_failed_at)
         self.run_check()
         self.assertEqual(account.health, "fetch_failing")

@@ -211,7 +211,7 @@ class TestSecurity(HttpCase):
                 "imap_host",
                 "smtp_host",
                 "delegated_resource",
-                "ca_file",
+                "ca_certificate",
             )
         ]
         targets += [

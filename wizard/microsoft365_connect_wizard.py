@@ -34,8 +34,23 @@ class Microsoft365ConnectWizard(models.TransientModel):
         )
 
     def action_connect(self):
+        """Create the account and its servers, sign in (delegated) and confirm the servers; an app-only
+        registration needs no sign-in: its servers are tested and confirmed at once."""
         account = self._connect()
-        return account.action_authorize()
+        if account.app_id.flow != "app_only":
+            return account._authorize(confirm_servers=True)
+        left = account._confirm_servers()
+        if left:
+            message = self.env._("%s is not ready yet:", account.email) + "\n" + "\n".join(left)
+            kind = "warning"
+        else:
+            message = self.env._(
+                "%s is connected: its incoming server is confirmed and mail can be sent.", account.email
+            )
+            kind = "success"
+        action = account._notify(self.env._("Connect a Microsoft 365 mailbox"), message, kind)
+        action["params"]["next"] = account.action_open()
+        return action
 
     def action_create_only(self):
         return self._connect().action_open()

@@ -51,3 +51,17 @@ def test_unusable_uploads_are_refused_clearly(case):
     }[case]
     with pytest.raises(InvalidInput):
         load_certificate_credential(data)
+
+
+def test_ca_certificate_upload_pem_or_der_and_nothing_else():
+    from cryptography import x509
+
+    from m365.certificates import load_ca_certificates
+
+    key, cert = pem_pair()
+    assert load_ca_certificates(cert.encode()) == cert
+    der = x509.load_pem_x509_certificate(cert.encode()).public_bytes(serialization.Encoding.DER)
+    assert load_ca_certificates(der) == cert
+    for bad in (b"", b"/etc/ssl/certs/ca.pem", (key + cert).encode(), b"-----BEGIN CERTIFICATE-----\nxx\n"):
+        with pytest.raises(InvalidInput):
+            load_ca_certificates(bad)
