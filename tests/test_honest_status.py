@@ -271,7 +271,14 @@ class TestHonestStatus(SandboxCase):
         )
         with self.assertRaises(ValidationError) as refused:
             self.env["fetchmail.server"].create(
-                {"name": "no app", "connect_with": "microsoft365", "user": "alice@contoso.com", "server": "x"}
+                {
+                    "name": "no app",
+                    "connect_with": "microsoft365",
+                    "user": "alice@contoso.com",
+                    "server": "x",
+                    "server_type": "imap",
+                    "is_ssl": True,
+                }
             )
         self.assertIn("choose the App registration", str(refused.exception))
         form = Form(self.env["fetchmail.server"])
