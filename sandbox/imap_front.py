@@ -19,24 +19,16 @@ Commands are read whole, literals included (a synchronizing literal is acknowled
 to Dovecot as a LITERAL+ one), so one client command is one Dovecot command.
 """
 
-import base64
 import logging
 import re
 import secrets
-import socket
-import socketserver
 import ssl
-import threading
-from binascii import Error as BinasciiError
+
+from .front import Front, Hangup, Session, greeting, sasl_credentials
 
 _logger = logging.getLogger(__name__)
 
-SERVER_NAME = "SANDBOX.PROD.OUTLOOK.COM"
-GREETING = (
-    "* OK The Microsoft Exchange IMAP4 service is ready. ["
-    + base64.b64encode(SERVER_NAME.encode("utf-16-le")).decode()
-    + "]"
-)
+GREETING = greeting("* OK The Microsoft Exchange IMAP4 service is ready.")
 CAPABILITY_BEFORE_LOGIN = (
     "IMAP4 IMAP4rev1 AUTH=PLAIN AUTH=XOAUTH2 SASL-IR UIDPLUS ID UNSELECT CHILDREN IDLE NAMESPACE LITERAL+"
 )
@@ -50,10 +42,8 @@ CLOSED = "* BYE Connection closed. 14"
 SIGNING_OFF = "* BYE Microsoft Exchange Server IMAP4 server signing off."
 THROTTLED = "Request is throttled. Suggested Backoff Time: {backoff_ms} milliseconds"
 
-MASTER_USER = "exchange-front"
 LINE_LIMIT = 65536  # XOAUTH2 lines carry 1.5-3 KB tokens
 LITERAL_LIMIT = 64 * 1024 * 1024
-IDLE_TIMEOUT = 1800  # seconds without a command before the front hangs up (Exchange: 30 minutes)
 
 _LITERAL = re.compile(rb"\{(\d+)(\+?)\}\r\n$")
 _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
@@ -62,10 +52,6 @@ _NEEDS_AUTH = {
     "APPEND", "CHECK", "CLOSE", "EXPUNGE", "SEARCH", "FETCH", "STORE", "COPY", "MOVE", "UID", "NAMESPACE",
     "IDLE", "UNSELECT", "GETQUOTAROOT", "GETQUOTA", "XLIST", "ENABLE",
 }  # fmt: skip
-
-
-class _Hangup(Exception):
-    """The client went away, or the front closes the session."""
 
 
 class Command:
@@ -108,9 +94,9 @@ def _read_command(rfile, wfile):
     while True:
         line = rfile.readline(LINE_LIMIT + 1)
         if not line:
-            raise _Hangup("client closed")
+            raise Hangup("client closed")
         if len(line) > LINE_LIMIT or not line.endswith(b"\n"):
-            raise _Hangup("line too long")
+            raise Hangup("line too long")
         if not line.endswith(b"\r\n"):
             line = line[:-1] + b"\r\n"
         parts.append((False, line))
@@ -119,13 +105,13 @@ def _read_command(rfile, wfile):
             return Command(parts)
         size = int(match[1])
         if size > LITERAL_LIMIT:
-            raise _Hangup("literal too large")
+            raise Hangup("literal too large")
         if not match[2]:
             wfile.write(b"+ Ready for additional command text.\r\n")
             wfile.flush()
         data = rfile.read(size)
         if len(data) < size:
-            raise _Hangup("client closed")
+            raise Hangup("client closed")
         parts.append((True, data))
 
 
@@ -135,7 +121,7 @@ def _read_response(rfile):
     while True:
         line = rfile.readline(LITERAL_LIMIT)
         if not line:
-            raise _Hangup("Dovecot closed the connection")
+            raise Hangup("Dovecot closed the connection")
         chunks.append(line)
         match = _LITERAL.search(line)
         if not match:
@@ -157,31 +143,12 @@ def _keyword_in_search(words):
     return False
 
 
-class _Session(socketserver.StreamRequestHandler):
-    front = None  # set on the subclass
-    wbufsize = 65536  # replies are flushed whole (no Nagle delay between their lines)
-
+class _Session(Session):
     def setup(self):
-        self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.request.settimeout(IDLE_TIMEOUT)
-        self.request = self.front.tls.wrap_socket(self.request, server_side=True)
-        self.connection = self.request
         super().setup()
-        self.dovecot = self.dovecot_r = self.dovecot_w = None
+        self.dovecot_w = None
         self.login = None  # the MailLogin of an accepted AUTHENTICATE / LOGIN
         self.refusals = 0
-
-    def finish(self):
-        try:
-            super().finish()
-        except OSError:
-            pass
-        if self.dovecot:
-            self.dovecot.close()
-
-    def send(self, *lines):
-        self.wfile.write(b"".join((line.encode() if isinstance(line, str) else line) + b"\r\n" for line in lines))
-        self.wfile.flush()
 
     def handle(self):
         try:
@@ -197,7 +164,7 @@ class _Session(socketserver.StreamRequestHandler):
                     self.refuse_session(command)
                 else:
                     self.after_login(command)
-        except (_Hangup, OSError, ssl.SSLError) as exc:
+        except (Hangup, OSError, ssl.SSLError) as exc:
             _logger.debug("imap front: session ends: %s", exc)
 
     # not authenticated ------------------------------------------------------------------------
@@ -212,7 +179,7 @@ class _Session(socketserver.StreamRequestHandler):
             self.send("* ID NIL", f"{tag} OK ID completed.")
         elif name == "LOGOUT":
             self.send(SIGNING_OFF, f"{tag} OK LOGOUT completed.")
-            raise _Hangup("logout")
+            raise Hangup("logout")
         elif name == "AUTHENTICATE":
             self.authenticate(command)
         elif name == "LOGIN":
@@ -234,24 +201,17 @@ class _Session(socketserver.StreamRequestHandler):
             self.send("+ ")
             line = self.rfile.readline(LINE_LIMIT + 1)
             if not line:
-                raise _Hangup("client closed")
+                raise Hangup("client closed")
             response = line.decode("ascii", "replace").strip()
         if response == "*":  # the client cancels
             self.send(f"{command.tag} BAD AUTHENTICATE cancelled.")
             return
-        try:
-            decoded = base64.b64decode(response, validate=True).decode()
-        except (BinasciiError, ValueError, UnicodeDecodeError):
+        credentials = sasl_credentials(mechanism, response)
+        if credentials is None:
             self.send(f"{command.tag} NO AUTHENTICATE failed.")
             return
-        if mechanism == "XOAUTH2":
-            fields = dict(part.split("=", 1) for part in decoded.split("\x01") if "=" in part)
-            user, secret = fields.get("user", ""), fields.get("auth", "").removeprefix("Bearer ")
-            login = self.front.check_login(user, "imap", secret, "xoauth2")
-        else:
-            _authzid, user, secret = (decoded.split("\x00") + ["", ""])[:3]
-            login = self.front.check_login(user, "imap", secret, "password")
-        self.logged_in(command, login, "AUTHENTICATE")
+        user, secret, kind = credentials
+        self.logged_in(command, self.front.check_login(user, "imap", secret, kind), "AUTHENTICATE")
 
     def password_login(self, command):
         words = [
@@ -272,7 +232,7 @@ class _Session(socketserver.StreamRequestHandler):
             try:
                 self.dovecot, self.dovecot_r = self.front.open_dovecot(login.mailbox)
                 self.dovecot_w = self.dovecot.makefile("wb")
-            except (OSError, _Hangup) as exc:
+            except (OSError, Hangup) as exc:
                 _logger.warning("imap front: Dovecot refused the session of %s: %s", login.mailbox, exc)
                 self.send(f"{command.tag} NO {verb} failed.")
                 return
@@ -286,12 +246,12 @@ class _Session(socketserver.StreamRequestHandler):
     def refuse_session(self, command):
         if command.name == "LOGOUT":  # assumed: Exchange lets a refused session say goodbye
             self.send(SIGNING_OFF, f"{command.tag} OK LOGOUT completed.")
-            raise _Hangup("logout")
+            raise Hangup("logout")
         refusal = self.login.session_refusal
         self.refusals += 1
         if refusal.startswith("Request is throttled") or self.refusals > 1:
             self.send(f"{command.tag} BAD {refusal}", CLOSED)
-            raise _Hangup("refused")
+            raise Hangup("refused")
         self.send(f"{command.tag} BAD {refusal}")
 
     # authenticated: relayed to Dovecot ---------------------------------------------------------
@@ -317,7 +277,7 @@ class _Session(socketserver.StreamRequestHandler):
                 return
         self.relay(command)
         if name == "LOGOUT":
-            raise _Hangup("logout")
+            raise Hangup("logout")
 
     def relay(self, command):
         backend_tag = "F" + secrets.token_hex(4)
@@ -333,7 +293,7 @@ class _Session(socketserver.StreamRequestHandler):
                 self.send(first.rstrip(b"\r\n"))
                 done = self.rfile.readline(LINE_LIMIT + 1)  # DONE; what Dovecot saw meanwhile follows it
                 if not done:
-                    raise _Hangup("client closed")
+                    raise Hangup("client closed")
                 dovecot_w.write(done.rstrip(b"\r\n") + b"\r\n")
                 dovecot_w.flush()
                 continue
@@ -366,16 +326,13 @@ class _Session(socketserver.StreamRequestHandler):
         return whole
 
 
-class _Server(socketserver.ThreadingTCPServer):
-    allow_reuse_address = True
-    daemon_threads = True
-    block_on_close = False
-
-
-class ImapFront:
+class ImapFront(Front):
     """The public IMAPS listener. `check_login(user, protocol, secret, mechanism)` is the sandbox's
     login decision; `take_throttle(mailbox, where)` returns a back-off in ms when the control
     interface throttles that mailbox at that place ("fetch", "store"), else None."""
+
+    protocol = "imap"
+    session = _Session
 
     def __init__(self, host, port, tls, dovecot_port, check_login, take_throttle):
         self.host, self.port, self.dovecot_port = host, port, dovecot_port
@@ -383,37 +340,14 @@ class ImapFront:
         self.tls.load_cert_chain(tls.server_cert, tls.server_key)
         self.check_login, self.take_throttle = check_login, take_throttle
         self.master_password = secrets.token_urlsafe(24)
-        self._server = None
 
-    def start(self):
-        handler = type("ImapSession", (_Session,), {"front": self})
-        self._server = _Server((self.host, self.port), handler)
-        threading.Thread(target=self._server.serve_forever, name="sandbox-imap-front", daemon=True).start()
-        return self
-
-    def stop(self):
-        if self._server:
-            self._server.shutdown()
-            self._server.server_close()
-            self._server = None
-
-    def open_dovecot(self, mailbox):
-        """A Dovecot session on `mailbox`, logged in as the front's master user: (socket, reader)."""
-        connection = socket.create_connection((self.host, self.dovecot_port), timeout=30)
-        try:
-            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            connection.settimeout(IDLE_TIMEOUT)
-            reader = connection.makefile("rb")
-            reader.readline()  # greeting
-            connection.sendall(f'L LOGIN "{mailbox}*{MASTER_USER}" "{self.master_password}"\r\n'.encode())
-            while True:
-                line = reader.readline()
-                if not line:
-                    raise _Hangup("Dovecot closed the connection")
-                if line.startswith(b"L "):
-                    if not line.startswith(b"L OK"):
-                        raise _Hangup(line.decode(errors="replace").strip())
-                    return connection, reader
-        except BaseException:
-            connection.close()
-            raise
+    def dovecot_login(self, connection, reader, user):
+        connection.sendall(f'L LOGIN "{user}" "{self.master_password}"\r\n'.encode())
+        while True:
+            line = reader.readline()
+            if not line:
+                raise Hangup("Dovecot closed the connection")
+            if line.startswith(b"L "):
+                if not line.startswith(b"L OK"):
+                    raise Hangup(line.decode(errors="replace").strip())
+                return
