@@ -1,5 +1,3 @@
-import imaplib
-import ssl
 import time
 from unittest.mock import patch
 
@@ -8,7 +6,6 @@ from odoo.tests import tagged
 from odoo.tools import mute_logger
 
 from ..m365.errors import MailLoginFailed, ReconnectRequired
-from ..m365.identity import AppCredentials, IdentityClient
 from ..m365.mailcheck import imap_authenticate
 from ..models.microsoft365_account import explain
 from .common import SandboxCase
@@ -20,16 +17,9 @@ class TestAccountConnection(SandboxCase):
 
     def read_inbox(self, mailbox, subject):
         """Read `mailbox` as the sandbox app (app-only, FullAccess) and return the matching messages."""
-        credentials = AppCredentials(
-            client_id=self.sandbox.app()["client_id"],
-            authority=self.sandbox.authority(),
-            client_secret=self.sandbox.secret(),
-            ca_file=self.sandbox.ca_file,
-        )
-        token = IdentityClient(credentials).app_access_token(["https://outlook.office365.com/.default"])
-        context = ssl.create_default_context(cafile=self.sandbox.ca_file)
-        with imaplib.IMAP4_SSL(self.sandbox.host, self.sandbox.ports["imaps"], ssl_context=context) as imap:
-            imap_authenticate(imap, mailbox, token.token)
+        token = self.app_token()
+        with self.imap() as imap:
+            imap_authenticate(imap, mailbox, token)
             _status, data = imap.search(None, "SUBJECT", f'"{subject}"')
             return data[0].split()
 
@@ -93,18 +83,8 @@ class TestAccountConnection(SandboxCase):
         self.sandbox.control(
             "deliver", mailbox="alice@contoso.com", subject="Order 4711 from Fabrikam", sender="buyer@fabrikam.example"
         )
-        server = self.env["fetchmail.server"].create(
-            {
-                "name": "alice (Microsoft 365)",
-                "connect_with": "microsoft365",
-                "microsoft365_account_id": account.id,
-                "server_type": "imap",
-                "server": self.sandbox.host,
-                "port": self.sandbox.ports["imaps"],
-                "is_ssl": True,
-                "user": account.email,
-                "object_id": self.env.ref("base.model_res_partner").id,
-            }
+        server = self.incoming(
+            account, name="alice (Microsoft 365)", object_id=self.env.ref("base.model_res_partner").id
         )
         server.button_confirm_login()
         self.assertEqual(server.state, "done")
@@ -117,18 +97,7 @@ class TestAccountConnection(SandboxCase):
     def test_fetch_now_after_revocation_says_what_to_do(self):
         self.sandbox.control("settings", access_token_lifetime=120)
         account = self.connect(self.new_account())
-        server = self.env["fetchmail.server"].create(
-            {
-                "name": "alice",
-                "connect_with": "microsoft365",
-                "microsoft365_account_id": account.id,
-                "server_type": "imap",
-                "server": self.sandbox.host,
-                "port": self.sandbox.ports["imaps"],
-                "is_ssl": True,
-                "user": account.email,
-            }
-        )
+        server = self.incoming(account, name="alice")
         self.sandbox.control("revoke_sessions", user="alice@contoso.com")
         with self.assertRaises(ValidationError) as failure:
             server.fetch_mail()
@@ -139,34 +108,12 @@ class TestAccountConnection(SandboxCase):
 
     def test_pop3_test_connection(self):
         account = self.connect(self.new_account())
-        server = self.env["fetchmail.server"].create(
-            {
-                "name": "alice POP",
-                "connect_with": "microsoft365",
-                "microsoft365_account_id": account.id,
-                "server_type": "pop",
-                "server": self.sandbox.host,
-                "port": self.sandbox.ports["pop3s"],
-                "is_ssl": True,
-                "user": account.email,
-            }
-        )
+        server = self.incoming(account, name="alice POP", server_type="pop", port=self.sandbox.ports["pop3s"])
         server.button_confirm_login()
         self.assertEqual(server.state, "done")
 
     def outgoing_server(self, account):
-        return self.env["ir.mail_server"].create(
-            {
-                "name": "alice SMTP",
-                "smtp_authentication": "microsoft365",
-                "microsoft365_account_id": account.id,
-                "smtp_host": self.sandbox.host,
-                "smtp_port": self.sandbox.ports["smtp"],
-                "smtp_encryption": "starttls",
-                "smtp_user": account.email,
-                "from_filter": account.email,
-            }
-        )
+        return self.outgoing(account, name="alice SMTP")
 
     def test_smtp_sends_and_mail_arrives(self):
         account = self.connect(self.new_account())

@@ -1,34 +1,20 @@
 from urllib.parse import urlencode
 
-from odoo.tests import HttpCase, new_test_user, tagged
+from odoo.tests import new_test_user, tagged
 from odoo.tools import mute_logger
 
-from ..sandbox.client import shared_sandbox
+from .common import SandboxHttpCase
 
 CALLBACK = "/microsoft365/oauth/callback"
 QUIET = ("odoo.addons.mail_microsoft365_oauth.controllers.main",)
 
 
 @tagged("post_install", "-at_install")
-class TestAdminConsent(HttpCase):
+class TestAdminConsent(SandboxHttpCase):
     """The tenant-wide admin consent link: a one-time state, checked by the callback, `error` first."""
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.sandbox = shared_sandbox()
-        cls.admin = cls.env.ref("base.user_admin")
-        cls.app_registration = cls.env["microsoft365.app"].create(cls.sandbox.odoo_app_values())
 
     def setUp(self):
         super().setUp()
-        self.sandbox.reset()
-        self.env["ir.config_parameter"].sudo().set_param("web.base.url", self.base_url())
-        self.sandbox.control(
-            "add_redirect_uri",
-            client_id=self.app_registration.client_id,
-            redirect_uri=self.app_registration.redirect_uri,
-        )
         self.tenant = self.sandbox.tenant()["id"]
         self.sandbox.control("consent", client_id=self.app_registration.client_id, tenant=self.tenant, granted=False)
 

@@ -1,32 +1,17 @@
-from odoo.tests import HttpCase, tagged
+from odoo.tests import tagged
 
-from ..sandbox.client import shared_sandbox
-from .browser import Browser, chromium_executable, screenshot_folder
+from .common import BrowserCase
 
 DEFAULT_APP_PARAMETER = "mail_microsoft365_oauth.default_app_id"
 
 
 @tagged("post_install", "-at_install")
-class TestBrowserFlow(HttpCase):
+class TestBrowserFlow(BrowserCase):
     """A person's path in headless Chromium: Odoo's forms, the sandbox's sign-in page, and back."""
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.sandbox = shared_sandbox()
-        cls.app_registration = cls.env["microsoft365.app"].create(cls.sandbox.odoo_app_values())
 
     def setUp(self):
         super().setUp()
-        self.assertTrue(chromium_executable(), "Chromium is missing: bin/setup installs Debian's chromium")
-        self.sandbox.reset()
-        self.env["ir.config_parameter"].sudo().set_param("web.base.url", self.base_url())
         self.env["ir.config_parameter"].sudo().set_param(DEFAULT_APP_PARAMETER, self.app_registration.id)
-        self.sandbox.control(
-            "add_redirect_uri",
-            client_id=self.app_registration.client_id,
-            redirect_uri=self.app_registration.redirect_uri,
-        )
         self.server = self.env["fetchmail.server"].create(
             {
                 "name": "Support mailbox",
@@ -38,18 +23,7 @@ class TestBrowserFlow(HttpCase):
                 "password": "a password Microsoft will refuse",
             }
         )
-        self.browser = Browser(
-            trusted_certificate=self.sandbox.description["server_cert"], screenshots=screenshot_folder()
-        )
-        self.addCleanup(self.browser.close)
-
-    def log_in(self):
-        browser = self.browser
-        browser.open(self.base_url() + "/web/login")
-        browser.fill("input[name=login]", "admin")
-        browser.fill("input[name=password]", "admin")
-        browser.click("button[type=submit]", "Log in")
-        browser.wait("location.pathname.startsWith('/odoo')", what="the web client")
+        self.open_browser()
 
     def test_a_person_connects_tests_inspects_and_revokes_a_mailbox(self):
         browser = self.browser

@@ -1,34 +1,18 @@
-from odoo.tests import HttpCase, new_test_user, tagged
+from odoo.tests import new_test_user, tagged
 from odoo.tools import mute_logger
 
-from ..sandbox.client import shared_sandbox
+from .common import SandboxHttpCase
 
 CALLBACK = "/microsoft365/oauth/callback"
 
 
 @tagged("post_install", "-at_install")
-class TestCallback(HttpCase):
+class TestCallback(SandboxHttpCase):
     """The real redirect: Odoo's HTTP server, the sandbox's sign-in page, MSAL, and the database."""
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.sandbox = shared_sandbox()
-        cls.admin = cls.env.ref("base.user_admin")
-        cls.app_registration = cls.env["microsoft365.app"].create(cls.sandbox.odoo_app_values())
 
     def setUp(self):
         super().setUp()
-        self.sandbox.reset()
-        self.env["ir.config_parameter"].sudo().set_param("web.base.url", self.base_url())
-        self.sandbox.control(
-            "add_redirect_uri",
-            client_id=self.app_registration.client_id,
-            redirect_uri=self.app_registration.redirect_uri,
-        )
-        self.account = self.env["microsoft365.account"].create(
-            {"email": "alice@contoso.com", "app_id": self.app_registration.id}
-        )
+        self.account = self.new_account()
 
     def start(self, user=None, account=None):
         """Authorize as `user` in Odoo, then sign in at the sandbox; the parameters Microsoft posts back."""

@@ -2,8 +2,6 @@
 Fetch Now and by the scheduled fetch: the cause in plain words with the fix, Microsoft's back-off
 kept, and no message lost or processed twice."""
 
-import imaplib
-import ssl
 from datetime import datetime, timedelta
 from unittest.mock import patch
 
@@ -12,7 +10,7 @@ from odoo.exceptions import ValidationError
 from odoo.tests import tagged
 from odoo.tools import mute_logger
 
-from .common import SandboxCase
+from .common import FetchCase
 
 QUIET = (
     "odoo.addons.mail_microsoft365_oauth.models.microsoft365_account",
@@ -24,27 +22,7 @@ RAW = ("IMAP4", "command error", "Traceback", "b'")  # what an administrator mus
 
 
 @tagged("post_install", "-at_install")
-class TestExchangeReplies(SandboxCase):
-    def incoming(self, account):
-        return self.env["fetchmail.server"].create(
-            {
-                "name": account.email,
-                "connect_with": "microsoft365",
-                "microsoft365_account_id": account.id,
-                "server_type": "imap",
-                "server": self.sandbox.host,
-                "port": self.sandbox.ports["imaps"],
-                "is_ssl": True,
-                "user": account.email,
-                "state": "done",
-                "object_id": self.env.ref("base.model_res_partner").id,
-            }
-        )
-
-    def cron_fetch(self):
-        with patch.object(self.env.cr, "commit", lambda: None):
-            self.env["fetchmail.server"]._fetch_mails()
-
+class TestExchangeReplies(FetchCase):
     def fetch_now(self, server, backoff=False):
         """The Fetch Now button: the error the administrator reads. The request is rolled back after the
         error, so Microsoft's back-off is committed first; Odoo's assertRaises would roll it back here,
@@ -60,17 +38,6 @@ class TestExchangeReplies(SandboxCase):
         if backoff:
             self.assertTrue(committed and committed[-1], "the back-off was not committed before the rollback")
         return error
-
-    def partners(self, name):
-        return self.env["res.partner"].search_count([("name", "=", name)])
-
-    def unread(self, account, subject):
-        context = ssl.create_default_context(cafile=self.sandbox.ca_file)
-        token = account._access_token()
-        with imaplib.IMAP4_SSL(self.sandbox.host, self.sandbox.ports["imaps"], ssl_context=context) as imap:
-            imap.authenticate("XOAUTH2", lambda _: f"user={account.email}\x01auth=Bearer {token}\x01\x01".encode())
-            imap.select("INBOX")
-            return imap.search(None, "UNSEEN", "SUBJECT", f'"{subject}"')[1][0].split()
 
     def assertPlain(self, text, *expected):
         for needle in expected:

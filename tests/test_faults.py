@@ -1,5 +1,3 @@
-import imaplib
-import ssl
 import time
 from datetime import datetime, timedelta
 from unittest.mock import patch
@@ -9,7 +7,7 @@ from odoo.tests import tagged
 from odoo.tools import mute_logger
 
 from ..m365.diagnosis import diagnose_mailbox
-from .common import SandboxCase
+from .common import FetchCase
 
 QUIET = (
     "odoo.addons.mail_microsoft365_oauth.models.microsoft365_account",
@@ -20,49 +18,12 @@ QUIET = (
 
 
 @tagged("post_install", "-at_install")
-class TestFaults(SandboxCase):
+class TestFaults(FetchCase):
     """Mail never stops silently: throttling, an unavailable identity platform, poison messages."""
-
-    def incoming(self, account, name=None):
-        return self.env["fetchmail.server"].create(
-            {
-                "name": name or account.email,
-                "connect_with": "microsoft365",
-                "microsoft365_account_id": account.id,
-                "server_type": "imap",
-                "server": self.sandbox.host,
-                "port": self.sandbox.ports["imaps"],
-                "is_ssl": True,
-                "user": account.email,
-                "state": "done",
-                "object_id": self.env.ref("base.model_res_partner").id,
-            }
-        )
-
-    def cron_fetch(self):
-        with patch.object(self.env.cr, "commit", lambda: None):
-            self.env["fetchmail.server"]._fetch_mails()
-
-    def partners(self, name):
-        return self.env["res.partner"].search_count([("name", "=", name)])
-
-    def unread(self, account, subject):
-        """Unread messages with this subject in the account's INBOX (read with the account's token)."""
-        context = ssl.create_default_context(cafile=self.sandbox.ca_file)
-        with imaplib.IMAP4_SSL(self.sandbox.host, self.sandbox.ports["imaps"], ssl_context=context) as imap:
-            imap.authenticate(
-                "XOAUTH2", lambda _: f"user={account.email}\x01auth=Bearer {account._access_token()}\x01\x01".encode()
-            )
-            imap.select("INBOX")
-            return imap.search(None, "UNSEEN", "SUBJECT", f'"{subject}"')[1][0].split()
 
     def mark_read(self, account, subject):
         """Leave no unread test message behind for the next test that fetches this mailbox."""
-        context = ssl.create_default_context(cafile=self.sandbox.ca_file)
-        token = account._access_token()
-        with imaplib.IMAP4_SSL(self.sandbox.host, self.sandbox.ports["imaps"], ssl_context=context) as imap:
-            imap.authenticate("XOAUTH2", lambda _: f"user={account.email}\x01auth=Bearer {token}\x01\x01".encode())
-            imap.select("INBOX")
+        with self.inbox(account) as imap:
             for number in imap.search(None, "UNSEEN", "SUBJECT", f'"{subject}"')[1][0].split():
                 imap.store(number, "+FLAGS", "\\Seen")
 
@@ -155,8 +116,8 @@ class TestFaults(SandboxCase):
         self.sandbox.control("settings", access_token_lifetime=1)
         stalled = self.connect(self.new_account())
         time.sleep(1.1)  # stalled's access token is stale: it needs the token endpoint
-        self.incoming(stalled, "stalled")
-        self.incoming(steady, "steady")
+        self.incoming(stalled, name="stalled")
+        self.incoming(steady, name="steady")
         self.sandbox.control("deliver", mailbox="bob@contoso.com", subject="Still arriving")
         self.sandbox.control("token_fault", kind="503", count=3, retry_after=0)
         self.cron_fetch()

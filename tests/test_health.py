@@ -71,19 +71,7 @@ class TestHealthCheck(SandboxCase):
         self.sandbox.control(
             "grant", right="full_access", identity="alice@contoso.com", mailbox="info@contoso.com", granted=False
         )
-        server = self.env["fetchmail.server"].create(
-            {
-                "name": "bob",
-                "connect_with": "microsoft365",
-                "microsoft365_account_id": account.id,
-                "server_type": "imap",
-                "server": self.sandbox.host,
-                "port": self.sandbox.ports["imaps"],
-                "is_ssl": True,
-                "user": account.email,
-                "state": "done",
-            }
-        )
+        server = self.incoming(account, name="bob", state="done")
         with patch.object(self.env.cr, "commit", lambda: None):
             self.env["fetchmail.server"]._fetch_mails()  # the cron: logs and goes on
         self.assertIn("owns or has Full Access to info@contoso.com", server.microsoft365_fetch_error)

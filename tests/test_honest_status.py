@@ -2,10 +2,8 @@ import base64
 import contextlib
 import email
 import email.policy
-import imaplib
 import logging
 import socket
-import ssl
 from unittest.mock import patch
 
 from lxml import etree
@@ -15,7 +13,6 @@ from odoo.tests import Form, new_test_user, tagged
 from odoo.tools import config, mute_logger
 
 from ..m365.errors import AuthorizationFailed, MailLoginFailed
-from ..m365.identity import AppCredentials, IdentityClient
 from ..m365.mailcheck import imap_authenticate
 from ..m365.vault import new_key
 from .common import SandboxCase
@@ -56,34 +53,7 @@ class TestHonestStatus(SandboxCase):
     """The status says whether mail flows: what a test, a refresh or a sign-in found."""
 
     def incoming(self, account, **values):
-        return self.env["fetchmail.server"].create(
-            {
-                "name": f"{account.email} IMAP",
-                "connect_with": "microsoft365",
-                "microsoft365_account_id": account.id,
-                "server_type": "imap",
-                "server": self.sandbox.host,
-                "port": self.sandbox.ports["imaps"],
-                "is_ssl": True,
-                "user": account.email,
-                **values,
-            }
-        )
-
-    def outgoing(self, account, **values):
-        return self.env["ir.mail_server"].create(
-            {
-                "name": f"{account.email} SMTP",
-                "smtp_authentication": "microsoft365",
-                "microsoft365_account_id": account.id,
-                "smtp_host": self.sandbox.host,
-                "smtp_port": self.sandbox.ports["smtp"],
-                "smtp_encryption": "starttls",
-                "smtp_user": account.email,
-                "from_filter": account.email,
-                **values,
-            }
-        )
+        return super().incoming(account, **{"name": f"{account.email} IMAP", **values})
 
     def failed_test(self, account):
         """Test connection's error, without assertRaises' savepoint (which would roll back what the
@@ -294,16 +264,9 @@ class TestHonestStatus(SandboxCase):
     # 12 -----------------------------------------------------------------------------------------
 
     def read_from_header(self, mailbox, subject):
-        credentials = AppCredentials(
-            client_id=self.sandbox.app()["client_id"],
-            authority=self.sandbox.authority(),
-            client_secret=self.sandbox.secret(),
-            ca_file=self.sandbox.ca_file,
-        )
-        token = IdentityClient(credentials).app_access_token(["https://outlook.office365.com/.default"])
-        context = ssl.create_default_context(cafile=self.sandbox.ca_file)
-        with imaplib.IMAP4_SSL(self.sandbox.host, self.sandbox.ports["imaps"], ssl_context=context) as imap:
-            imap_authenticate(imap, mailbox, token.token)
+        token = self.app_token()
+        with self.imap() as imap:
+            imap_authenticate(imap, mailbox, token)
             _status, data = imap.search(None, "SUBJECT", f'"{subject}"')
             _status, fetched = imap.fetch(data[0].split()[-1], "(BODY.PEEK[HEADER])")
             return email.message_from_bytes(fetched[0][1], policy=email.policy.default)["From"]

@@ -47,19 +47,8 @@ class TestSecretsStaySecret(SandboxCase):
         with self.everything_logged() as log:
             account = self.connect(self.new_account())
             self.sandbox.control("deliver", mailbox="alice@contoso.com", subject="Logged fetch")
-            incoming = self.env["fetchmail.server"].create(
-                {
-                    "name": "alice",
-                    "connect_with": "microsoft365",
-                    "microsoft365_account_id": account.id,
-                    "server_type": "imap",
-                    "server": self.sandbox.host,
-                    "port": self.sandbox.ports["imaps"],
-                    "is_ssl": True,
-                    "user": account.email,
-                    "state": "done",
-                    "object_id": self.env.ref("base.model_res_partner").id,
-                }
+            incoming = self.incoming(
+                account, name="alice", state="done", object_id=self.env.ref("base.model_res_partner").id
             )
             outgoing = self.env["ir.mail_server"].create(
                 {

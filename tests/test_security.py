@@ -3,12 +3,12 @@ from urllib.parse import urlsplit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from odoo.tests import HttpCase, new_test_user, tagged
+from odoo.tests import new_test_user, tagged
 from odoo.tests.common import JsonRpcException
 from odoo.tools import mute_logger
 
-from ..sandbox.client import shared_sandbox
 from ..sandbox.hostile_inputs import HOSTILE_TEXT, record_hostile_inputs
+from .common import SandboxHttpCase
 
 CALLBACK = "/microsoft365/oauth/callback"
 QUIET = (
@@ -22,26 +22,17 @@ QUIET = (
 
 
 @tagged("post_install", "-at_install")
-class TestSecurity(HttpCase):
+class TestSecurity(SandboxHttpCase):
     """What an attacker can try from a browser or over JSON-RPC, on a real server and database."""
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.sandbox = shared_sandbox()
-        cls.app_registration = cls.env["microsoft365.app"].create(cls.sandbox.odoo_app_values())
         cls.owner = new_test_user(cls.env, "owner", password="owner-password", groups="base.group_user")
         cls.portal = new_test_user(cls.env, "portal", password="portal-password", groups="base.group_portal")
 
     def setUp(self):
         super().setUp()
-        self.sandbox.reset()
-        self.env["ir.config_parameter"].sudo().set_param("web.base.url", self.base_url())
-        self.sandbox.control(
-            "add_redirect_uri",
-            client_id=self.app_registration.client_id,
-            redirect_uri=self.app_registration.redirect_uri,
-        )
         Account = self.env["microsoft365.account"]
         self.alice = Account.create(
             {"email": "alice@contoso.com", "app_id": self.app_registration.id, "owner_user_id": self.owner.id}

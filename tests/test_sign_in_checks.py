@@ -1,7 +1,7 @@
-from odoo.tests import HttpCase, tagged
+from odoo.tests import tagged
 from odoo.tools import mute_logger
 
-from ..sandbox.client import shared_sandbox
+from .common import SandboxHttpCase
 
 CALLBACK = "/microsoft365/oauth/callback"
 QUIET = (
@@ -11,29 +11,13 @@ QUIET = (
 
 
 @tagged("post_install", "-at_install")
-class TestSignInChecks(HttpCase):
+class TestSignInChecks(SandboxHttpCase):
     """The callback stores a sign-in only when the signed-in account opens the mailbox, tells the
     truth when a renewal fails, and goes back where the sign-in was started."""
 
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.sandbox = shared_sandbox()
-        cls.admin = cls.env.ref("base.user_admin")
-        cls.app_registration = cls.env["microsoft365.app"].create(cls.sandbox.odoo_app_values())
-
     def setUp(self):
         super().setUp()
-        self.sandbox.reset()
-        self.env["ir.config_parameter"].sudo().set_param("web.base.url", self.base_url())
-        self.sandbox.control(
-            "add_redirect_uri",
-            client_id=self.app_registration.client_id,
-            redirect_uri=self.app_registration.redirect_uri,
-        )
-        self.account = self.env["microsoft365.account"].create(
-            {"email": "alice@contoso.com", "app_id": self.app_registration.id}
-        )
+        self.account = self.new_account()
         self.authenticate("admin", "admin")
 
     def sign_in(self, action, upn="alice@contoso.com", **options):

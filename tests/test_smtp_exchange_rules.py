@@ -1,5 +1,4 @@
 import base64
-import imaplib
 import smtplib
 import ssl
 
@@ -9,7 +8,6 @@ from odoo.tools import mute_logger
 
 from odoo.addons.base.models.ir_mail_server import MailDeliveryException
 
-from ..m365.identity import AppCredentials, IdentityClient
 from .common import SandboxCase
 
 QUIET = ("odoo.addons.base.models.ir_mail_server",)
@@ -19,24 +17,10 @@ QUIET = ("odoo.addons.base.models.ir_mail_server",)
 class TestSmtpExchangeRules(SandboxCase):
     """Exchange's SMTP rules (sandbox/CONFORMANCE.md SMTP-05, -07, -11) as an Odoo user meets them."""
 
-    def outgoing_server(self, account):
-        return self.env["ir.mail_server"].create(
-            {
-                "name": f"{account.email} SMTP",
-                "smtp_authentication": "microsoft365",
-                "microsoft365_account_id": account.id,
-                "smtp_host": self.sandbox.host,
-                "smtp_port": self.sandbox.ports["smtp"],
-                "smtp_encryption": "starttls",
-                "smtp_user": account.email,
-                "from_filter": account.email,
-            }
-        )
-
     def shared_info(self):
         """info@ (shared) connected by alice, who has FullAccess and Send As on it."""
         info = self.connect(self.new_account(email="info@contoso.com"), upn="alice@contoso.com")
-        return info, self.outgoing_server(info)
+        return info, self.outgoing(info)
 
     def send(self, server, sender, subject):
         message = server.build_email(sender, ["sales@contoso.com"], subject, "Hello")
@@ -44,16 +28,9 @@ class TestSmtpExchangeRules(SandboxCase):
 
     def arrived(self, subject):
         """The messages with `subject` in sales@ (read as the sandbox app, which has FullAccess)."""
-        credentials = AppCredentials(
-            client_id=self.sandbox.app()["client_id"],
-            authority=self.sandbox.authority(),
-            client_secret=self.sandbox.secret(),
-            ca_file=self.sandbox.ca_file,
-        )
-        token = IdentityClient(credentials).app_access_token(["https://outlook.office365.com/.default"])
-        context = ssl.create_default_context(cafile=self.sandbox.ca_file)
-        with imaplib.IMAP4_SSL(self.sandbox.host, self.sandbox.ports["imaps"], ssl_context=context) as imap:
-            imap.authenticate("XOAUTH2", lambda _: f"user=sales@contoso.com\x01auth=Bearer {token.token}\x01\x01")
+        token = self.app_token()
+        with self.imap() as imap:
+            imap.authenticate("XOAUTH2", lambda _: f"user=sales@contoso.com\x01auth=Bearer {token}\x01\x01")
             imap.select("INBOX")
             _status, data = imap.search(None, "SUBJECT", f'"{subject}"')
             return data[0].split()
@@ -98,7 +75,7 @@ class TestSmtpExchangeRules(SandboxCase):
     @mute_logger(*QUIET)
     def test_concurrent_connection_limit_is_told_in_plain_words(self):
         alice = self.connect(self.new_account())
-        server = self.outgoing_server(alice)
+        server = self.outgoing(alice)
         token = alice._access_token()
         context = ssl.create_default_context(cafile=self.sandbox.ca_file)
         busy = []
@@ -136,20 +113,8 @@ class TestAppOnlyTestAndConfirm(SandboxCase):
         client_id, tenant = self.app_registration.client_id, self.sandbox.tenant()["id"]
         self.sandbox.control("service_principal", client_id=client_id, tenant=tenant, registered=False)
         info = self.new_account(email="info@contoso.com")
-        host, ports = self.sandbox.host, self.sandbox.ports
-        incoming = self.env["fetchmail.server"].create(
-            {
-                "name": "info IMAP",
-                "connect_with": "microsoft365",
-                "microsoft365_account_id": info.id,
-                "server_type": "imap",
-                "is_ssl": True,
-                "server": host,
-                "port": ports["imaps"],
-                "user": info.email,
-            }
-        )
-        outgoing = TestSmtpExchangeRules.outgoing_server(self, info)
+        incoming = self.incoming(info, name="info IMAP")
+        outgoing = self.outgoing(info)
         for test in (incoming.button_confirm_login, outgoing.test_smtp_connection):
             with self.subTest(test=test.__name__), self.assertRaises(UserError) as refused:
                 test()

@@ -29,3 +29,10 @@ def sandbox():
     handle.service = service
     yield handle
     service.stop()
+
+
+@pytest.fixture
+def box(sandbox):
+    """The whole sandbox, reset before the test."""
+    sandbox.reset()
+    return sandbox

@@ -3,33 +3,17 @@ bytes (sandbox/CONFORMANCE.md, IMAP-01 to IMAP-15)."""
 
 import base64
 import imaplib
-import socket
 import ssl
 
 import pytest
+from bare_client import BareClient
 from test_mail_logins import app_token, tls, user_token, xoauth2
 
 
-@pytest.fixture
-def box(sandbox):
-    sandbox.reset()
-    return sandbox
+class Wire(BareClient):
+    """A bare IMAP client."""
 
-
-class Wire:
-    """A bare IMAP client: what it sends and reads are the exact lines on the wire."""
-
-    def __init__(self, sandbox):
-        raw = socket.create_connection((sandbox.host, sandbox.ports["imaps"]), timeout=10)
-        self.socket = tls(sandbox).wrap_socket(raw, server_hostname=sandbox.host)
-        self.file = self.socket.makefile("rb")
-        self.greeting = self.line()
-
-    def line(self):
-        return self.file.readline()
-
-    def send(self, text):
-        self.socket.sendall(text.encode() + b"\r\n")
+    port = "imaps"
 
     def command(self, tag, text):
         """Send `tag text`, return every line up to and including the tagged one."""
@@ -51,9 +35,6 @@ class Wire:
             return self.file.readline() == b""
         except (ConnectionError, ssl.SSLError):
             return True
-
-    def close(self):
-        self.socket.close()
 
 
 def test_greeting_and_capabilities_are_exchanges(box):

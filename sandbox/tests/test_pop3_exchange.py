@@ -1,30 +1,18 @@
 """The sandbox's POP3 answers as Exchange Online does (sandbox/CONFORMANCE.md, POP-01 to POP-07)."""
 
 import base64
-import socket
 
-import pytest
-from test_mail_logins import app_token, tls, user_token, xoauth2
-
-
-@pytest.fixture
-def box(sandbox):
-    sandbox.reset()
-    return sandbox
+from bare_client import BareClient
+from test_mail_logins import app_token, user_token, xoauth2
 
 
-class Wire:
-    def __init__(self, sandbox):
-        raw = socket.create_connection((sandbox.host, sandbox.ports["pop3s"]), timeout=10)
-        self.socket = tls(sandbox).wrap_socket(raw, server_hostname=sandbox.host)
-        self.file = self.socket.makefile("rb")
-        self.greeting = self.line()
+class Wire(BareClient):
+    """A bare POP3 client: `send` returns the first line of the answer."""
 
-    def line(self):
-        return self.file.readline()
+    port = "pop3s"
 
     def send(self, text):
-        self.socket.sendall(text.encode() + b"\r\n")
+        super().send(text)
         return self.line()
 
     def lines_until_dot(self):
@@ -32,9 +20,6 @@ class Wire:
         while not lines or lines[-1] != b".\r\n":
             lines.append(self.line())
         return lines
-
-    def close(self):
-        self.socket.close()
 
 
 def b64(mailbox, token):
