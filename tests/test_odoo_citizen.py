@@ -309,10 +309,16 @@ class TestOdooCitizen(SandboxCase):
         for view in views:
             for node in etree.fromstring(view.arch).iter("field"):
                 field = self.env[view.model]._fields.get(node.get("name"))
-                if field is not None and field.type == "integer" and "port" in field.name:
+                if field is not None and field.type == "integer" and "port" in field.name and not node.get("position"):
                     seen += 1
-                    self.assertIn("'format': false", node.get("options") or "", f"{view.name}: {field.name}")
+                    self.assertIn("'enable_formatting': false", node.get("options") or "", f"{view.name}: {field.name}")
         self.assertGreaterEqual(seen, 3)
+
+    def test_server_forms_show_ports_without_thousands_separator(self):
+        for model, port in (("fetchmail.server", "port"), ("ir.mail_server", "smtp_port")):
+            arch = etree.fromstring(self.env[model].get_views([(False, "form")])["views"]["form"]["arch"])
+            (node,) = arch.xpath(f"//field[@name='{port}']")
+            self.assertIn("'enable_formatting': false", node.get("options") or "", f"{model}.{port}")
 
     def test_wrong_user_banner_is_one_sentence_with_readonly_addresses(self):
         account = self.new_account(email="shared@contoso.com")
