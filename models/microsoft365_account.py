@@ -435,6 +435,9 @@ class Microsoft365Account(models.Model):
             "res_model": self._name,
             "res_id": self.id,
             "view_mode": "form",
+            # Odoo completes "views" only for an action a button returns, not for one handed on as a
+            # notification's "next": without it the web client fails.
+            "views": [(False, "form")],
             "target": "current",
         }
 

@@ -82,8 +82,9 @@ class TestBrowserConnect(BrowserCase):
 
         browser.wait_for(".o_notification", "info@contoso.com is connected: its incoming server is confirmed")
         browser.wait_for(".o_notification", "mail can be sent")
-        # Not asserted: the notification's `next` (the account's form, account.action_open() without
-        # "views") makes the web client fail with "Cannot read properties of undefined (reading 'map')".
+        # Then the account's form, not the web client's "Oops!" dialog (an action without "views").
+        browser.wait_for(".o_form_view", "info@contoso.com")
+        self.assertFalse(browser.evaluate("!!document.querySelector('.o_error_dialog')"), "an error dialog opened")
         browser.screenshot("connect-app-only-2-connected")
         self.assertFalse(browser.url.startswith(self.sandbox.identity_url))
         self.assertEqual(self.sandbox.counter("authorize"), authorize_before, "a sign-in page was opened")
@@ -91,6 +92,7 @@ class TestBrowserConnect(BrowserCase):
         account = self.account("info@contoso.com")
         self.assertEqual(len(account), 1)
         self.assertEqual(account.status, "app_only")
+        self.assertIn(f"/microsoft365.account/{account.id}", browser.url)  # the account's page, opened
         self.assertEqual(account.incoming_server_ids.state, "done")
         self.assertEqual(len(account.outgoing_server_ids), 1)
 
