@@ -3,7 +3,6 @@ wire and diagnosed by the core exactly as Test connection, the callback and the 
 
 import smtplib
 import ssl
-import tempfile
 
 import pytest
 
@@ -12,25 +11,10 @@ from m365.clouds import CLOUDS
 from m365.errors import AuthorizationFailed, MailLoginFailed
 from m365.identity import AppCredentials, IdentityClient
 from m365.mailcheck import check_imap, check_smtp, smtp_authenticate
-from sandbox.client import Sandbox
-from sandbox.service import SandboxService
 
 REDIRECT_URI = "http://localhost:8069/microsoft365/oauth/callback"
 SCOPES = CLOUDS["global"].delegated_scopes()
 APP_SCOPES = ["https://outlook.office365.com/.default"]
-
-
-@pytest.fixture(scope="module")
-def sandbox():
-    service = SandboxService(tempfile.mkdtemp(prefix="m365-wire-"), ports="auto").start()
-    yield Sandbox(service.description())
-    service.stop()
-
-
-@pytest.fixture
-def box(sandbox):
-    sandbox.reset()
-    return sandbox
 
 
 def client(box, app="Odoo Mail (sandbox)", tenant=None, secret=None, client_id=None):

@@ -1,8 +1,6 @@
 """Entra's answers as the identity platform sends them (sandbox/CONFORMANCE.md ID-09, ID-14, ID-15, ID-27),
 diagnosed by the core as the addon shows them."""
 
-import tempfile
-
 import jwt
 import pytest
 
@@ -11,24 +9,12 @@ from m365.certificates import load_certificate_credential
 from m365.clouds import CLOUDS
 from m365.errors import AuthorizationFailed
 from m365.identity import AppCredentials, IdentityClient
-from sandbox.client import Sandbox
-from sandbox.service import SandboxService
 
 REDIRECT_URI = "http://localhost:8069/microsoft365/oauth/callback"
 APP_SCOPES = ["https://outlook.office365.com/.default"]
 
 
-@pytest.fixture(scope="module")
-def sandbox():
-    service = SandboxService(tempfile.mkdtemp(prefix="m365-idfidelity-"), ports="auto", with_mail=False).start()
-    yield Sandbox(service.description())
-    service.stop()
-
-
-@pytest.fixture
-def box(sandbox):
-    sandbox.reset()
-    return sandbox
+SANDBOX_WITH_MAIL = False
 
 
 def client(box, **credential):

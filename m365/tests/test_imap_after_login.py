@@ -3,7 +3,6 @@ to IMAP-13): the core turns each of these replies into a diagnosis, never a raw 
 
 import imaplib
 import ssl
-import tempfile
 
 import pytest
 
@@ -11,24 +10,9 @@ from m365 import diagnosis
 from m365.errors import MailLoginFailed
 from m365.identity import AppCredentials, IdentityClient
 from m365.mailcheck import check_imap, imap_authenticate, imap_command, imap_reply
-from sandbox.client import Sandbox
-from sandbox.service import SandboxService
 
 REDIRECT_URI = "http://localhost:8069/microsoft365/oauth/callback"
 SCOPES = ["https://outlook.office.com/IMAP.AccessAsUser.All"]
-
-
-@pytest.fixture(scope="module")
-def sandbox():
-    service = SandboxService(tempfile.mkdtemp(prefix="m365-imap-"), ports="auto").start()
-    yield Sandbox(service.description())
-    service.stop()
-
-
-@pytest.fixture
-def box(sandbox):
-    sandbox.reset()
-    return sandbox
 
 
 def identity(box):

@@ -3,7 +3,6 @@ by the core as the addon shows them."""
 
 import smtplib
 import ssl
-import tempfile
 
 import pytest
 
@@ -12,24 +11,9 @@ from m365.clouds import CLOUDS
 from m365.errors import MailLoginFailed
 from m365.identity import AppCredentials, IdentityClient
 from m365.mailcheck import check_smtp, smtp_authenticate
-from sandbox.client import Sandbox
-from sandbox.service import SandboxService
 
 REDIRECT_URI = "http://localhost:8069/microsoft365/oauth/callback"
 SCOPES = CLOUDS["global"].delegated_scopes()
-
-
-@pytest.fixture(scope="module")
-def sandbox():
-    service = SandboxService(tempfile.mkdtemp(prefix="m365-smtp-"), ports="auto").start()
-    yield Sandbox(service.description())
-    service.stop()
-
-
-@pytest.fixture
-def box(sandbox):
-    sandbox.reset()
-    return sandbox
 
 
 def token_of(box, upn):
