@@ -413,7 +413,17 @@ class Directory:
                 "users": [
                     {
                         k: u.get(k)
-                        for k in ("upn", "tenant", "oid", "name", "admin", "password", "email", "home_tenant", "home_upn")
+                        for k in (
+                            "upn",
+                            "tenant",
+                            "oid",
+                            "name",
+                            "admin",
+                            "password",
+                            "email",
+                            "home_tenant",
+                            "home_upn",
+                        )
                     }
                     for u in self.data["users"]
                 ],

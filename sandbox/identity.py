@@ -1049,10 +1049,22 @@ def _user_attributes(identity, body):
 
 def _id_token_fault(identity, body):
     kind = str(body["kind"])
-    if kind not in ("audience", "issuer", "tenant", "nonce", "expired", "not_yet_valid", "signature", "unsigned", "none"):
+    if kind not in (
+        "audience",
+        "issuer",
+        "tenant",
+        "nonce",
+        "expired",
+        "not_yet_valid",
+        "signature",
+        "unsigned",
+        "none",
+    ):
         raise KeyError(f"kind={kind!r}")
     with identity.directory.lock:
-        identity.directory.id_token_fault = None if kind == "none" else {"kind": kind, "remaining": int(body.get("count", 1))}
+        identity.directory.id_token_fault = (
+            None if kind == "none" else {"kind": kind, "remaining": int(body.get("count", 1))}
+        )
 
 
 def _app(identity, body):

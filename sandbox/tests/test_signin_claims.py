@@ -3,7 +3,6 @@ stable oid and tid, a mutable email claim, guests, keys per tenant, the multi-te
 
 import jwt
 import pytest
-
 from test_identity_endpoint import msal_app, session_for
 
 SIGNIN_REDIRECT_URI = "http://localhost:8069/microsoft365/signin/callback"
