@@ -196,7 +196,16 @@ def validate_id_token(id_token, *, keys, client_id, nonce, allowed_tenants, now=
     tenant_id = claims.get("tid")
     if not isinstance(tenant_id, str) or not GUID.fullmatch(tenant_id):
         raise IdTokenRejected("tenant", _lt("The ID token names no valid directory (tenant) ID: refused."))
-    expected_issuer = keys.issuer().replace(TENANT_TEMPLATE, tenant_id)
+    issuer = keys.issuer()
+    expected_issuer = issuer.replace(TENANT_TEMPLATE, tenant_id)
+    if TENANT_TEMPLATE not in issuer and f"/{tenant_id}/" not in f"{issuer}/":
+        # A tenant's own issuer names its tenant: a tid that is not in it does not belong to it.
+        raise IdTokenRejected(
+            "issuer",
+            _lt("The ID token was issued by %(issuer)s, not by the directory it names (%(expected)s): refused."),
+            issuer=str(claims.get("iss")),
+            expected=tenant_id,
+        )
     key_issuer = (jwk.get("issuer") or expected_issuer).replace(TENANT_TEMPLATE, tenant_id)
     if claims.get("iss") != expected_issuer or key_issuer != expected_issuer:
         raise IdTokenRejected(

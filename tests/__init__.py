@@ -14,5 +14,6 @@ from . import (
     test_secrets_stay_secret,
     test_security,
     test_setup_flow,
+    test_signin_security,
     test_uninstall,
 )

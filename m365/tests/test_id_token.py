@@ -118,6 +118,8 @@ def test_a_guest_is_recognised_by_idp():
 def test_single_tenant_issuer_must_match_exactly():
     keys = Keys(issuer=f"{HOST}/{TENANT}/v2.0")
     assert validate(token(), keys=keys).tenant_id == TENANT
+    # A tid that is not the single tenant's, under that tenant's issuer
+    rejected("issuer", token(tid=OTHER_TENANT), keys=keys, allowed=None)
     # Another tenant's consistent token does not match a single-tenant issuer.
     rejected("issuer", token(iss=f"{HOST}/{OTHER_TENANT}/v2.0", tid=OTHER_TENANT), keys=keys, allowed=None)
 
