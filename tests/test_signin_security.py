@@ -165,9 +165,15 @@ class TestSignIn(SignInCase):
         self.assertTrue(bob._is_portal())
         self.assertIn("User created at the first sign-in", bob.partner_id.message_ids[:1].body)
 
+    @mute_logger(*QUIET)
     def test_link_by_upn_for_a_single_tenant_app(self):
         bob = self.odoo_user("bob@contoso.com")
         self.app.signin_link_by_upn = True
+        bob.active = False  # an archived user is not linked
+        self.assertRefused(self.sign_in("bob@contoso.com"), "is not linked to a user of this Odoo")
+        self.assertFalse(bob.sudo().microsoft365_object_id)
+        bob.active = True
+        self.opener.cookies.clear()
         response = self.sign_in("bob@contoso.com")
         self.assertSignedInAs(response, bob)
         self.assertEqual(bob.sudo().microsoft365_object_id, self.sandbox.user("bob@contoso.com")["oid"])
@@ -272,7 +278,12 @@ class TestSignInRefusals(SignInCase):
     @mute_logger(*QUIET)
     def test_an_archived_user_is_refused(self):
         self.alice.active = False
-        self.assertRefused(self.sign_in(), "archived")
+        self.assertRefused(self.sign_in(), "The Odoo user linked to this Microsoft account is archived")
+        # and Odoo's own login refuses them too, even with a valid one-time credential
+        token = self.alice._microsoft365_issue_ticket()
+        credential = {"type": "microsoft365", "login": self.alice.login, "token": token}
+        with self.assertRaises(AccessDenied):
+            self.env["res.users"].authenticate(self.env.cr.dbname, credential, {"interactive": True})
 
     @mute_logger(*QUIET)
     def test_forged_state_is_refused(self):
@@ -283,8 +294,14 @@ class TestSignInRefusals(SignInCase):
     @mute_logger(*QUIET)
     def test_replayed_state_is_refused(self):
         params = self.microsoft(self.start(), "alice@contoso.com")
+        # The state is used once, whatever the answer was (here one Microsoft never sent)
+        declined = dict(params, error="access_denied", error_description="AADSTS65004: User declined.")
+        self.assertRefused(self.complete(declined), "Microsoft did not sign you in")
+        self.assertRefused(self.complete(params), UNUSABLE)
+        # and a state used for a sign-in cannot sign in again in another browser
+        params = self.microsoft(self.start(), "alice@contoso.com")
         self.assertSignedInAs(self.complete(params), self.alice)
-        self.opener.cookies.clear()  # a new browser session
+        self.opener.cookies.clear()
         self.assertRefused(self.complete(params), UNUSABLE)
 
     @mute_logger(*QUIET)
