@@ -2,7 +2,7 @@ import re
 import time
 
 from odoo import api, fields, models
-from odoo.exceptions import ValidationError
+from odoo.exceptions import UserError, ValidationError
 from odoo.http import request
 
 from ..m365.id_token import GUID, SIGNIN_SCOPES, KeyDirectory
@@ -142,6 +142,8 @@ class Microsoft365AppSignIn(models.Model):
         to send the browser to. ``purpose``: "login" (Odoo's login page) or "link" (a signed-in user
         links their Microsoft account)."""
         self.ensure_one()
+        if not request:
+            raise UserError(self.env._("Signing in with Microsoft happens in a browser."))
         client = self.sudo()._identity_client()
         flow = client.start_sign_in(self.signin_redirect_uri, list(SIGNIN_SCOPES), login_hint=login_hint or None)
         pending = {

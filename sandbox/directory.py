@@ -24,7 +24,10 @@ DAY = 86400
 # runs side by side do not collide): the app registration lists both, as an administrator would.
 ODOO_PORTS = sorted({8069, int(os.environ.get("M365_ODOO_HTTP_PORT") or 8069)})
 ODOO_REDIRECT_URIS = [
-    f"http://{host}:{port}/microsoft365/oauth/callback" for port in ODOO_PORTS for host in ("localhost", "127.0.0.1")
+    f"http://{host}:{port}/microsoft365/{path}/callback"
+    for path in ("oauth", "signin")  # the mail's and the sign-in's (issue 13)
+    for port in ODOO_PORTS
+    for host in ("localhost", "127.0.0.1")
 ]
 DELEGATED_PERMISSIONS = ["IMAP.AccessAsUser.All", "POP.AccessAsUser.All", "SMTP.Send"]
 APPLICATION_PERMISSIONS = ["IMAP.AccessAsApp", "POP.AccessAsApp", "SMTP.SendAsApp"]
