@@ -44,6 +44,7 @@ class ResUsers(models.Model):
         string="Microsoft account", copy=False, groups="base.group_system", readonly=True, help="For display only."
     )
     microsoft365_linked = fields.Boolean(compute="_compute_microsoft365_linked", string="Microsoft account linked")
+    microsoft365_signin_available = fields.Boolean(compute="_compute_microsoft365_signin_available")
     microsoft365_signin_ticket = fields.Char(groups=fields.NO_ACCESS, copy=False)
 
     _sql_constraints = [
@@ -61,11 +62,17 @@ class ResUsers(models.Model):
             "microsoft365_object_id",
             "microsoft365_username",
             "microsoft365_linked",
+            "microsoft365_signin_available",
         ]
 
     def _compute_microsoft365_linked(self):
         for user in self:
             user.microsoft365_linked = bool(user.sudo().microsoft365_object_id)
+
+    def _compute_microsoft365_signin_available(self):
+        available = bool(self.env["microsoft365.app"].sudo().search_count([("signin_enabled", "=", True)], limit=1))
+        for user in self:
+            user.microsoft365_signin_available = available
 
     @api.constrains(*IDENTITY_FIELDS)
     def _check_microsoft365_identity(self):
