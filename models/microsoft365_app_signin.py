@@ -180,4 +180,12 @@ def take_pending_sign_in(session, state):
 
 
 def _local_path(url):
-    return isinstance(url, str) and url.startswith("/") and not url.startswith("//") and "\\" not in url
+    """A path on this Odoo, never another site: no "//host", no backslash, no whitespace or control
+    character (browsers drop tabs and newlines from URLs: "/\t/host" is "//host")."""
+    return (
+        isinstance(url, str)
+        and url.startswith("/")
+        and not url.startswith("//")
+        and "\\" not in url
+        and not any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url)
+    )

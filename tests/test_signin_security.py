@@ -128,6 +128,28 @@ class TestSignIn(SignInCase):
         self.authenticate("alice@contoso.com", "alice@contoso.com-password")
         self.assertEqual(self.odoo_session().uid, self.alice.id)
 
+    def test_only_local_redirects_are_followed(self):
+        for redirect, expected in [
+            ("/odoo/action-base.action_res_users", "/odoo/action-base.action_res_users"),
+            ("https://evil.example/", "/odoo"),
+            ("//evil.example/", "/odoo"),
+            ("/\t/evil.example/", "/odoo"),
+            ("/\\evil.example/", "/odoo"),
+        ]:
+            with self.subTest(redirect=redirect):
+                self.opener.cookies.clear()
+                page = self.login_page()
+                csrf = re.search(r'name="csrf_token" value="([^"]+)"', page).group(1)
+                started = self.opener.post(
+                    self.base_url() + START,
+                    data={"csrf_token": csrf, "microsoft365_app_id": self.app.id, "redirect": redirect},
+                    allow_redirects=False,
+                    timeout=30,
+                )
+                response = self.complete(self.microsoft(started.headers["Location"], "alice@contoso.com"))
+                self.assertSignedInAs(response, self.alice, location=expected)
+                self.assertNotIn("evil", response.headers["Location"])
+
     def test_the_callback_posts_microsofts_answer_again_from_odoo(self):
         params = self.microsoft(self.start(), "alice@contoso.com")
         page = requests.post(self.base_url() + CALLBACK, data=dict(params, junk="x" * 10), timeout=30)
@@ -163,6 +185,7 @@ class TestSignIn(SignInCase):
         self.assertSignedInAs(response, bob, location="/web/login_successful")
         self.assertEqual(bob.sudo().microsoft365_object_id, self.sandbox.user("bob@contoso.com")["oid"])
         self.assertTrue(bob._is_portal())
+        self.assertNotEqual(bob.partner_id, template.partner_id)
         self.assertIn("User created at the first sign-in", bob.partner_id.message_ids[:1].body)
 
     @mute_logger(*QUIET)
