@@ -202,6 +202,15 @@ class TestSignIn(SignInCase):
         self.assertEqual(bob.sudo().microsoft365_object_id, self.sandbox.user("bob@contoso.com")["oid"])
         self.assertIn("Microsoft account linked", bob.partner_id.message_ids[:1].body)
 
+    def test_a_linked_guest_signs_in_as_the_user_linked_to_its_object_in_this_tenant(self):
+        guest = next(u for u in self.sandbox.description["directory"]["users"] if u["home_tenant"])
+        user = new_test_user(self.env, "carol", groups="base.group_user")
+        user.write({"microsoft365_tenant_id": self.contoso, "microsoft365_object_id": guest["oid"]})
+        self.assertSignedInAs(self.sign_in(guest["upn"]), user)
+        # her account at home (Fabrikam) is another identity: not this user
+        home = self.sandbox.user("carol@fabrikam.onmicrosoft.com")
+        self.assertNotEqual(home["oid"], guest["oid"])
+
     @mute_logger(*QUIET)
     def test_link_by_upn_never_links_a_guest_nor_on_a_multi_tenant_app(self):
         guest = next(u for u in self.sandbox.description["directory"]["users"] if u["home_tenant"])
