@@ -7,7 +7,7 @@
     "license": "LGPL-3",
     "author": "Microsoft 365 Mail OAuth contributors",
     "website": "https://example.invalid/mail_microsoft365_oauth",
-    "depends": ["mail"],
+    "depends": ["mail", "auth_signup"],
     "external_dependencies": {"python": ["msal", "cryptography", "requests"]},
     "data": [
         "security/ir.model.access.csv",
@@ -22,6 +22,9 @@
         "views/microsoft365_switch_actions.xml",
         "views/menus.xml",
         "data/ir_cron.xml",
+        # Sign in to Odoo with Microsoft (issue 13)
+        "views/signin_templates.xml",
+        "views/microsoft365_app_signin_views.xml",
     ],
     "uninstall_hook": "uninstall_hook",
 }

@@ -61,5 +61,12 @@ env["ir.mail_server"].create(
         "from_filter": mailbox,
     }
 )
+if not os.environ.get("M365_CLIENT_ID"):
+    # Sign in with Microsoft (README): the sandbox's admin@contoso.com signs in as Odoo's admin.
+    app.signin_enabled = True
+    admin_account = sandbox.user("admin@contoso.com")
+    env.ref("base.user_admin").write(
+        {"microsoft365_tenant_id": admin_account["tenant"], "microsoft365_object_id": admin_account["oid"]}
+    )
 env.cr.commit()
 print(f"demo: app registration {app.client_id}, OAuth account {mailbox} (id {account.id})")

@@ -6,3 +6,4 @@ UPDATE microsoft365_account
 UPDATE microsoft365_app SET app_token_cache_sealed = NULL, app_token_expires_at = NULL;
 DELETE FROM microsoft365_authorization;
 DELETE FROM microsoft365_admin_consent;
+UPDATE res_users SET microsoft365_signin_ticket = NULL WHERE microsoft365_signin_ticket IS NOT NULL;

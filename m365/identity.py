@@ -20,6 +20,8 @@ import requests
 from . import diagnosis
 from .clouds import CLOUDS
 from .errors import AuthorizationFailed, ReconnectRequired, TransientFailure
+from .i18n import _lt
+from .id_token import IdTokenRejected
 
 _logger = logging.getLogger(__name__)
 
@@ -173,6 +175,23 @@ class IdentityClient:
         result = self._call(lambda: self.msal_app.acquire_token_by_auth_code_flow(dict(flow), dict(params)))
         self._raise_for(result, redirect_uri=flow.get("redirect_uri", ""))
         return self._sign_in_from(result)
+
+    def finish_login(self, flow, params):
+        """Redeem a sign-in to Odoo (scopes id_token.SIGNIN_SCOPES); the raw ID token, which MSAL
+        does not validate: m365.id_token.validate_id_token does. Raises ValueError (MSAL) when the
+        answer does not belong to the flow (state), IdTokenRejected when its nonce differs."""
+        try:
+            result = self._call(lambda: self.msal_app.acquire_token_by_auth_code_flow(dict(flow), dict(params)))
+        except RuntimeError as exc:  # MSAL's own nonce check (SIGNIN-08)
+            if "nonce" not in str(exc):
+                raise
+            raise IdTokenRejected(
+                "nonce", _lt("The ID token belongs to another sign-in (its nonce differs): refused.")
+            ) from None
+        self._raise_for(result, redirect_uri=flow.get("redirect_uri", ""))
+        if not result.get("id_token"):
+            raise IdTokenRejected("malformed", _lt("Microsoft's answer carries no readable ID token."))
+        return result["id_token"]
 
     def import_refresh_token(self, refresh_token, scopes):
         """Adopt a refresh token obtained elsewhere (another OAuth module) so nobody signs in again;

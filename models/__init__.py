@@ -9,3 +9,5 @@ from . import ir_mail_server
 from . import res_config_settings
 from . import microsoft365_outlook_import
 from . import microsoft365_health
+from . import microsoft365_app_signin
+from . import res_users

@@ -24,7 +24,10 @@ DAY = 86400
 # runs side by side do not collide): the app registration lists both, as an administrator would.
 ODOO_PORTS = sorted({8069, int(os.environ.get("M365_ODOO_HTTP_PORT") or 8069)})
 ODOO_REDIRECT_URIS = [
-    f"http://{host}:{port}/microsoft365/oauth/callback" for port in ODOO_PORTS for host in ("localhost", "127.0.0.1")
+    f"http://{host}:{port}/microsoft365/{path}/callback"
+    for path in ("oauth", "signin")  # the mail's and the sign-in's (issue 13)
+    for port in ODOO_PORTS
+    for host in ("localhost", "127.0.0.1")
 ]
 DELEGATED_PERMISSIONS = ["IMAP.AccessAsUser.All", "POP.AccessAsUser.All", "SMTP.Send"]
 APPLICATION_PERMISSIONS = ["IMAP.AccessAsApp", "POP.AccessAsApp", "SMTP.SendAsApp"]
@@ -60,7 +63,7 @@ def default_seed():
     key_pem, cert_pem = ca.make_client_certificate("Odoo Mail (sandbox)", days=730)
     expired_key_pem, expired_cert_pem = ca.make_client_certificate("Odoo Mail (expired)", days=-1, not_before_days=400)
 
-    def user(upn, tenant, name, admin=False):
+    def user(upn, tenant, name, admin=False, email=None, home_tenant=None, home_upn=None):
         return {
             "upn": upn,
             "tenant": tenant,
@@ -70,18 +73,35 @@ def default_seed():
             "password": f"Sandbox-{upn.split('@')[0]}-1!",
             "require_mfa": False,
             "sessions_valid_after": 0,
+            # The Mail attribute: for a user without a mailbox, its tenant's administrators may set it to
+            # any address, verified or not (the "nOAuth" case, CONFORMANCE SIGNIN-03).
+            "email": email,
+            # Guests (B2B): a user object of this tenant, authenticated by its home tenant.
+            "home_tenant": home_tenant,
+            "home_upn": home_upn,
         }
 
     users = [
-        user("admin@contoso.com", contoso, "Contoso Admin", admin=True),
-        user("alice@contoso.com", contoso, "Alice Anders"),
-        user("bob@contoso.com", contoso, "Bob Berg"),
+        user("admin@contoso.com", contoso, "Contoso Admin", admin=True, email="admin@contoso.com"),
+        user("alice@contoso.com", contoso, "Alice Anders", email="alice@contoso.com"),
+        user("bob@contoso.com", contoso, "Bob Berg", email="bob@contoso.com"),
         user("carol@fabrikam.onmicrosoft.com", fabrikam, "Carol Cruz", admin=True),
+        # A Fabrikam user without a mailbox: Fabrikam's administrator can set her Mail to anything.
+        user("mallory@fabrikam.onmicrosoft.com", fabrikam, "Mallory Mohr"),
+        # Carol invited into Contoso as a guest: her own object id in Contoso, authenticated by Fabrikam.
+        user(
+            "carol_fabrikam.onmicrosoft.com#EXT#@contoso.onmicrosoft.com",
+            contoso,
+            "Carol Cruz (Fabrikam)",
+            email="carol@fabrikam.onmicrosoft.com",
+            home_tenant=fabrikam,
+            home_upn="carol@fabrikam.onmicrosoft.com",
+        ),
     ]
     mailboxes = [
         {"address": u["upn"], "tenant": u["tenant"], "kind": "user", "smtp_auth": True}
         for u in users
-        if u["tenant"] == contoso
+        if u["tenant"] == contoso and not u["home_tenant"]
     ]
     mailboxes += [
         {"address": "info@contoso.com", "tenant": contoso, "kind": "shared", "smtp_auth": True},
@@ -214,6 +234,7 @@ class Directory:
         self.sessions = {}  # sign-in page cookie -> upn
         self.counters = {}
         self.fault = None
+        self.id_token_fault = None  # {"kind", "remaining"}: see IdentityServer._id_token
         self.mail_throttles = {}  # mailbox -> {"backoff_ms", "remaining", "where"}
 
     # persistence ---------------------------------------------------------------------------
@@ -225,6 +246,7 @@ class Directory:
             self.data.setdefault("refresh_tokens", {})
             self.data.setdefault("access_tokens_valid_after", {})
             self.codes, self.sessions, self.counters, self.fault = {}, {}, {}, None
+            self.id_token_fault = None
             self.mail_throttles = {}
             self.save()
 
@@ -271,7 +293,8 @@ class Directory:
         return next((a for a in self.data["apps"] if a["client_id"] == (client_id or "").lower()), None)
 
     def user(self, upn):
-        return next((u for u in self.data["users"] if u["upn"] == (upn or "").lower()), None)
+        # UPNs are case-insensitive (a guest's carries "#EXT#")
+        return next((u for u in self.data["users"] if u["upn"].lower() == (upn or "").lower()), None)
 
     def users_of(self, tenant_id=None):
         return [u for u in self.data["users"] if tenant_id is None or u["tenant"] == tenant_id]
@@ -391,7 +414,21 @@ class Directory:
             return {
                 "tenants": self.data["tenants"],
                 "users": [
-                    {k: u[k] for k in ("upn", "tenant", "oid", "name", "admin", "password")} for u in self.data["users"]
+                    {
+                        k: u.get(k)
+                        for k in (
+                            "upn",
+                            "tenant",
+                            "oid",
+                            "name",
+                            "admin",
+                            "password",
+                            "email",
+                            "home_tenant",
+                            "home_upn",
+                        )
+                    }
+                    for u in self.data["users"]
                 ],
                 "mailboxes": self.data["mailboxes"],
                 "apps": self.data["apps"],

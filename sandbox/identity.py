@@ -235,6 +235,13 @@ class IdentityServer:
             "rbac_url": "https://pas.windows.net",
         }
 
+    def jwks(self, segment):
+        """The signing keys, each naming the issuer it signs for (CONFORMANCE SIGNIN-05): the tenant's
+        issuer on a tenant's endpoint, the `{tenantid}` template on common/organizations."""
+        tenant, _key = self.resolve_tenant(segment)
+        issuer = f"{self.base_url}/{tenant['id'] if tenant else '{tenantid}'}/v2.0"
+        return {"keys": [{**key, "issuer": issuer} for key in self.directory.signer.jwks["keys"]]}
+
     def app_for(self, client_id, tenant, alias, *, page=False):
         app = self.directory.app(client_id)
         tenant_name = tenant["name"] if tenant else alias
@@ -333,10 +340,15 @@ class IdentityServer:
             "tid": tid,
             "oid": user["oid"],
             "sub": _b64url(hashlib.sha256((user["oid"] + app["client_id"]).encode()).digest()),
-            "preferred_username": user["upn"],
+            # A guest's preferred_username is the address it signs in with at home (SIGNIN-04).
+            "preferred_username": user.get("home_upn") or user["upn"],
             "name": user["name"],
             "ver": "2.0",
         }
+        if user.get("home_tenant"):  # a guest: authenticated by its home tenant
+            id_claims["idp"] = f"https://sts.windows.net/{user['home_tenant']}/"
+        if user.get("email") and ("email" in grant.get("oidc", ()) or user.get("home_tenant")):
+            id_claims["email"] = user["email"]  # the Mail attribute, verified or not (SIGNIN-03)
         if nonce:
             id_claims["nonce"] = nonce
         directory.count(f"token_issued:{user['upn']}")
@@ -347,9 +359,46 @@ class IdentityServer:
             "ext_expires_in": lifetime,
             "access_token": access_token,
             "refresh_token": directory.issue_refresh_token(grant),
-            "id_token": directory.signer.issue(id_claims, 3600),
+            "id_token": self._id_token(app, id_claims),
             "client_info": _b64url(json.dumps({"uid": user["oid"], "utid": tid}).encode()),
         }
+
+    def _id_token(self, app, claims):
+        """The ID token, spoilt once as the control action `id_token_fault` asks (tests of the client's
+        validation): another audience, issuer or tenant, a wrong nonce, expired, not yet valid, or
+        signed by a key the keys endpoint does not publish."""
+        directory = self.directory
+        with directory.lock:
+            fault = directory.id_token_fault
+            if fault and claims.get("nonce"):  # only sign-ins (the auth-code flow), never a refresh
+                fault["remaining"] -= 1
+                if fault["remaining"] <= 0:
+                    directory.id_token_fault = None
+            else:
+                fault = None
+        if fault is None:
+            return directory.signer.issue(claims, 3600)
+        kind = fault["kind"]
+        directory.count(f"id_token_fault:{kind}")
+        other_tenant = next(t["id"] for t in directory.data["tenants"] if t["id"] != claims["tid"])
+        now = int(time.time())
+        if kind == "audience":
+            claims = {**claims, "aud": str(uuid.uuid5(uuid.NAMESPACE_URL, "another client"))}
+        elif kind == "issuer":  # the issuer of another tenant, tid unchanged
+            claims = {**claims, "iss": f"{self.base_url}/{other_tenant}/v2.0"}
+        elif kind == "tenant":  # consistently another tenant
+            claims = {**claims, "iss": f"{self.base_url}/{other_tenant}/v2.0", "tid": other_tenant}
+        elif kind == "nonce":
+            claims = {**claims, "nonce": hashlib.sha256(b"another sign-in").hexdigest()}
+        elif kind == "expired":
+            return directory.signer.issue({**claims, "iat": now - 7200, "nbf": now - 7200, "exp": now - 3600}, 0)
+        elif kind == "not_yet_valid":
+            return directory.signer.issue({**claims, "iat": now + 3600, "nbf": now + 3600, "exp": now + 7200}, 0)
+        elif kind == "signature":
+            return directory.signer.issue_with_unpublished_key(claims, 3600)
+        elif kind == "unsigned":
+            return directory.signer.issue_unsigned(claims, 3600)
+        return directory.signer.issue(claims, 3600)
 
     def issue_app_token(self, app, tenant, appidacr):
         directory = self.directory
@@ -435,7 +484,7 @@ class _Handler(BaseHTTPRequestHandler):
                 self.identity.directory.count("openid_configuration")
                 return self._send(200, self.identity.openid_configuration(segments[0]))
             if segments[1:] == ["discovery", "v2.0", "keys"]:
-                return self._send(200, self.identity.directory.signer.jwks)
+                return self._send(200, self.identity.jwks(segments[0]))
             if segments[1:] == ["oauth2", "v2.0", "authorize"]:
                 return self._authorize(segments[0], query, submitted=None)
             if segments[1:] == ["adminconsent"]:
@@ -554,8 +603,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._sign_in_page(app, params, eligible, hint, permissions)
         if submitted.get("action") != "accept":
             return self._error_to_client(params, OAuthError("access_denied", 65004))
-        upn = (submitted.get("account") or "").lower()
-        if upn not in {u["upn"] for u in eligible}:
+        upn = next((u["upn"] for u in eligible if u["upn"].lower() == (submitted.get("account") or "").lower()), None)
+        if upn is None:
             return self._sign_in_page(app, params, eligible, hint, permissions, problem="Pick an account.")
         return self._complete_sign_in(
             app,
@@ -661,6 +710,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "upn": upn,
                 "resource": resource or GRAPH_RESOURCE,
                 "permissions": permissions,
+                "oidc": sorted(parse_scopes(params.get("scope"))[2]),
                 "nonce": params.get("nonce"),
                 "code_challenge": params.get("code_challenge"),
                 "code_challenge_method": params.get("code_challenge_method", "plain"),
@@ -685,7 +735,7 @@ class _Handler(BaseHTTPRequestHandler):
         )
         accounts = "".join(
             f'<label class="account"><input type="radio" name="account" value="{html.escape(u["upn"])}"'
-            f"{' checked' if u['upn'] == hint else ''}> {html.escape(u['name'])} "
+            f"{' checked' if u['upn'].lower() == hint else ''}> {html.escape(u['name'])} "
             f"&lt;{html.escape(u['upn'])}&gt;</label><br>"
             for u in eligible
         )
@@ -795,6 +845,7 @@ no password is asked.</p><p class="problem">{html.escape(problem)}</p>
             "upn": entry["upn"],
             "resource": entry["resource"],
             "permissions": entry["permissions"],
+            "oidc": entry.get("oidc", []),
             "mfa": entry["mfa"],
         }
         return self.identity.issue_user_tokens(app, grant, appidacr, nonce=entry["nonce"])
@@ -986,6 +1037,36 @@ def _service_principal(identity, body):
         directory.save()
 
 
+def _user_attributes(identity, body):
+    """What a tenant's administrator may change on its own user: the Mail attribute (any address, as
+    for a user without a mailbox: the nOAuth case), the display name."""
+    values = {k: body[k] for k in ("email", "name") if k in body}
+    user = identity.directory.user(body["user"])
+    if user is None:
+        raise KeyError(body["user"])
+    identity.directory.update("users", {"upn": user["upn"]}, values)
+
+
+def _id_token_fault(identity, body):
+    kind = str(body["kind"])
+    if kind not in (
+        "audience",
+        "issuer",
+        "tenant",
+        "nonce",
+        "expired",
+        "not_yet_valid",
+        "signature",
+        "unsigned",
+        "none",
+    ):
+        raise KeyError(f"kind={kind!r}")
+    with identity.directory.lock:
+        identity.directory.id_token_fault = (
+            None if kind == "none" else {"kind": kind, "remaining": int(body.get("count", 1))}
+        )
+
+
 def _app(identity, body):
     values = {
         k: v
@@ -1053,5 +1134,7 @@ _CONTROL = {
     "grant": _grant,
     "service_principal": _service_principal,
     "app": _app,
+    "user_attributes": _user_attributes,
+    "id_token_fault": _id_token_fault,
     "add_redirect_uri": _add_redirect_uri,
 }

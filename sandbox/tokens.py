@@ -51,6 +51,21 @@ class TokenSigner:
         payload = {"iat": now, "nbf": now, "exp": now + int(lifetime), "uti": uuid.uuid4().hex[:22], **claims}
         return jwt.encode(payload, self.key, algorithm="RS256", headers={"kid": self.kid, "typ": "JWT"})
 
+    def issue_with_unpublished_key(self, claims, lifetime):
+        """Signed with a key of the moment under the published kid: a forgery the keys do not verify."""
+        other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        now = int(time.time())
+        payload = {"iat": now, "nbf": now, "exp": now + int(lifetime), "uti": uuid.uuid4().hex[:22], **claims}
+        return jwt.encode(payload, other, algorithm="RS256", headers={"kid": self.kid, "typ": "JWT"})
+
+    def issue_unsigned(self, claims, lifetime):
+        """alg "none": no signature at all."""
+        now = int(time.time())
+        header = {"alg": "none", "typ": "JWT", "kid": self.kid}
+        payload = {"iat": now, "nbf": now, "exp": now + int(lifetime), **claims}
+        encode = lambda part: base64.urlsafe_b64encode(json.dumps(part).encode()).rstrip(b"=").decode()  # noqa: E731
+        return f"{encode(header)}.{encode(payload)}."
+
     def verify(self, token):
         """(claims, None) or (None, reason)."""
         try:

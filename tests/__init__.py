@@ -4,6 +4,7 @@ from . import (
     test_account_connection,
     test_app_registration,
     test_browser_flow,
+    test_browser_signin,
     test_callback,
     test_concurrency,
     test_faults,
@@ -14,5 +15,6 @@ from . import (
     test_secrets_stay_secret,
     test_security,
     test_setup_flow,
+    test_signin_security,
     test_uninstall,
 )
