@@ -15,4 +15,5 @@ from . import (
     test_security,
     test_setup_flow,
     test_uninstall,
+    test_workers,
 )
