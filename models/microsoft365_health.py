@@ -2,13 +2,19 @@
 the records, and brought to the responsible people once per problem."""
 
 import contextlib
+import logging
+import threading
 from datetime import timedelta
+
+import psycopg2
 
 from odoo import api, fields, models
 from odoo.exceptions import UserError
 from odoo.tools import plaintext2html
 
 from ..m365.errors import M365Error
+
+_logger = logging.getLogger(__name__)
 
 # Refresh tokens die after 90 days without use: an idle one is redeemed well before that.
 KEEPALIVE_AFTER = timedelta(days=14)
@@ -36,16 +42,64 @@ class Microsoft365Account(models.Model):
 
     @api.model
     def _cron_health_check(self):
-        now = fields.Datetime.now()
-        for account in self.search([]):  # pylint: disable=no-search-all  # every account, by design
-            if account.status == "connected" and (
-                not account.last_refresh or account.last_refresh < now - KEEPALIVE_AFTER
-            ):
-                with contextlib.suppress(M365Error, UserError):  # recorded on the account, reported below
-                    account._access_token(force_refresh=True)
-                account.invalidate_recordset()
-            account._update_health()
+        """Each account in its own transaction, committed (Odoo 18's cron progress API): a keep-alive
+        refresh commits on its own cursor, and an Odoo transaction (REPEATABLE READ) that began before
+        it could neither see what it recorded nor write the same row ("could not serialize access due
+        to concurrent update"). One account's failure is logged and leaves the others' work done."""
+        account_ids = self.search([]).ids  # pylint: disable=no-search-all  # every account, by design
+        for done, account_id in enumerate(account_ids, 1):
+            self._check_health_of(account_id)
+            self.env["ir.cron"]._notify_progress(done=done, remaining=len(account_ids) - done)
+            self._health_commit()
         self.env["microsoft365.app"].search([])._update_health()  # pylint: disable=no-search-all
+
+    @api.model
+    def _check_health_of(self, account_id):
+        for attempt in (1, 2):
+            try:
+                with self._health_transaction():
+                    account = self.browse(account_id).exists()
+                    if not account:
+                        return
+                    if account.status == "connected" and (
+                        not account.last_refresh or account.last_refresh < fields.Datetime.now() - KEEPALIVE_AFTER
+                    ):
+                        with contextlib.suppress(M365Error, UserError):  # recorded on the account, reported below
+                            account._access_token(force_refresh=True)
+                        # The refresh committed on its own cursor: read and write in a transaction
+                        # that begins after it.
+                        self._health_commit()
+                    account._update_health()
+                return
+            except psycopg2.errors.SerializationFailure:
+                # Another worker changed the account meanwhile (a fetch refreshed its token): once more.
+                if attempt == 2:
+                    _logger.warning(
+                        "Health check of Microsoft 365 account %s: changed concurrently, left for the next run",
+                        account_id,
+                    )
+            except Exception:
+                _logger.exception("Health check of Microsoft 365 account %s failed; the others go on", account_id)
+                return
+
+    @contextlib.contextmanager
+    def _health_transaction(self):
+        """What is done inside is kept or undone as one; in a test's single transaction, as a savepoint."""
+        if not _auto_commit():
+            with self.env.cr.savepoint():
+                yield
+            return
+        try:
+            yield
+        except Exception:
+            self.env.cr.rollback()
+            self.env.invalidate_all()
+            raise
+
+    def _health_commit(self):
+        if _auto_commit():
+            self.env.cr.commit()  # pylint: disable=invalid-commit  # see _cron_health_check
+            self.env.invalidate_all()  # read what other workers committed meanwhile
 
     def _current_problem(self):
         self.ensure_one()
@@ -106,6 +160,11 @@ class Microsoft365Account(models.Model):
                 summary=self.env._("Microsoft 365 mailbox %s needs attention", self.email),
                 note=plaintext2html(message),  # carries subjects and senders of external mail
             )
+
+
+def _auto_commit():
+    """Odoo's own test: a test's thread shares one transaction that must not be committed."""
+    return not getattr(threading.current_thread(), "testing", False)
 
 
 class Microsoft365App(models.Model):
