@@ -181,7 +181,7 @@ class CommittedCase(BaseCase):
         self.sandbox.reset()
         self.registry = Registry(config["db_name"].split(",")[0])
         self.assertFalse(self.registry.in_test_mode())  # else this case proves nothing
-        self.committed = []  # (model, id), removed in reverse order
+        self.committed = []  # (model, id) removed after the test
         self.addCleanup(self._remove_committed_records)
 
     @contextlib.contextmanager
@@ -191,7 +191,9 @@ class CommittedCase(BaseCase):
 
     def _remove_committed_records(self):
         with self.transaction() as env:
-            for model, record_id in reversed(self.committed):
+            # Servers use accounts, which use app registrations: removed in that order.
+            order = ["fetchmail.server", "ir.mail_server", "microsoft365.account", "microsoft365.app"]
+            for model, record_id in sorted(self.committed, key=lambda entry: order.index(entry[0])):
                 env[model].browse(record_id).exists().unlink()
 
     def committed_app(self, env, **values):
