@@ -289,16 +289,28 @@ def _access_token(result):
 class _TimeoutSession:
     """The HTTP client MSAL uses: pooled, with bounded timeouts, and patient with a busy identity
     platform: 429 and 5xx answers and timeouts are retried a few times, honouring Retry-After, so
-    that one slow moment does not fail a fetch; what still fails is reported as transient."""
+    that one slow moment does not fail a fetch; what still fails is reported as transient.
+
+    Bounded: at most ATTEMPTS requests within BUDGET seconds (waits and timeouts together). MSAL
+    itself does not retry (msal 1.39 throttled_http_client.py only replays a 429/5xx answer from its
+    cache for Retry-After seconds, per account): nothing is retried twice. Once the retries are spent,
+    the same endpoint is answered at once for the Retry-After Microsoft asked (else PAUSE seconds
+    after timeouts), so that a cron going over hundreds of accounts during an outage does not wait
+    out every one of them."""
 
     RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
     ATTEMPTS = 3
     MAX_WAIT = 10.0  # seconds; a longer Retry-After is left to MSAL (it answers from its throttle cache)
+    BUDGET = 15.0  # seconds for all attempts of one request, timeouts and waits included
+    PAUSE = 30.0  # seconds an endpoint that timed out every attempt is left alone
+    _unavailable = {}  # url: (until, response or exception type), process-wide
+    _unavailable_lock = threading.Lock()
 
-    def __init__(self, session, timeout, sleep=time.sleep):
+    def __init__(self, session, timeout, sleep=time.sleep, clock=time.monotonic):
         self._session = session
         self._timeout = timeout
         self._sleep = sleep
+        self._clock = clock
 
     def get(self, url, **kwargs):
         return self._send(self._session.get, url, **kwargs)
@@ -307,28 +319,59 @@ class _TimeoutSession:
         return self._send(self._session.post, url, **kwargs)
 
     def _send(self, method, url, **kwargs):
-        kwargs.setdefault("timeout", self._timeout)
+        paused = self._paused(url)
+        if paused is not None:
+            if isinstance(paused, type):
+                raise paused(f"{url} is left alone for a moment after failing repeatedly")
+            return paused
+        timeout = kwargs.pop("timeout", self._timeout)
+        deadline = self._clock() + self.BUDGET
         for attempt in range(1, self.ATTEMPTS + 1):
-            last = attempt == self.ATTEMPTS
+            left = deadline - self._clock()
+            last = attempt == self.ATTEMPTS or left < 1.0
             try:
-                response = method(url, **kwargs)
-            except (requests.Timeout, requests.ConnectionError):
-                if last:
+                response = method(url, timeout=_bounded(timeout, left), **kwargs)
+            except (requests.Timeout, requests.ConnectionError) as exc:
+                wait = _backoff(attempt)
+                if last or self._clock() + wait >= deadline:
+                    self._pause(url, self.PAUSE, type(exc))
                     raise
                 _logger.info("Microsoft identity platform did not answer (attempt %s); retrying", attempt)
-                self._sleep(_backoff(attempt))
+                self._sleep(wait)
                 continue
-            if response.status_code not in self.RETRY_STATUSES or last:
+            if response.status_code not in self.RETRY_STATUSES:
                 return response
             wait = _retry_after(response, default=_backoff(attempt))
-            if wait > self.MAX_WAIT:
+            if last or wait > self.MAX_WAIT or self._clock() + wait >= deadline:
+                self._pause(url, min(_retry_after(response, default=0.0), 300.0), response)
                 return response
             _logger.info("Microsoft identity platform answered %s; retrying in %.1f s", response.status_code, wait)
             self._sleep(wait)
         return response
 
+    def _paused(self, url):
+        with self._unavailable_lock:
+            until, answer = self._unavailable.get(url, (0.0, None))
+            if until > self._clock():
+                return answer
+            self._unavailable.pop(url, None)
+            return None
+
+    def _pause(self, url, seconds, answer):
+        if seconds > 0:
+            with self._unavailable_lock:
+                self._unavailable[url] = (self._clock() + seconds, answer)
+
     def close(self):
         pass  # the pooled session outlives this client
+
+
+def _bounded(timeout, left):
+    """The request's timeout within what is left of the budget (requests takes a number or a pair)."""
+    left = max(left, 1.0)
+    if isinstance(timeout, tuple):
+        return tuple(min(part, left) if part else left for part in timeout)
+    return min(timeout, left) if timeout else left
 
 
 def _backoff(attempt):
