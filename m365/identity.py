@@ -39,6 +39,12 @@ class _RedactGrantCodes(logging.Filter):
 
 logging.getLogger("msal.token_cache").addFilter(_RedactGrantCodes())
 
+# A token is handed out only with at least this many seconds left: enough for the login of the
+# connection that uses it, after the slowest retried request (_TimeoutSession.BUDGET). MSAL alone
+# would refresh 5 minutes before expiry (msal 1.39 application.py: `expires_in < 5*60`), one extra
+# token request every 55 minutes; with this margin it is one per token lifetime.
+MIN_LIFE = 150
+
 # MSAL caches discovery GETs (24 h) and error/Retry-After answers here; sharing it across clients
 # avoids one openid-configuration request per connection.
 _HTTP_CACHE = {}
@@ -201,9 +207,10 @@ class IdentityClient:
             access_token=result.get("access_token", ""),
         )
 
-    def access_token(self, scopes, home_account_id=None, force_refresh=False):
-        """A valid access token, from the cache or by refreshing (rotating the refresh token);
-        `force_refresh` redeems the refresh token anyway (keeps an idle grant alive)."""
+    def access_token(self, scopes, home_account_id=None, force_refresh=False, min_life=MIN_LIFE):
+        """A valid access token with at least `min_life` seconds left, from the cache or by
+        refreshing (rotating the refresh token); `force_refresh` redeems the refresh token anyway
+        (keeps an idle grant alive). `min_life=None`: MSAL's own rule (5 minutes)."""
         accounts = self.msal_app.get_accounts()
         account = (
             next((a for a in accounts if a["home_account_id"] == home_account_id), None)
@@ -216,6 +223,10 @@ class IdentityClient:
                     {"error": "invalid_grant", "error_description": "AADSTS70008: no sign-in is stored."}
                 )
             )
+        if not force_refresh:
+            cached = self._cached_access_token(scopes, account["home_account_id"], min_life)
+            if cached is not None:
+                return cached
         result = self._call(
             lambda: self.msal_app.acquire_token_silent_with_error(scopes, account, force_refresh=force_refresh)
         )
@@ -235,10 +246,37 @@ class IdentityClient:
 
     # App-only flow --------------------------------------------------------------------------
 
-    def app_access_token(self, scopes):
+    def app_access_token(self, scopes, min_life=MIN_LIFE):
+        cached = self._cached_access_token(scopes, None, min_life)
+        if cached is not None:
+            return cached
         result = self._call(lambda: self.msal_app.acquire_token_for_client(scopes))
         self._raise_for(result)
         return _access_token(result)
+
+    def _cached_access_token(self, scopes, home_account_id, min_life):
+        """The cached access token MSAL would refresh although it has `min_life` seconds left (it
+        refreshes under 5 minutes); None where MSAL decides (more than 5 minutes left, a token
+        Microsoft asked to refresh early with refresh_in, none cached)."""
+        if min_life is None:
+            return None
+        authority = self.msal_app.authority
+        now = time.time()
+        for entry in self.cache.search(
+            self.cache.CredentialType.ACCESS_TOKEN,
+            target=scopes,
+            query={
+                "client_id": self.app.client_id,
+                "environment": authority.instance,
+                "realm": authority.tenant,
+                "home_account_id": home_account_id,
+            },
+        ):
+            left = int(entry["expires_on"]) - now
+            if left >= 5 * 60 or left < min_life or int(entry.get("refresh_on") or now + 1) <= now:
+                continue
+            return AccessToken(token=entry["secret"], expires_at=int(entry["expires_on"]), from_cache=True)
+        return None
 
     # ----------------------------------------------------------------------------------------
 

@@ -16,13 +16,9 @@ from ..m365.errors import (
     TransientFailure,
 )
 from ..m365.identity import unverified_claims
-from .microsoft365_app import _TOKEN_MEMO, _remember
+from .microsoft365_app import _TOKEN_MEMO, REFRESH_MARGIN, _remember
 
 _logger = logging.getLogger(__name__)
-
-# MSAL treats a token with less than 5 minutes left as expired; above this margin it is served
-# from the cache without a refresh, so the row lock is not needed.
-REFRESH_MARGIN = 5 * 60 + 30
 
 
 class Microsoft365Account(models.Model):
