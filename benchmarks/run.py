@@ -279,6 +279,9 @@ def msal_rule():
 
 
 def sign_in_again(lifetime, lifetime_max=0):
+    # Refreshes committed on their own cursors meanwhile: a new transaction may write the row.
+    env.cr.commit()
+    env.invalidate_all()
     sandbox.reset()
     sandbox.control("settings", access_token_lifetime=lifetime, access_token_lifetime_max=lifetime_max)
     account.sudo().write({"token_cache_sealed": False, "status": "not_connected"})
@@ -364,6 +367,10 @@ row(
 
 
 def app_only_day(rule=None):
+    env.cr.commit()  # a new transaction: the app's row was refreshed on its own cursor meanwhile
+    env.invalidate_all()
+    app_only.write({"app_token_cache_sealed": False, "app_token_expires_at": False})  # a fresh start
+    env.cr.commit()
     before = sandbox.counter("token:client_credentials")
     with rule or nullcontext(), virtual_clock() as clock:
         for _run in range(24 * 12):

@@ -7,6 +7,7 @@ import threading
 from datetime import timedelta
 
 import psycopg2
+from psycopg2.extensions import TRANSACTION_STATUS_INERROR
 
 from odoo import api, fields, models
 from odoo.exceptions import UserError
@@ -19,6 +20,7 @@ _logger = logging.getLogger(__name__)
 # Refresh tokens die after 90 days without use: an idle one is redeemed well before that.
 KEEPALIVE_AFTER = timedelta(days=14)
 SECRET_WARNING = timedelta(days=30)
+HEALTH_BATCH = 100  # accounts per committed batch (those kept alive commit on their own)
 HEALTH_PROBLEMS = [
     ("ok", "OK"),
     ("reconnect", "Reconnect needed"),
@@ -42,59 +44,51 @@ class Microsoft365Account(models.Model):
 
     @api.model
     def _cron_health_check(self):
-        """Each account in its own transaction, committed (Odoo 18's cron progress API): a keep-alive
-        refresh commits on its own cursor, and an Odoo transaction (REPEATABLE READ) that began before
-        it could neither see what it recorded nor write the same row ("could not serialize access due
-        to concurrent update"). One account's failure is logged and leaves the others' work done."""
+        """Committed in batches (Odoo 18's cron progress API): an Odoo transaction (REPEATABLE READ)
+        can neither see nor overwrite an account row another transaction changed after it began
+        ("could not serialize access due to concurrent update"), and a keep-alive refresh commits on
+        its own cursor. So an account kept alive starts a new transaction before its health is
+        written, a concurrent change is retried in a new one, and each account's health is written
+        under a savepoint: one account's failure is logged and undoes nothing of the others."""
         account_ids = self.search([]).ids  # pylint: disable=no-search-all  # every account, by design
         for done, account_id in enumerate(account_ids, 1):
             self._check_health_of(account_id)
-            self.env["ir.cron"]._notify_progress(done=done, remaining=len(account_ids) - done)
-            self._health_commit()
+            if done % HEALTH_BATCH == 0 or done == len(account_ids):
+                self.env["ir.cron"]._notify_progress(done=done, remaining=len(account_ids) - done)
+                self._health_commit()
         self.env["microsoft365.app"].search([])._update_health()  # pylint: disable=no-search-all
 
     @api.model
     def _check_health_of(self, account_id):
-        for attempt in (1, 2):
-            try:
-                with self._health_transaction():
-                    account = self.browse(account_id).exists()
-                    if not account:
-                        return
-                    if account.status == "connected" and (
-                        not account.last_refresh or account.last_refresh < fields.Datetime.now() - KEEPALIVE_AFTER
-                    ):
-                        with contextlib.suppress(M365Error, UserError):  # recorded on the account, reported below
-                            account._access_token(force_refresh=True)
-                        # The refresh committed on its own cursor: read and write in a transaction
-                        # that begins after it.
-                        self._health_commit()
-                    account._update_health()
-                return
-            except psycopg2.errors.SerializationFailure:
-                # Another worker changed the account meanwhile (a fetch refreshed its token): once more.
-                if attempt == 2:
-                    _logger.warning(
-                        "Health check of Microsoft 365 account %s: changed concurrently, left for the next run",
-                        account_id,
-                    )
-            except Exception:
-                _logger.exception("Health check of Microsoft 365 account %s failed; the others go on", account_id)
-                return
-
-    @contextlib.contextmanager
-    def _health_transaction(self):
-        """What is done inside is kept or undone as one; in a test's single transaction, as a savepoint."""
-        if not _auto_commit():
-            with self.env.cr.savepoint():
-                yield
-            return
         try:
-            yield
+            account = self.browse(account_id).exists()
+            if not account:
+                return
+            if account.status == "connected" and (
+                not account.last_refresh or account.last_refresh < fields.Datetime.now() - KEEPALIVE_AFTER
+            ):
+                self._health_commit()  # the batch so far is kept whatever happens to this refresh
+                with contextlib.suppress(M365Error, UserError):  # recorded on the account, reported below
+                    account._access_token(force_refresh=True)
+                # The refresh committed on its own cursor: write in a transaction that begins after it.
+                self._health_commit()
+            for attempt in (1, 2):
+                try:
+                    with self.env.cr.savepoint():
+                        account._update_health()
+                    return
+                except psycopg2.errors.SerializationFailure:
+                    # Another worker changed the account meanwhile (a fetch refreshed its token):
+                    # once more in a transaction that sees it.
+                    self.env.invalidate_all()
+                    if attempt == 2:
+                        raise
+                    self._health_commit()
         except Exception:
-            self.env.cr.rollback()
+            if _auto_commit() and self.env.cr._cnx.info.transaction_status == TRANSACTION_STATUS_INERROR:
+                self.env.cr.rollback()  # outside the savepoint: nothing of this batch is left uncommitted
             self.env.invalidate_all()
-            raise
+            _logger.exception("Health check of Microsoft 365 account %s failed; the others go on", account_id)
 
     def _health_commit(self):
         if _auto_commit():

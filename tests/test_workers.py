@@ -50,6 +50,10 @@ class TestHealthCheckInACronWorker(CommittedCase):
                 self.assertGreater(account.last_refresh, fields.Datetime.now() - timedelta(minutes=5))
                 self.assertEqual((account.status, account.health), ("connected", "secret_expiring"))
                 self.assertIn("expires on", account.health_message)
+            progress = env["ir.cron.progress"].search(
+                [("cron_id", "=", env.ref(HEALTH_CRON).id)], order="id desc", limit=1
+            )
+            self.assertEqual((progress.done, progress.remaining), (2, 0))  # Odoo 18's cron progress, per account
 
     @mute_logger(*QUIET)
     def test_a_grant_revoked_during_the_keep_alive_is_reported_by_the_same_run(self):
