@@ -88,3 +88,23 @@ class TestHealthCheckInACronWorker(CommittedCase):
             self.assertEqual(bob.health, "secret_expiring")  # committed although alice's check failed
             self.assertGreater(bob.last_refresh, fields.Datetime.now() - timedelta(minutes=5))
             self.assertEqual(alice.health, "ok")
+
+
+@tagged("post_install", "-at_install")
+class TestButtonsInAWorker(CommittedCase):
+    """A button's request, in one real transaction, that refreshes the token on its own cursor and then
+    records its outcome on the same account."""
+
+    @mute_logger(*QUIET)
+    def test_test_connection_of_a_not_working_account_with_a_stale_token(self):
+        self.sandbox.control("settings", access_token_lifetime=120)  # the test refreshes first
+        with self.transaction() as env:
+            account = self.committed_account(env, self.committed_app(env, name="Buttons"))
+            account.write({"status": "failing", "last_error": "IMAP: the server could not be reached"})
+            account_id = account.id
+        with self.transaction() as env:
+            result = env["microsoft365.account"].browse(account_id).action_test_connection()
+            self.assertEqual(result["params"]["type"], "success")
+        with self.transaction() as env:
+            account = env["microsoft365.account"].browse(account_id)
+            self.assertEqual((account.status, account.last_error), ("connected", False))
