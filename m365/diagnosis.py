@@ -168,9 +168,11 @@ def diagnose_oauth(result, **params):
             return Diagnosis(f"AADSTS{code}", kind, summary, fix, description, params)
     error = result.get("error") or "unknown_error"
     kind = RECONNECT if error in ("invalid_grant", "interaction_required") else CONFIGURATION
-    if error in ("temporarily_unavailable", "server_error", "throttled"):
-        kind = TRANSIENT
     summary, fix = _UNKNOWN_OAUTH
+    if error in ("temporarily_unavailable", "server_error", "throttled"):
+        # Throttled (429, AADSTS90055) or down (503, AADSTS90033) beyond the retries: plain words.
+        kind = TRANSIENT
+        summary, fix = _UNAVAILABLE
     code = f"AADSTS{codes[0]}" if codes else error
     return Diagnosis(code, kind, summary, fix, description, dict(params, error=code))
 
@@ -189,15 +191,15 @@ def diagnose_transport(exc):
     )
 
 
+_UNAVAILABLE = (
+    _lt("Microsoft's sign-in service is busy or unavailable for now."),
+    _lt("Nothing to change: Odoo tries again at the next fetch or send."),
+)
+
+
 def diagnose_unavailable(detail):
     """Diagnosis of a 5xx or throttling answer that outlasted the retries."""
-    return Diagnosis(
-        "UNAVAILABLE",
-        TRANSIENT,
-        _lt("Microsoft's sign-in service is busy or unavailable for now."),
-        _lt("Nothing to change: Odoo tries again at the next fetch or send."),
-        str(detail)[:300],
-    )
+    return Diagnosis("UNAVAILABLE", TRANSIENT, *_UNAVAILABLE, str(detail)[:300])
 
 
 def diagnose_connection(protocol, host, port, exc):

@@ -41,6 +41,12 @@ class _RedactGrantCodes(logging.Filter):
 
 logging.getLogger("msal.token_cache").addFilter(_RedactGrantCodes())
 
+# A token is handed out only with at least this many seconds left: enough for the login of the
+# connection that uses it, after the slowest retried request (_TimeoutSession.BUDGET). MSAL alone
+# would refresh 5 minutes before expiry (msal 1.39 application.py: `expires_in < 5*60`), one extra
+# token request every 55 minutes; with this margin it is one per token lifetime.
+MIN_LIFE = 150
+
 # MSAL caches discovery GETs (24 h) and error/Retry-After answers here; sharing it across clients
 # avoids one openid-configuration request per connection.
 _HTTP_CACHE = {}
@@ -220,9 +226,10 @@ class IdentityClient:
             access_token=result.get("access_token", ""),
         )
 
-    def access_token(self, scopes, home_account_id=None, force_refresh=False):
-        """A valid access token, from the cache or by refreshing (rotating the refresh token);
-        `force_refresh` redeems the refresh token anyway (keeps an idle grant alive)."""
+    def access_token(self, scopes, home_account_id=None, force_refresh=False, min_life=MIN_LIFE):
+        """A valid access token with at least `min_life` seconds left, from the cache or by
+        refreshing (rotating the refresh token); `force_refresh` redeems the refresh token anyway
+        (keeps an idle grant alive). `min_life=None`: MSAL's own rule (5 minutes)."""
         accounts = self.msal_app.get_accounts()
         account = (
             next((a for a in accounts if a["home_account_id"] == home_account_id), None)
@@ -235,6 +242,10 @@ class IdentityClient:
                     {"error": "invalid_grant", "error_description": "AADSTS70008: no sign-in is stored."}
                 )
             )
+        if not force_refresh:
+            cached = self._cached_access_token(scopes, account["home_account_id"], min_life)
+            if cached is not None:
+                return cached
         result = self._call(
             lambda: self.msal_app.acquire_token_silent_with_error(scopes, account, force_refresh=force_refresh)
         )
@@ -254,10 +265,37 @@ class IdentityClient:
 
     # App-only flow --------------------------------------------------------------------------
 
-    def app_access_token(self, scopes):
+    def app_access_token(self, scopes, min_life=MIN_LIFE):
+        cached = self._cached_access_token(scopes, None, min_life)
+        if cached is not None:
+            return cached
         result = self._call(lambda: self.msal_app.acquire_token_for_client(scopes))
         self._raise_for(result)
         return _access_token(result)
+
+    def _cached_access_token(self, scopes, home_account_id, min_life):
+        """The cached access token MSAL would refresh although it has `min_life` seconds left (it
+        refreshes under 5 minutes); None where MSAL decides (more than 5 minutes left, a token
+        Microsoft asked to refresh early with refresh_in, none cached)."""
+        if min_life is None:
+            return None
+        authority = self.msal_app.authority
+        now = time.time()
+        for entry in self.cache.search(
+            self.cache.CredentialType.ACCESS_TOKEN,
+            target=scopes,
+            query={
+                "client_id": self.app.client_id,
+                "environment": authority.instance,
+                "realm": authority.tenant,
+                "home_account_id": home_account_id,
+            },
+        ):
+            left = int(entry["expires_on"]) - now
+            if left >= 5 * 60 or left < min_life or int(entry.get("refresh_on") or now + 1) <= now:
+                continue
+            return AccessToken(token=entry["secret"], expires_at=int(entry["expires_on"]), from_cache=True)
+        return None
 
     # ----------------------------------------------------------------------------------------
 
@@ -308,16 +346,28 @@ def _access_token(result):
 class _TimeoutSession:
     """The HTTP client MSAL uses: pooled, with bounded timeouts, and patient with a busy identity
     platform: 429 and 5xx answers and timeouts are retried a few times, honouring Retry-After, so
-    that one slow moment does not fail a fetch; what still fails is reported as transient."""
+    that one slow moment does not fail a fetch; what still fails is reported as transient.
+
+    Bounded: at most ATTEMPTS requests within BUDGET seconds (waits and timeouts together). MSAL
+    itself does not retry (msal 1.39 throttled_http_client.py only replays a 429/5xx answer from its
+    cache for Retry-After seconds, per account): nothing is retried twice. Once the retries are spent,
+    the same endpoint is answered at once for the Retry-After Microsoft asked (else PAUSE seconds
+    after timeouts), so that a cron going over hundreds of accounts during an outage does not wait
+    out every one of them."""
 
     RETRY_STATUSES = frozenset({429, 500, 502, 503, 504})
     ATTEMPTS = 3
     MAX_WAIT = 10.0  # seconds; a longer Retry-After is left to MSAL (it answers from its throttle cache)
+    BUDGET = 15.0  # seconds for all attempts of one request, timeouts and waits included
+    PAUSE = 30.0  # seconds an endpoint that timed out every attempt is left alone
+    _unavailable = {}  # url: (until, response or exception type), process-wide
+    _unavailable_lock = threading.Lock()
 
-    def __init__(self, session, timeout, sleep=time.sleep):
+    def __init__(self, session, timeout, sleep=time.sleep, clock=time.monotonic):
         self._session = session
         self._timeout = timeout
         self._sleep = sleep
+        self._clock = clock
 
     def get(self, url, **kwargs):
         return self._send(self._session.get, url, **kwargs)
@@ -326,28 +376,59 @@ class _TimeoutSession:
         return self._send(self._session.post, url, **kwargs)
 
     def _send(self, method, url, **kwargs):
-        kwargs.setdefault("timeout", self._timeout)
+        paused = self._paused(url)
+        if paused is not None:
+            if isinstance(paused, type):
+                raise paused(f"{url} is left alone for a moment after failing repeatedly")
+            return paused
+        timeout = kwargs.pop("timeout", self._timeout)
+        deadline = self._clock() + self.BUDGET
         for attempt in range(1, self.ATTEMPTS + 1):
-            last = attempt == self.ATTEMPTS
+            left = deadline - self._clock()
+            last = attempt == self.ATTEMPTS or left < 1.0
             try:
-                response = method(url, **kwargs)
-            except (requests.Timeout, requests.ConnectionError):
-                if last:
+                response = method(url, timeout=_bounded(timeout, left), **kwargs)
+            except (requests.Timeout, requests.ConnectionError) as exc:
+                wait = _backoff(attempt)
+                if last or self._clock() + wait >= deadline:
+                    self._pause(url, self.PAUSE, type(exc))
                     raise
                 _logger.info("Microsoft identity platform did not answer (attempt %s); retrying", attempt)
-                self._sleep(_backoff(attempt))
+                self._sleep(wait)
                 continue
-            if response.status_code not in self.RETRY_STATUSES or last:
+            if response.status_code not in self.RETRY_STATUSES:
                 return response
             wait = _retry_after(response, default=_backoff(attempt))
-            if wait > self.MAX_WAIT:
+            if last or wait > self.MAX_WAIT or self._clock() + wait >= deadline:
+                self._pause(url, min(_retry_after(response, default=0.0), 300.0), response)
                 return response
             _logger.info("Microsoft identity platform answered %s; retrying in %.1f s", response.status_code, wait)
             self._sleep(wait)
         return response
 
+    def _paused(self, url):
+        with self._unavailable_lock:
+            until, answer = self._unavailable.get(url, (0.0, None))
+            if until > self._clock():
+                return answer
+            self._unavailable.pop(url, None)
+            return None
+
+    def _pause(self, url, seconds, answer):
+        if seconds > 0:
+            with self._unavailable_lock:
+                self._unavailable[url] = (self._clock() + seconds, answer)
+
     def close(self):
         pass  # the pooled session outlives this client
+
+
+def _bounded(timeout, left):
+    """The request's timeout within what is left of the budget (requests takes a number or a pair)."""
+    left = max(left, 1.0)
+    if isinstance(timeout, tuple):
+        return tuple(min(part, left) if part else left for part in timeout)
+    return min(timeout, left) if timeout else left
 
 
 def _backoff(attempt):

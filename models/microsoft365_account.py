@@ -16,13 +16,9 @@ from ..m365.errors import (
     TransientFailure,
 )
 from ..m365.identity import unverified_claims
-from .microsoft365_app import _TOKEN_MEMO, _remember
+from .microsoft365_app import _TOKEN_MEMO, REFRESH_MARGIN, _remember
 
 _logger = logging.getLogger(__name__)
-
-# MSAL treats a token with less than 5 minutes left as expired; above this margin it is served
-# from the cache without a refresh, so the row lock is not needed.
-REFRESH_MARGIN = 5 * 60 + 30
 
 
 class Microsoft365Account(models.Model):
@@ -565,12 +561,14 @@ class Microsoft365Account(models.Model):
             with self.env.registry.cursor() as cr:
                 # READ COMMITTED: after waiting for the lock, read what the other worker committed.
                 cr.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                token = self._refresh_locked(cr, committed=True, force_refresh=force_refresh)
-                if token is not None:
-                    return token
+                token, written = self._refresh_locked(cr, committed=True, force_refresh=force_refresh)
+            if written:
+                self._show_committed(written)
+            if token is not None:
+                return token
         # The account was created by the calling transaction (invisible to any other), or tests
         # share one transaction: refresh in it.
-        token = self._refresh_locked(self.env.cr, committed=False, force_refresh=force_refresh)
+        token, _written = self._refresh_locked(self.env.cr, committed=False, force_refresh=force_refresh)
         self.invalidate_recordset()
         if token is None:
             raise UserError(
@@ -579,25 +577,42 @@ class Microsoft365Account(models.Model):
         return token
 
     def _refresh_locked(self, cr, committed, force_refresh=False):
+        """(token, the values written on the account row or None), in `cr` under the row lock."""
         cr.execute("SELECT token_cache_sealed FROM microsoft365_account WHERE id = %s FOR NO KEY UPDATE", [self.id])
         row = cr.fetchone()
         if row is None or not row[0]:
-            return None
+            return None, None
         client = self._identity_client_from(row[0])
         token = self._token_from(client, cr, committed, force_refresh)
         changed = client.changed_cache_state()
         if changed:
+            values = {
+                "token_cache_sealed": self.env["microsoft365.vault"]._encrypt(changed),
+                "token_expires_at": _datetime(token.expires_at),
+                "last_refresh": fields.Datetime.now(),
+                "status": "connected",
+                "last_error": False,
+            }
             cr.execute(
                 "UPDATE microsoft365_account SET token_cache_sealed = %s, token_expires_at = %s, "
-                "last_refresh = (now() at time zone 'UTC'), status = 'connected', last_error = NULL, "
+                "last_refresh = %s, status = 'connected', last_error = NULL, "
                 "write_date = (now() at time zone 'UTC') WHERE id = %s",
-                [self.env["microsoft365.vault"]._encrypt(changed), _datetime(token.expires_at), self.id],
+                [values["token_cache_sealed"], values["token_expires_at"], values["last_refresh"], self.id],
             )
             # Microsoft accepted the app registration again (a fixed clock, a restored consent...).
             cr.execute(
                 "UPDATE microsoft365_app SET problem = NULL WHERE id = %s AND problem IS NOT NULL", [self.app_id.id]
             )
-        return token.token
+            return token.token, values
+        return token.token, None
+
+    def _show_committed(self, values):
+        """What a transaction of its own just committed on this account, shown to the caller's
+        transaction: its snapshot (REPEATABLE READ) still holds the row as it was, and writing the
+        same values again would fail with "could not serialize access due to concurrent update"."""
+        for name, value in values.items():
+            field = self._fields[name]
+            self.env.cache.set(self, field, field.convert_to_cache(value, self))
 
     def _identity_client_from(self, sealed_cache):
         return self.app_id._identity_client(self.env["microsoft365.vault"]._decrypt(sealed_cache))
@@ -648,6 +663,7 @@ class Microsoft365Account(models.Model):
                 [status, values["last_error"], self.id],
             )
             own_cursor.commit()
+            self._show_committed(values)
             return
         # Kept when the caller goes on (fetchmail's cron catches and commits) and when it fails.
         self._keep_after_rollback(values)

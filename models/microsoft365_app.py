@@ -12,12 +12,16 @@ from odoo.exceptions import AccessError, UserError, ValidationError
 from ..m365 import certificates, identifiers
 from ..m365.clouds import CLOUDS
 from ..m365.errors import InvalidInput
-from ..m365.identity import AppCredentials, IdentityClient
+from ..m365.identity import MIN_LIFE, AppCredentials, IdentityClient
 
 CALLBACK_PATH = "/microsoft365/oauth/callback"
 DEFAULT_APP_PARAMETER = "mail_microsoft365_oauth.default_app_id"
 WRITE_ONLY_FIELDS = ["client_secret", "certificate_file", "certificate_passphrase"]
 
+# A token with more than this left is served from the cache without a refresh, so the row lock is
+# not needed; under it, the refresh runs under the lock (m365.identity.MIN_LIFE: what a connection
+# needs left for its login; the 30 s are the lock's own margin).
+REFRESH_MARGIN = MIN_LIFE + 30
 # Access tokens already read from a given stored token cache (an account's or an app's), per
 # process: a cache hit then costs a dictionary lookup. Keyed by the sealed state itself, so any
 # refresh (by any worker) misses it.
@@ -357,11 +361,11 @@ class Microsoft365App(models.Model):
         if (
             app.app_token_cache_sealed
             and app.app_token_expires_at
-            and app.app_token_expires_at.timestamp() - time.time() > 330
+            and app.app_token_expires_at.timestamp() - time.time() > REFRESH_MARGIN
         ):
             memo_key = (self.env.cr.dbname, "app", app.id, hashlib.sha256(app.app_token_cache_sealed.encode()).digest())
             remembered = _TOKEN_MEMO.get(memo_key)
-            if remembered and remembered.expires_at - time.time() > 330:
+            if remembered and remembered.expires_at - time.time() > REFRESH_MARGIN:
                 return remembered
             client = app._identity_client(self.env["microsoft365.vault"]._decrypt(app.app_token_cache_sealed))
             token = client.app_access_token(app._cloud().app_scopes())

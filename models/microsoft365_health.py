@@ -2,7 +2,12 @@
 the records, and brought to the responsible people once per problem."""
 
 import contextlib
+import logging
+import threading
 from datetime import timedelta
+
+import psycopg2
+from psycopg2.extensions import TRANSACTION_STATUS_INERROR
 
 from odoo import api, fields, models
 from odoo.exceptions import UserError
@@ -10,9 +15,12 @@ from odoo.tools import plaintext2html
 
 from ..m365.errors import M365Error
 
+_logger = logging.getLogger(__name__)
+
 # Refresh tokens die after 90 days without use: an idle one is redeemed well before that.
 KEEPALIVE_AFTER = timedelta(days=14)
 SECRET_WARNING = timedelta(days=30)
+HEALTH_BATCH = 100  # accounts per committed batch (those kept alive commit on their own)
 HEALTH_PROBLEMS = [
     ("ok", "OK"),
     ("reconnect", "Reconnect needed"),
@@ -36,16 +44,56 @@ class Microsoft365Account(models.Model):
 
     @api.model
     def _cron_health_check(self):
-        now = fields.Datetime.now()
-        for account in self.search([]):  # pylint: disable=no-search-all  # every account, by design
+        """Committed in batches (Odoo 18's cron progress API): an Odoo transaction (REPEATABLE READ)
+        can neither see nor overwrite an account row another transaction changed after it began
+        ("could not serialize access due to concurrent update"), and a keep-alive refresh commits on
+        its own cursor. So an account kept alive starts a new transaction before its health is
+        written, a concurrent change is retried in a new one, and each account's health is written
+        under a savepoint: one account's failure is logged and undoes nothing of the others."""
+        account_ids = self.search([]).ids  # pylint: disable=no-search-all  # every account, by design
+        for done, account_id in enumerate(account_ids, 1):
+            self._check_health_of(account_id)
+            if done % HEALTH_BATCH == 0 or done == len(account_ids):
+                self.env["ir.cron"]._notify_progress(done=done, remaining=len(account_ids) - done)
+                self._health_commit()
+        self.env["microsoft365.app"].search([])._update_health()  # pylint: disable=no-search-all
+
+    @api.model
+    def _check_health_of(self, account_id):
+        try:
+            account = self.browse(account_id).exists()
+            if not account:
+                return
             if account.status == "connected" and (
-                not account.last_refresh or account.last_refresh < now - KEEPALIVE_AFTER
+                not account.last_refresh or account.last_refresh < fields.Datetime.now() - KEEPALIVE_AFTER
             ):
+                self._health_commit()  # the batch so far is kept whatever happens to this refresh
                 with contextlib.suppress(M365Error, UserError):  # recorded on the account, reported below
                     account._access_token(force_refresh=True)
-                account.invalidate_recordset()
-            account._update_health()
-        self.env["microsoft365.app"].search([])._update_health()  # pylint: disable=no-search-all
+                # The refresh committed on its own cursor: write in a transaction that begins after it.
+                self._health_commit()
+            for attempt in (1, 2):
+                try:
+                    with self.env.cr.savepoint():
+                        account._update_health()
+                    return
+                except psycopg2.errors.SerializationFailure:
+                    # Another worker changed the account meanwhile (a fetch refreshed its token):
+                    # once more in a transaction that sees it.
+                    self.env.invalidate_all()
+                    if attempt == 2:
+                        raise
+                    self._health_commit()
+        except Exception:
+            if _auto_commit() and self.env.cr._cnx.info.transaction_status == TRANSACTION_STATUS_INERROR:
+                self.env.cr.rollback()  # outside the savepoint: nothing of this batch is left uncommitted
+            self.env.invalidate_all()
+            _logger.exception("Health check of Microsoft 365 account %s failed; the others go on", account_id)
+
+    def _health_commit(self):
+        if _auto_commit():
+            self.env.cr.commit()  # pylint: disable=invalid-commit  # see _cron_health_check
+            self.env.invalidate_all()  # read what other workers committed meanwhile
 
     def _current_problem(self):
         self.ensure_one()
@@ -106,6 +154,11 @@ class Microsoft365Account(models.Model):
                 summary=self.env._("Microsoft 365 mailbox %s needs attention", self.email),
                 note=plaintext2html(message),  # carries subjects and senders of external mail
             )
+
+
+def _auto_commit():
+    """Odoo's own test: a test's thread shares one transaction that must not be committed."""
+    return not getattr(threading.current_thread(), "testing", False)
 
 
 class Microsoft365App(models.Model):

@@ -9,6 +9,7 @@ import copy
 import hashlib
 import json
 import os
+import random
 import secrets
 import threading
 import time
@@ -44,6 +45,9 @@ SETTINGS_DEFAULTS = {
     # Identity platform (CONFORMANCE ID-15)
     "user_consent_allowed": True,  # False: users may not consent, only administrators
     "admin_consent_error": "access_denied",  # or "consent_required", Microsoft's example (ID-24)
+    # Access tokens live a random time from access_token_lifetime up to this (TOK-01: 60-90 minutes
+    # in Microsoft's cloud); 0: always access_token_lifetime.
+    "access_token_lifetime_max": 0,
 }
 
 
@@ -217,6 +221,7 @@ def default_seed():
 
 class Directory:
     def __init__(self, state_dir):
+        self._lifetimes = random.Random(75)  # reproducible runs: the same lifetimes in the same order
         self.path = Path(state_dir) / "directory.json"
         seed_path = Path(state_dir) / "seed.json"
         if not seed_path.exists():  # the seed's secrets and certificates stay the same across resets
@@ -248,6 +253,7 @@ class Directory:
             self.codes, self.sessions, self.counters, self.fault = {}, {}, {}, None
             self.id_token_fault = None
             self.mail_throttles = {}
+            self._lifetimes.seed(75)
             self.save()
 
     def _add_default_settings(self):
@@ -279,6 +285,11 @@ class Directory:
     @property
     def settings(self):
         return self.data["settings"]
+
+    def access_token_lifetime(self):
+        """Seconds the next access token lives (TOK-01)."""
+        shortest, longest = self.settings["access_token_lifetime"], self.settings["access_token_lifetime_max"]
+        return self._lifetimes.randint(shortest, longest) if longest > shortest else shortest
 
     @property
     def basic_auth_allowed(self):

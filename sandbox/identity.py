@@ -313,7 +313,7 @@ class IdentityServer:
     def issue_user_tokens(self, app, grant, appidacr, nonce=None):
         directory = self.directory
         user = directory.user(grant["upn"])
-        lifetime = directory.settings["access_token_lifetime"]
+        lifetime = directory.access_token_lifetime()
         tid = user["tenant"]
         scp = " ".join(grant["permissions"])
         access_claims = {
@@ -404,7 +404,7 @@ class IdentityServer:
         directory = self.directory
         consent = directory.consent(app["client_id"], tenant["id"])
         roles = list(app["application"]) if consent and consent.get("application") else []
-        lifetime = directory.settings["access_token_lifetime"]
+        lifetime = directory.access_token_lifetime()
         object_id = next(
             (
                 sp["object_id"]

@@ -17,4 +17,5 @@ from . import (
     test_setup_flow,
     test_signin_security,
     test_uninstall,
+    test_workers,
 )

@@ -1,9 +1,15 @@
 import contextlib
 import imaplib
 import ssl
+import threading
+from datetime import timedelta
 from unittest.mock import patch
 
-from odoo.tests import HttpCase, TransactionCase
+import odoo
+from odoo import SUPERUSER_ID, api
+from odoo.modules.registry import Registry
+from odoo.tests import BaseCase, HttpCase, TransactionCase
+from odoo.tools import config
 
 from ..m365.identity import AppCredentials, IdentityClient
 from ..sandbox.client import shared_sandbox
@@ -162,3 +168,92 @@ class BrowserCase(SandboxHttpCase):
         browser.fill("input[name=password]", "admin")
         browser.click("button[type=submit]", "Log in")
         browser.wait("location.pathname.startsWith('/odoo')", what="the web client")
+
+
+class CommittedCase(BaseCase):
+    """Outside test mode, as Odoo's HTTP and cron workers run: every transaction is a real one of its
+    own (`transaction()`, REPEATABLE READ as Odoo's cursors are) and commits; a second cursor, a
+    commit or a row lock behaves as in production. What a test commits is removed after it."""
+
+    def setUp(self):
+        super().setUp()
+        self.sandbox = shared_sandbox()
+        self.sandbox.reset()
+        self.registry = Registry(config["db_name"].split(",")[0])
+        self.assertFalse(self.registry.in_test_mode())  # else this case proves nothing
+        self.committed = []  # (model, id) removed after the test
+        self.addCleanup(self._remove_committed_records)
+
+    @contextlib.contextmanager
+    def transaction(self):
+        with self.registry.cursor() as cr:
+            yield api.Environment(cr, SUPERUSER_ID, {})
+
+    def _remove_committed_records(self):
+        with self.transaction() as env:
+            # Servers use accounts, which use app registrations: removed in that order.
+            order = ["fetchmail.server", "ir.mail_server", "microsoft365.account", "microsoft365.app"]
+            for model, record_id in sorted(self.committed, key=lambda entry: order.index(entry[0])):
+                env[model].browse(record_id).exists().unlink()
+
+    def committed_app(self, env, **values):
+        app = env["microsoft365.app"].create(dict(self.sandbox.odoo_app_values(), **values))
+        self.committed.append((app._name, app.id))
+        if app.redirect_uri not in self.sandbox.app()["redirect_uris"]:
+            self.sandbox.control("add_redirect_uri", client_id=app.client_id, redirect_uri=app.redirect_uri)
+        return app
+
+    def committed_account(self, env, app, email="alice@contoso.com"):
+        """An account of `app` signed in as `email` on the sandbox's page."""
+        account = env["microsoft365.account"].create({"email": email, "app_id": app.id})
+        self.committed.append((account._name, account.id))
+        client = app._identity_client()
+        flow = client.start_sign_in(app.redirect_uri, app._cloud().delegated_scopes(), login_hint=email)
+        account._store_sign_in(client, client.finish_sign_in(flow, self.sandbox.sign_in(flow["auth_uri"], email)))
+        return account
+
+    def run_cron_as_a_worker(self, xmlid):
+        """The scheduled action run as Odoo's cron worker runs it (ir.cron._process_job: its own
+        cursors, a commit after each batch, a failure counted on the job). Returns what made the run
+        fail: the errors the cron worker logged, with the failure count (empty: a clean run)."""
+        with self.transaction() as env:
+            cron = env.ref(xmlid)
+            saved = {"nextcall": cron.nextcall, "lastcall": cron.lastcall, "failure_count": cron.failure_count}
+            cron.write({"nextcall": odoo.fields.Datetime.now() - timedelta(minutes=1)})
+            cron_id = cron.id
+
+        def restore():
+            with self.transaction() as env:
+                env["ir.cron"].browse(cron_id).write(dict(saved, first_failure_date=False))
+
+        self.addCleanup(restore)
+        IrCron = self.registry["ir.cron"]
+        database = odoo.sql_db.db_connect(self.registry.db_name)
+        errors = []
+        callback = IrCron._callback
+
+        def callback_reporting_errors(cron, *args):
+            try:
+                return callback(cron, *args)
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}".strip())
+                raise
+
+        def cron_thread():  # a thread of its own, as Odoo's cron workers (not a test's thread)
+            try:
+                with database.cursor() as cron_cr:
+                    job = IrCron._acquire_one_job(cron_cr, cron_id)
+                    if not job:
+                        errors.append("the scheduled action was not ready to run")
+                        return
+                    IrCron._process_job(database, cron_cr, job)
+            except Exception as exc:  # noqa: BLE001 - reported to the test
+                errors.append(f"{type(exc).__name__}: {exc}")
+
+        with patch.object(IrCron, "_callback", callback_reporting_errors):
+            worker = threading.Thread(target=cron_thread, name="odoo.service.cron.cron0")
+            worker.start()
+            worker.join()
+        with self.transaction() as env:
+            failures = env["ir.cron"].browse(cron_id).failure_count
+        return errors + ([f"failure count {failures}"] if failures else [])

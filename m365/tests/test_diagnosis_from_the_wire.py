@@ -188,3 +188,86 @@ def test_imap_login_with_and_without_sasl_initial_response(box, sasl_ir):
     imap_authenticate(imap, "alice@contoso.com", token)
     assert imap.state == "SELECTED" and imap.select("INBOX")[0] == "OK"
     imap.logout()
+
+
+def test_aadsts70008_authorization_code_redeemed_too_late(box):
+    """A code lives about 10 minutes (ID-19): one redeemed later is refused, and says sign in again."""
+    import time
+    from unittest.mock import patch
+
+    identity = client(box)
+    flow = identity.start_sign_in(REDIRECT_URI, SCOPES, login_hint="alice@contoso.com")
+    params = box.sign_in(flow["auth_uri"], "alice@contoso.com")
+    later = time.time() + 11 * 60
+    with patch("time.time", lambda: later):  # this process's clock: MSAL's and the sandbox's
+        found = oauth_code(lambda: identity.finish_sign_in(flow, params))
+    assert found.code == "AADSTS70008" and found.needs_reconnect
+
+
+@pytest.mark.parametrize("wording", ["5.2.252", "5.2.0", "5.7.60"])
+def test_send_as_denied_in_each_of_exchanges_wordings(box, wording):
+    box.control("settings", smtp_send_as_denied=wording)
+    identity, sign_in = signed_in(box)
+    token = identity.access_token(SCOPES, sign_in.home_account_id).token
+    with smtplib.SMTP(box.host, box.ports["smtp"], timeout=10) as smtp:
+        smtp.starttls(context=ssl.create_default_context(cafile=box.ca_file))
+        smtp_authenticate(smtp, "alice@contoso.com", token)
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            smtp.sendmail("ceo@contoso.com", ["bob@contoso.com"], b"From: ceo@contoso.com\r\nSubject: x\r\n\r\nx\r\n")
+    assert wording in refused.value.smtp_error.decode()
+    found = diagnosis.diagnose_smtp(refused.value.smtp_code, refused.value.smtp_error)
+    assert found.code == "SMTP SendAsDenied" and "Add-RecipientPermission" in found.fix
+
+
+@pytest.mark.parametrize("reply", ["concurrent", "sender_thread"])
+def test_smtp_432_concurrent_connections_limit(box, reply):
+    box.control("settings", smtp_concurrency_limit=1, smtp_concurrency_reply=reply)
+    identity, sign_in = signed_in(box)
+    token = identity.access_token(SCOPES, sign_in.home_account_id).token
+    context = ssl.create_default_context(cafile=box.ca_file)
+    sessions = []
+    for _session in range(2):  # the first stays open while the second sends: refused at DATA
+        smtp = smtplib.SMTP(box.host, box.ports["smtp"], timeout=10)
+        smtp.starttls(context=context)
+        smtp_authenticate(smtp, "alice@contoso.com", token)
+        sessions.append(smtp)
+    try:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            sessions[1].sendmail("alice@contoso.com", ["bob@contoso.com"], b"Subject: x\r\n\r\nx\r\n")
+    finally:
+        for smtp in sessions:
+            smtp.close()
+    assert refused.value.smtp_code == 432
+    found = diagnosis.diagnose_smtp(refused.value.smtp_code, refused.value.smtp_error)
+    assert found.code == "SMTP 4.3.2" and found.transient
+
+
+def test_admin_consent_declined_arrives_with_admin_consent_true(box):
+    """`error=access_denied` (AADSTS65004) and `admin_consent=True` together: the error wins."""
+    from urllib.parse import urlencode
+
+    app = box.app()
+    url = f"{box.authority()}/adminconsent?" + urlencode(
+        {"client_id": app["client_id"], "redirect_uri": REDIRECT_URI, "state": "s"}
+    )
+    params = box.sign_in(url, "admin@contoso.com", accept=False)
+    assert params["error"] == "access_denied" and params.get("admin_consent") == "True"
+    found = diagnosis.diagnose_oauth(params)
+    assert found.code == "AADSTS65004" and not found.transient
+
+
+@pytest.mark.parametrize("kind, code", [("429", "AADSTS90055"), ("503", "UNAVAILABLE")])
+def test_a_throttled_or_unavailable_token_endpoint_is_transient_in_plain_words(box, kind, code):
+    """Beyond the row of the table: the token endpoint refusing for a while (Retry-After)."""
+    from m365.errors import TransientFailure
+    from m365.identity import _HTTP_CACHE, _TimeoutSession
+
+    box.control("settings", access_token_lifetime=120)
+    identity, sign_in = signed_in(box)
+    box.control("token_fault", kind=kind, count=3, retry_after=0)
+    with pytest.raises(TransientFailure) as failure:
+        identity.access_token(SCOPES, sign_in.home_account_id)
+    _TimeoutSession._unavailable.clear()
+    _HTTP_CACHE.clear()
+    found = failure.value.diagnosis
+    assert found.code == code and found.transient and "busy or unavailable" in found.summary

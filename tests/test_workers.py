@@ -1,0 +1,110 @@
+"""What runs in Odoo's real workers, outside test mode: the daily health check as the cron worker runs
+it, while its keep-alive refreshes commit on their own cursors."""
+
+from datetime import timedelta
+from unittest.mock import patch
+
+from odoo import fields
+from odoo.tests import tagged
+from odoo.tools import mute_logger
+
+from .common import CommittedCase
+
+HEALTH_CRON = "mail_microsoft365_oauth.ir_cron_microsoft365_health_check"
+QUIET = (
+    "odoo.addons.mail_microsoft365_oauth.models.microsoft365_account",
+    "odoo.addons.mail_microsoft365_oauth.models.microsoft365_health",
+)
+
+
+@tagged("post_install", "-at_install")
+class TestHealthCheckInACronWorker(CommittedCase):
+    """Idle sign-ins are refreshed on their own committed cursor; the check then writes the same
+    account rows. In one REPEATABLE READ transaction that is `could not serialize access due to
+    concurrent update` and the whole run is rolled back; each account has its own transaction."""
+
+    def setUp(self):
+        super().setUp()
+        with self.transaction() as env:
+            app = self.committed_app(env, name="Workers")
+            self.app_id = app.id
+            self.account_ids = [
+                self.committed_account(env, app, email).id for email in ("alice@contoso.com", "bob@contoso.com")
+            ]
+            env["microsoft365.account"].browse(self.account_ids).write(
+                {"last_refresh": fields.Datetime.now() - timedelta(days=20)}  # idle: kept alive by the check
+            )
+
+    def accounts(self, env):
+        return env["microsoft365.account"].browse(self.account_ids)
+
+    @mute_logger(*QUIET)
+    def test_the_health_check_refreshes_idle_sign_ins_and_records_health_in_one_run(self):
+        with self.transaction() as env:  # a health change to write on the accounts the refresh touched
+            env["microsoft365.app"].browse(self.app_id).secret_expires_on = fields.Date.today() + timedelta(days=10)
+        refreshes = self.sandbox.counter("token:refresh_token")
+        self.assertEqual(self.run_cron_as_a_worker(HEALTH_CRON), [])  # the run did not fail
+        self.assertEqual(self.sandbox.counter("token:refresh_token"), refreshes + 2)
+        with self.transaction() as env:
+            for account in self.accounts(env):
+                self.assertGreater(account.last_refresh, fields.Datetime.now() - timedelta(minutes=5))
+                self.assertEqual((account.status, account.health), ("connected", "secret_expiring"))
+                self.assertIn("expires on", account.health_message)
+            progress = env["ir.cron.progress"].search(
+                [("cron_id", "=", env.ref(HEALTH_CRON).id)], order="id desc", limit=1
+            )
+            self.assertEqual((progress.done, progress.remaining), (2, 0))  # Odoo 18's cron progress, per account
+
+    @mute_logger(*QUIET)
+    def test_a_grant_revoked_during_the_keep_alive_is_reported_by_the_same_run(self):
+        self.sandbox.control("revoke_sessions", user="alice@contoso.com")
+        self.assertEqual(self.run_cron_as_a_worker(HEALTH_CRON), [])
+        with self.transaction() as env:
+            alice, bob = self.accounts(env)
+            # The refusal was committed by the refresh's own transaction: the check must see it.
+            self.assertEqual((alice.status, alice.health), ("reconnect", "reconnect"))
+            self.assertIn("revoked", alice.health_message)
+            self.assertTrue(alice.activity_ids)  # the administrators are told today, not tomorrow
+            self.assertEqual((bob.status, bob.health), ("connected", "ok"))
+            self.assertGreater(bob.last_refresh, fields.Datetime.now() - timedelta(minutes=5))
+
+    @mute_logger(*QUIET)
+    def test_one_account_failing_does_not_roll_back_the_others(self):
+        with self.transaction() as env:
+            env["microsoft365.app"].browse(self.app_id).secret_expires_on = fields.Date.today() + timedelta(days=10)
+            alice_id = self.accounts(env)[0].id
+        Account = self.registry["microsoft365.account"]
+        update_health = Account._update_health
+
+        def broken_for_alice(accounts):
+            if alice_id in accounts.ids:
+                raise RuntimeError("something unexpected")
+            return update_health(accounts)
+
+        with patch.object(Account, "_update_health", broken_for_alice):
+            self.run_cron_as_a_worker(HEALTH_CRON)
+        with self.transaction() as env:
+            alice, bob = self.accounts(env)
+            self.assertEqual(bob.health, "secret_expiring")  # committed although alice's check failed
+            self.assertGreater(bob.last_refresh, fields.Datetime.now() - timedelta(minutes=5))
+            self.assertEqual(alice.health, "ok")
+
+
+@tagged("post_install", "-at_install")
+class TestButtonsInAWorker(CommittedCase):
+    """A button's request, in one real transaction, that refreshes the token on its own cursor and then
+    records its outcome on the same account."""
+
+    @mute_logger(*QUIET)
+    def test_test_connection_of_a_not_working_account_with_a_stale_token(self):
+        self.sandbox.control("settings", access_token_lifetime=120)  # the test refreshes first
+        with self.transaction() as env:
+            account = self.committed_account(env, self.committed_app(env, name="Buttons"))
+            account.write({"status": "failing", "last_error": "IMAP: the server could not be reached"})
+            account_id = account.id
+        with self.transaction() as env:
+            result = env["microsoft365.account"].browse(account_id).action_test_connection()
+            self.assertEqual(result["params"]["type"], "success")
+        with self.transaction() as env:
+            account = env["microsoft365.account"].browse(account_id)
+            self.assertEqual((account.status, account.last_error), ("connected", False))
