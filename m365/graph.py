@@ -195,8 +195,8 @@ def _error(response):
     return str(error.get("code", "")), str(error.get("message", ""))
 
 
-def _diagnosis(code, kind, summary, fix, detail, **params):
-    return Diagnosis(code, kind, summary, fix, detail, params)
+def _diagnosis(key, kind, summary, fix, detail, **params):
+    return Diagnosis(key, kind, summary, fix, detail, params)
 
 
 def diagnose_graph_transport(exc, host):

@@ -7,6 +7,7 @@ from . import (
     test_callback,
     test_concurrency,
     test_faults,
+    test_graph_transport,
     test_health,
     test_i18n,
     test_migration,
