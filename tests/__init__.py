@@ -4,6 +4,7 @@ from . import (
     test_account_connection,
     test_app_registration,
     test_browser_flow,
+    test_browser_graph,
     test_callback,
     test_concurrency,
     test_faults,
