@@ -102,12 +102,11 @@ class IrMailServer(models.Model):
     def _microsoft365_offer_graph(self, exc):
         """SMTP AUTH switched off (5.7.139): the error offers Use Microsoft Graph on the spot."""
         text = exc.args[0] if exc.args else ""
-        if (
-            "5.7.139" not in text
-            or len(self) != 1
-            or not self.microsoft365_switchable
-            and not self._microsoft365_in_use()
-        ):
+        # Only the form's Test Connection button asks for it (a RedirectWarning is no UserError: other callers,
+        # such as the connect wizard's confirmation, keep receiving the UserError they handle).
+        if not self.env.context.get("microsoft365_offer_graph") or "5.7.139" not in text or len(self) != 1:
+            return None
+        if not (self.microsoft365_switchable or self._microsoft365_in_use()):
             return None
         action = self.env.ref("mail_microsoft365_oauth.ir_mail_server_action_use_graph", raise_if_not_found=False)
         if not action:

@@ -147,8 +147,10 @@ class TestGraphTransport(FetchCase):
     def test_5_7_139_at_test_connection_offers_graph_and_the_switch_sends(self):
         account = self.connect(self.new_account())
         server = self.outgoing(account)  # SMTP with OAuth, SMTP AUTH off for the mailbox
-        with self.assertRaises(RedirectWarning) as offered:
+        with self.assertRaises(UserError):  # called from code: the UserError it always was
             server.test_smtp_connection()
+        with self.assertRaises(RedirectWarning) as offered:  # the form's button
+            server.with_context(microsoft365_offer_graph=True).test_smtp_connection()
         self.assertIn("SMTP AUTH is disabled", offered.exception.args[0])
         action, button, context = offered.exception.args[1:4]
         self.assertEqual(button, "Use Microsoft Graph")
@@ -156,8 +158,8 @@ class TestGraphTransport(FetchCase):
         self.env["ir.actions.server"].browse(action).with_context(**context).run()
         self.assertEqual(server.microsoft365_transport, "graph")
         server.test_smtp_connection()
-        self.send(server, "alice@contoso.com", "bob@contoso.com", "After the switch")
-        self.assertEqual(len(self.arrived("bob@contoso.com", "After the switch")), 1)
+        self.send(server, "alice@contoso.com", "bob@contoso.com", "Graph after the 5.7.139 switch")
+        self.assertEqual(len(self.arrived("bob@contoso.com", "Graph after the 5.7.139 switch")), 1)
 
     @mute_logger(*QUIET)
     def test_graph_refusals_of_a_send_are_named_with_their_fix(self):
