@@ -5,6 +5,7 @@ safety net, each Graph refusal in plain words, and a reply that finds its record
 import email
 import email.policy
 from unittest.mock import patch
+from urllib.parse import parse_qsl, urlsplit
 
 from odoo.exceptions import RedirectWarning, UserError
 from odoo.tests import tagged
@@ -347,3 +348,34 @@ class TestGraphTransport(FetchCase):
         self.sandbox.control("graph_app_scope", client_id=client_id, mailboxes=["info@contoso.com"])
         self.cron_fetch()
         self.assertEqual(self.partners("Outside the scope"), 1)
+
+
+@tagged("post_install", "-at_install")
+class TestGraphConsent(FetchCase):
+    """The Graph token is the second resource of the account's cache; where the consent does not cover
+    Graph, Use Microsoft Graph sends the person to Authorize once, for Graph's scopes."""
+
+    @mute_logger(*QUIET)
+    def test_without_graph_consent_use_graph_asks_once_for_the_graph_scopes(self):
+        tenant = self.sandbox.tenant()["id"]
+        self.sandbox.control("consent", client_id=self.app_registration.client_id, tenant=tenant, graph=False)
+        account = self.connect(self.new_account())
+        server = self.outgoing(account)
+        action = server.action_microsoft365_use_graph()
+        self.assertEqual(server.microsoft365_transport, "graph")
+        self.assertEqual(action["type"], "ir.actions.act_url")  # straight on to Microsoft's sign-in
+        self.assertIn("graph.microsoft.com%2FMail.Send", action["url"])
+        self.assertNotIn("SMTP.Send", action["url"])
+        state = dict(parse_qsl(urlsplit(action["url"]).query))["state"]
+        taken, flow = self.env["microsoft365.authorization"]._take(state, self.env.user)
+        for key in ("odoo_origin", "odoo_confirm_servers"):
+            flow.pop(key)
+        client = account.app_id._identity_client()
+        sign_in = client.finish_sign_in(flow, self.sandbox.sign_in(action["url"], "alice@contoso.com"))
+        taken._store_sign_in(client, sign_in)  # checked through Graph: SMTP AUTH may be off
+        self.assertEqual(taken, account)
+        self.assertEqual(account.status, "connected")
+        self.assertTrue(server._microsoft365_graph_ready())
+        message = server.build_email("alice@contoso.com", ["bob@contoso.com"], "Graph after consent", "Hello")
+        server.send_email(message, mail_server_id=server.id)
+        self.assertEqual(self.sandbox.counter("graph_sendmail"), 1)
