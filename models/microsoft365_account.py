@@ -479,9 +479,17 @@ class Microsoft365Account(models.Model):
         sign-in as "Not working", with the reason."""
         self.ensure_one()
         renewed = self.status != "not_connected" if renewed is None else renewed
-        scopes = self._sign_in_scopes()
+        # Signed in for Microsoft Graph (Mail.* scopes, with or without the resource in front, as Microsoft
+        # answers them): the mailbox is opened through Graph; for Exchange's scopes, over IMAP/POP3.
+        graph_sign_in = (
+            any(scope.rsplit("/", 1)[-1].startswith("Mail.") for scope in sign_in.scopes)
+            if sign_in.scopes
+            else self._uses_graph()
+        )
+        cloud = self.app_id._cloud()
+        scopes = cloud.graph_scopes() if graph_sign_in else cloud.delegated_scopes()
         token = sign_in.access_token or client.access_token(scopes, sign_in.home_account_id).token
-        if self._uses_graph():  # signed in for Graph: the mailbox is opened through Graph
+        if graph_sign_in:
             failures = self.sudo()._graph_failures(token)
         else:
             failures = self.sudo()._mailbox_failures(token, self.sudo()._mailbox_checks(incoming_only=True))

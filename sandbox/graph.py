@@ -24,6 +24,7 @@ import base64
 import binascii
 import datetime
 import email
+import email.message
 import email.policy
 import email.utils
 import imaplib
@@ -217,6 +218,8 @@ class GraphServer:
         self.base_url = f"https://{host}:{self.port}"
         self._in_flight = {}
         self._lock = threading.Lock()
+        self._uploads = {}  # upload session token -> what is uploaded so far
+        self._attachments = {}  # draft id -> [(name, content type, bytes)] added to it
 
     def start(self):
         threading.Thread(target=self.httpd.serve_forever, name="sandbox-graph", daemon=True).start()
@@ -307,8 +310,8 @@ class GraphServer:
 
     # the mail operations -----------------------------------------------------------------------
 
-    def send_mail(self, claims, mailbox, body):
-        directory = self.directory
+    @staticmethod
+    def _mime(body):
         if len(body) > SENDMAIL_LIMIT:
             raise GraphError(413, "RequestBodyTooLarge")
         try:
@@ -317,6 +320,109 @@ class GraphServer:
                 raise ValueError
         except (ValueError, binascii.Error):
             raise GraphError(400, "ErrorInvalidMimeContent") from None
+        return raw
+
+    def send_mail(self, claims, mailbox, body):
+        self._submit(claims, mailbox, self._mime(body))
+        self.directory.count("graph_sendmail")
+
+    # drafts, attachments and upload sessions (GRAPH-15) ----------------------------------------
+
+    def create_draft(self, imap, mailbox, body):
+        """POST /messages with MIME: a draft in Drafts; attachments may then be added to it."""
+        raw = self._mime(body)
+        self.store.ensure_folder(imap, "Drafts")
+        imap.append(self.store._quote("Drafts"), "(\\Draft)", None, raw)
+        validity, _count = self.store.select(imap, "Drafts", readonly=True)
+        typ, data = imap.uid("SEARCH", None, "ALL")
+        uid = max(int(u) for u in data[0].split())
+        return self.store.summaries(imap, "Drafts", validity, [uid])[0]
+
+    def add_attachment(self, imap, draft, name, content_type, content):
+        self.locate(imap, draft)
+        with self._lock:
+            self._attachments.setdefault(draft, []).append((name, content_type, content))
+
+    def create_upload_session(self, imap, mailbox, draft, item):
+        self.locate(imap, draft)
+        size = int(item.get("size") or 0)
+        if item.get("attachmentType", "file") != "file" or size <= 0:
+            raise GraphError(400, "BadRequest", "AttachmentItem needs attachmentType file and a size.")
+        if size > 150 * 1024 * 1024:
+            raise GraphError(400, "ErrorAttachmentSizeShouldNotBeLessThanMinimumSize", "The attachment is too large.")
+        token = uuid.uuid4().hex
+        with self._lock:
+            self._uploads[token] = {
+                "draft": draft,
+                "name": item.get("name") or "attachment",
+                "content_type": item.get("contentType") or "application/octet-stream",
+                "size": size,
+                "data": bytearray(),
+            }
+        expires = (datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(hours=1)).isoformat()
+        return {
+            "uploadUrl": f"{self.base_url}/upload/{token}",
+            "expirationDateTime": expires,
+            "nextExpectedRanges": ["0-"],
+        }
+
+    def upload(self, token, content_range, chunk):
+        """PUT to the upload URL (pre-authenticated: no Authorization header), ranges in order."""
+        with self._lock:
+            session = self._uploads.get(token)
+        if session is None:
+            raise GraphError(404, "ErrorItemNotFound")
+        match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", content_range or "")
+        if not match or int(match[3]) != session["size"] or int(match[1]) != len(session["data"]):
+            raise GraphError(416, "InvalidRange", "The Content-Range header is not the next expected range.")
+        if len(chunk) > 4 * 1024 * 1024 or int(match[2]) - int(match[1]) + 1 != len(chunk):
+            raise GraphError(400, "BadRequest", "The range does not match the body (at most 4 MB per request).")
+        session["data"] += chunk
+        if len(session["data"]) < session["size"]:
+            return 200, {"nextExpectedRanges": [f"{len(session['data'])}-"]}
+        with self._lock:
+            self._uploads.pop(token, None)
+            self._attachments.setdefault(session["draft"], []).append(
+                (session["name"], session["content_type"], bytes(session["data"]))
+            )
+        return 201, None
+
+    def send_draft(self, claims, mailbox, imap, draft):
+        folder, validity, uid = self.locate(imap, draft)
+        typ, data = imap.uid("FETCH", str(uid), "(BODY.PEEK[])")
+        raw = next(part[1] for part in data if isinstance(part, tuple))
+        message = email.message_from_bytes(raw, policy=email.policy.SMTP)
+        with self._lock:
+            attachments = self._attachments.pop(draft, [])
+        if attachments and not message.is_multipart():
+            body = email.message.EmailMessage(policy=email.policy.SMTP)
+            body.set_content(message.get_content())
+            for name, value in list(message.items()):
+                if name.lower() not in ("content-type", "content-transfer-encoding", "mime-version"):
+                    body[name] = value
+            message = body
+        for name, content_type, content in attachments:
+            maintype, _, subtype = content_type.partition("/")
+            if message.get_content_type() != "multipart/mixed":
+                message.make_mixed()
+            attachment = email.message.EmailMessage(policy=email.policy.SMTP)
+            attachment.set_content(content, maintype=maintype, subtype=subtype or "octet-stream", filename=name)
+            attachment.replace_header("Content-Disposition", f'attachment; filename="{name}"')
+            message.attach(attachment)
+        self._submit(claims, mailbox, message.as_bytes())
+        self.directory.count("graph_send_draft")
+        imap.uid("STORE", str(uid), "+FLAGS.SILENT", "(\\Deleted)")
+        imap.expunge()
+
+    def delete(self, imap, value):
+        folder, validity, uid = self.locate(imap, value)
+        imap.uid("STORE", str(uid), "+FLAGS.SILENT", "(\\Deleted)")
+        imap.expunge()
+        with self._lock:
+            self._attachments.pop(value, None)
+
+    def _submit(self, claims, mailbox, raw):
+        directory = self.directory
         if len(raw) > int(directory.settings.get("graph_max_message_bytes", 35 * 1024 * 1024)):
             raise GraphError(400, "ErrorMessageSizeExceeded")
         message = email.message_from_bytes(raw, policy=email.policy.SMTP)
@@ -357,7 +463,6 @@ class GraphServer:
             imap.append(self.store._quote("Sent Items"), "(\\Seen)", None, content)
         finally:
             imap.logout()
-        directory.count("graph_sendmail")
 
     def folder_name(self, imap, folder):
         name = WELL_KNOWN.get(folder.lower()) if not folder.startswith("AQMk") else None
@@ -502,6 +607,21 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PATCH(self):
         self._dispatch("PATCH")
 
+    def do_DELETE(self):
+        self._dispatch("DELETE")
+
+    def do_PUT(self):
+        """The pre-authenticated upload URL of an upload session."""
+        body = self._body()
+        parts = urlsplit(self.path).path.strip("/").split("/")
+        try:
+            if len(parts) != 2 or parts[0] != "upload":
+                raise GraphError(400, "BadRequest", "Unsupported request.")
+            status, answer = self.graph.upload(parts[1], self.headers.get("Content-Range"), body)
+        except GraphError as error:
+            return self._send(error.status, error.body(str(uuid.uuid4())), headers=error.headers)
+        self._send(status, answer)
+
     def _dispatch(self, method):
         graph = self.graph
         parts = urlsplit(self.path)
@@ -515,7 +635,10 @@ class _Handler(BaseHTTPRequestHandler):
             claims = graph.caller(self.headers.get("Authorization"))
             segments = [unquote(s) for s in (match["rest"] or "").strip("/").split("/") if s]
             action = "send" if segments == ["sendMail"] else "read"
+            if method == "POST" and len(segments) == 3 and segments[0] == "messages" and segments[2] == "send":
+                action = "send"
             mailbox = graph.authorize(claims, match["user"] or "me", action)
+            self._claims = claims
             key = graph.enter(claims, mailbox)
             graph.directory.count("graph_requests")
             graph.directory.count(f"graph:{method}:{'/'.join(s if not s.startswith('AA') else '*' for s in segments)}")
@@ -572,8 +695,35 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._send(
                     200, {"value": value, "@odata.deltaLink": self._link(segments, {"$deltatoken": token})}
                 )
+        return self._messages(method, imap, mailbox, segments, body)
+
+    def _messages(self, method, imap, mailbox, segments, body):
+        graph = self.graph
+        if segments == ["messages"] and method == "POST":
+            if not (self.headers.get("Content-Type") or "").startswith("text/plain"):
+                raise GraphError(400, "BadRequest", "This sandbox creates drafts from MIME content only.")
+            return self._send(201, graph.create_draft(imap, mailbox, body.strip()))
         if len(segments) >= 2 and segments[0] == "messages":
             rest = segments[2:]
+            if rest == ["attachments"] and method == "POST":
+                item = json.loads(body or b"{}")
+                graph.add_attachment(
+                    imap,
+                    segments[1],
+                    item.get("name") or "attachment",
+                    item.get("contentType") or "application/octet-stream",
+                    base64.b64decode(item.get("contentBytes") or ""),
+                )
+                return self._send(201, {"name": item.get("name")})
+            if rest == ["attachments", "createUploadSession"] and method == "POST":
+                item = json.loads(body or b"{}").get("AttachmentItem") or {}
+                return self._send(201, graph.create_upload_session(imap, mailbox, segments[1], item))
+            if rest == ["send"] and method == "POST":
+                graph.send_draft(self._claims, mailbox, imap, segments[1])
+                return self._send(202)
+            if not rest and method == "DELETE":
+                graph.delete(imap, segments[1])
+                return self._send(204)
             if rest == ["$value"] and method == "GET":
                 return self._send(200, graph.raw(imap, segments[1]), "text/plain")
             if not rest and method == "GET":

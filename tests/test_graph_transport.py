@@ -4,6 +4,7 @@ safety net, each Graph refusal in plain words, and a reply that finds its record
 
 import email
 import email.policy
+import os
 from unittest.mock import patch
 from urllib.parse import parse_qsl, urlsplit
 
@@ -127,6 +128,23 @@ class TestGraphTransport(FetchCase):
         server.send_email(message, mail_server_id=server.id)
         [to_admin] = self.arrived("admin@contoso.com", "With a Bcc")
         self.assertIsNone(to_admin["Bcc"])  # Exchange keeps it off the delivered copies
+
+    def test_a_large_attachment_is_sent_through_a_draft_and_an_upload_session(self):
+        account = self.connect(self.new_account())
+        server = self.graph_outgoing(account)
+        content = os.urandom(5 * 1024 * 1024)  # over sendMail's 4 MB per request
+        message = server.build_email(
+            "alice@contoso.com",
+            ["bob@contoso.com"],
+            "Graph large quote",
+            "See the attached quote.",
+            attachments=[("quote.pdf", content, "application/pdf")],
+        )
+        server.send_email(message, mail_server_id=server.id)
+        [received] = self.arrived("bob@contoso.com", "Graph large quote")
+        [attachment] = list(received.iter_attachments())
+        self.assertEqual((attachment.get_filename(), attachment.get_payload(decode=True)), ("quote.pdf", content))
+        self.assertEqual(self.sandbox.counter("graph_send_draft"), 1)
 
     @mute_logger(*QUIET)
     def test_a_shared_mailbox_sends_as_itself_and_a_refused_send_as_is_explained(self):

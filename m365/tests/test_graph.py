@@ -216,13 +216,40 @@ def test_app_only_refusals_are_diagnosed(box, setup, mailbox, action, code):
         assert 'Role "Application Mail.Send"' in found.params["rbac_lines"]
 
 
-def test_a_message_over_the_sendmail_limit_is_refused_before_sending(box):
+def test_a_large_message_goes_through_a_draft_and_an_upload_session(box):
     client = app_graph(box, "info@contoso.com")
-    message = mime("info@contoso.com", "bob@contoso.com", "Large")
-    message.add_attachment(b"x" * (3 * 1024 * 1024 + 100), maintype="application", subtype="octet-stream")
+    message = mime("info@contoso.com", "bob@contoso.com", "Large through Graph")
+    large = bytes(range(256)) * (5 * 4096 + 7)  # about 5 MB: over sendMail's 4 MB, through an upload session
+    small = b"small attachment" * 1000
+    message.add_attachment(large, maintype="application", subtype="octet-stream", filename="large.bin")
+    message.add_attachment(small, maintype="text", subtype="plain", filename="small.txt")
+    client.send_mime(message.as_bytes())
+    assert box.counter("graph_sendmail") == 0  # not one sendMail: a draft, then send
+    [received] = imap_messages(box, "bob@contoso.com", subject="Large through Graph")
+    parts = {part.get_filename(): part.get_payload(decode=True) for part in received.iter_attachments()}
+    assert parts == {"large.bin": large, "small.txt": small}
+    assert received["Message-ID"] == message["Message-ID"]
+    assert client.folder("drafts")["totalItemCount"] == 0  # the draft became the sent message
+
+
+def test_a_message_too_large_even_without_its_attachments_is_refused_before_sending(box):
+    client = app_graph(box, "info@contoso.com")
+    message = mime("info@contoso.com", "bob@contoso.com", "Large text")
+    message.set_content("x" * (3 * 1024 * 1024 + 100))
     with pytest.raises(GraphFailed) as refused:
         client.send_mime(message.as_bytes())
     assert refused.value.diagnosis.code == "GRAPH TOO LARGE" and client.requests == 0
+
+
+def test_the_tenant_maximum_refuses_a_large_message_and_no_draft_is_left(box):
+    box.control("settings", graph_max_message_bytes=4 * 1024 * 1024)
+    client = app_graph(box, "info@contoso.com")
+    message = mime("info@contoso.com", "bob@contoso.com", "Over the tenant maximum")
+    message.add_attachment(b"y" * (5 * 1024 * 1024), maintype="application", subtype="octet-stream", filename="y")
+    with pytest.raises(GraphFailed) as refused:
+        client.send_mime(message.as_bytes())
+    assert refused.value.diagnosis.code == "GRAPH TOO LARGE"
+    assert client.folder("drafts")["totalItemCount"] == 0
 
 
 def test_a_delegate_sends_for_a_shared_mailbox_only_with_send_as(box):
