@@ -218,6 +218,8 @@ class GraphServer:
         self.base_url = f"https://{host}:{self.port}"
         self._in_flight = {}
         self._lock = threading.Lock()
+        self._holds = 0  # requests still to be held in flight (graph_fault kind "hold")
+        self._released = threading.Event()
         self._uploads = {}  # upload session token -> what is uploaded so far
         self._attachments = {}  # draft id -> [(name, content type, bytes)] added to it
 
@@ -300,8 +302,15 @@ class GraphServer:
         limit = int(directory.settings.get("graph_concurrency_limit", 4))
         with self._lock:
             if self._in_flight.get(key, 0) >= limit:
+                directory.count("graph_throttled:concurrency")
                 raise GraphError(429, "ApplicationThrottled", headers={"Retry-After": "1"})
             self._in_flight[key] = self._in_flight.get(key, 0) + 1
+            hold = self._holds > 0
+            if hold:
+                self._holds -= 1
+        if hold:  # a test keeps this request in flight until it releases it (graph_fault kind "hold")
+            directory.count("graph_held")
+            self._released.wait(30)
         return key
 
     def leave(self, key):
@@ -745,10 +754,21 @@ class _Handler(BaseHTTPRequestHandler):
         return f"{self.graph.base_url}/v1.0/{user}/{'/'.join(segments)}?{urlencode(query)}"
 
 
-def set_graph_fault(directory, body):
+def set_graph_fault(directory, body, graph=None):
     kind = str(body.get("kind", "none"))
-    if kind not in ("429", "503", "none"):
-        raise KeyError(f"kind={kind!r} (429, 503 or none)")
+    if kind not in ("429", "503", "hold", "release", "none"):
+        raise KeyError(f"kind={kind!r} (429, 503, hold, release or none)")
+    if kind in ("hold", "release"):
+        if graph is None:
+            raise KeyError("the Graph server is not running")
+        with graph._lock:
+            if kind == "hold":
+                graph._released.clear()
+                graph._holds = int(body.get("count", 1))
+            else:
+                graph._holds = 0
+                graph._released.set()
+        return
     with directory.lock:
         directory.data["graph_fault_live"] = (
             None

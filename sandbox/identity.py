@@ -172,6 +172,7 @@ class IdentityServer:
         self.base_url = f"https://{host}:{self.port}"
         self._thread = None
         self.deliver = None  # set by the service once the mail servers run
+        self.graph = None  # the Graph server, once it runs (its "hold" faults)
 
     def start(self):
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="sandbox-identity", daemon=True)
@@ -939,6 +940,10 @@ def _set_fault(identity, body):
 
 def _reset(identity, body):
     identity.directory.reset()
+    if identity.graph is not None:  # no request stays held in flight by an earlier test
+        from .graph import set_graph_fault
+
+        set_graph_fault(identity.directory, {"kind": "release"}, identity.graph)
 
 
 def _revoke_sessions(identity, body):
@@ -1082,7 +1087,7 @@ def _mailbox_enabled(identity, body):
 def _graph_fault(identity, body):
     from .graph import set_graph_fault
 
-    set_graph_fault(identity.directory, body)
+    set_graph_fault(identity.directory, body, identity.graph)
 
 
 def _graph_app_scope(identity, body):

@@ -83,6 +83,7 @@ class SandboxService:
 
         try:
             self.graph = GraphServer(self.directory, self.tls, HOST, self.ports["graph"], self.mail).start()
+            self.identity.graph = self.graph
         except BaseException:
             self.mail.stop()
             self.identity.stop()

@@ -6,6 +6,8 @@ import email
 import email.policy
 import imaplib
 import ssl
+import threading
+import time
 from email.message import EmailMessage
 
 import pytest
@@ -271,3 +273,31 @@ def test_an_unscoped_app_is_warned_about_with_the_rbac_lines(box):
     warning = unscoped_app_warning(roles, app_id="abc", app_name="Odoo", mailbox="info@contoso.com")
     assert warning.code == "GRAPH APP UNSCOPED" and "New-ManagementScope" in warning.params["rbac_lines"]
     assert unscoped_app_warning([]) is None
+
+
+def test_a_fifth_concurrent_request_of_an_app_on_a_mailbox_is_throttled(box):
+    """Graph allows 4 concurrent requests per app and mailbox (GRAPH-10): four are held in flight by the
+    sandbox until the test releases them, and the fifth meets 429 ApplicationThrottled with Retry-After."""
+    box.control("graph_fault", kind="hold", count=4)
+    results = []
+    held = [app_graph(box, "info@contoso.com") for _ in range(4)]
+    threads = [threading.Thread(target=lambda c=c: results.append(c.folder("inbox")["displayName"])) for c in held]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 20  # a bound for a stuck run, not a timing assumption
+    while box.counter("graph_held") < 4 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert box.counter("graph_held") == 4
+    waits = []
+    fifth = app_graph(box, "info@contoso.com", sleep=waits.append)
+    fifth.ATTEMPTS = 1
+    with pytest.raises(GraphFailed) as throttled:
+        fifth.folder("inbox")
+    assert throttled.value.code == "ApplicationThrottled" and throttled.value.retry_after == 1
+    assert throttled.value.diagnosis.code == "GRAPH THROTTLED"
+    other_mailbox = app_graph(box, "sales@contoso.com")
+    assert other_mailbox.folder("inbox")["displayName"] == "Inbox"  # the limit is per mailbox
+    box.control("graph_fault", kind="release")
+    for thread in threads:
+        thread.join(30)
+    assert results == ["Inbox"] * 4
