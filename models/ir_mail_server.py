@@ -364,5 +364,8 @@ class IrMailServer(models.Model):
             # Exchange's SMTP AUTH takes only the signed-in user; a shared address is the From.
             smtp_authenticate(raw, account._smtp_login_user(), token)
         except M365Error as exc:
-            raise UserError(account._explain_mail_refusal(exc.diagnosis, token)) from None
+            text = account._explain_mail_refusal(exc.diagnosis, token)
+            if exc.diagnosis.code == "SMTP 5.7.139":  # SMTP AUTH switched off: Graph needs none
+                text += "\n" + self._microsoft365_graph_hint()
+            raise UserError(text) from None
         raw._microsoft365_server_id = self.id  # send_email explains Exchange's refusals of this session

@@ -180,6 +180,24 @@ class TestGraphTransport(FetchCase):
         self.send(server, "alice@contoso.com", "bob@contoso.com", "Graph after the 5.7.139 switch")
         self.assertEqual(len(self.arrived("bob@contoso.com", "Graph after the 5.7.139 switch")), 1)
 
+    @mute_logger(*QUIET, "odoo.addons.mail.models.mail_mail")
+    def test_a_queued_mail_refused_with_5_7_139_names_graph_as_the_way_out(self):
+        account = self.connect(self.new_account())
+        server = self.outgoing(account)  # SMTP, SMTP AUTH off for alice
+        mail = self.env["mail.mail"].create(
+            {
+                "email_from": "alice@contoso.com",
+                "email_to": "bob@contoso.com",
+                "subject": "Refused by SMTP AUTH off",
+                "body_html": "<p>Hello</p>",
+                "mail_server_id": server.id,
+            }
+        )
+        mail.send(raise_exception=False)
+        self.assertEqual(mail.state, "exception")
+        self.assertIn("SMTP AUTH is disabled", mail.failure_reason)
+        self.assertIn("Use Microsoft Graph on the outgoing server", mail.failure_reason)
+
     @mute_logger(*QUIET)
     def test_graph_refusals_of_a_send_are_named_with_their_fix(self):
         account = self.connect(self.new_account())
