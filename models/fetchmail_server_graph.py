@@ -3,7 +3,7 @@ Odoo's mail gateway, then marked read or moved. Kept apart from the IMAP path (f
 ``fetch_mail`` hands the Graph servers here and everything else on unchanged."""
 
 import logging
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 from odoo import api, fields, models
 from odoo.exceptions import UserError, ValidationError
@@ -77,17 +77,16 @@ class FetchmailServerGraph(models.Model):
         retry_after = getattr(exc, "retry_after", None)
         values = {"microsoft365_fetch_error": message, "microsoft365_fetch_failed_at": fields.Datetime.now()}
         if found and found.transient and retry_after:
-            values["microsoft365_retry_at"] = (datetime.now() + timedelta(seconds=retry_after + 1)).replace(
-                microsecond=0
-            )
+            # Whole seconds, rounded up: never before Microsoft's time.
+            values["microsoft365_retry_at"] = fields.Datetime.now() + timedelta(seconds=int(retry_after) + 1)
         self.write(values)
         raise UserError(message)
 
     def _microsoft365_fetch_graph(self):
-        """Unread messages of the folder, oldest first; each one processed in a savepoint, then marked read
-        (or moved), then committed. A crash between processing and marking fetches it again next time:
-        Odoo's gateway ignores a Message-ID it already has, so it is processed once. A message Odoo cannot
-        process stays unread and is retried, then listed on the server like the IMAP path's."""
+        """Unread messages of the folder, oldest first; each one processed in a savepoint and committed, then
+        marked read (or moved). A crash between the two fetches it again next time: Odoo's gateway ignores a
+        Message-ID it already has, so it is processed once. A message Odoo cannot process stays unread and is
+        retried, then listed on the server like the IMAP path's."""
         self.ensure_one()
         if self.microsoft365_retry_at and self.microsoft365_retry_at > fields.Datetime.now():
             raise UserError(
