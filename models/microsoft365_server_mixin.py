@@ -239,16 +239,20 @@ class Microsoft365ServerMixin(models.AbstractModel):
             server.microsoft365_transport = "graph"
             account = server.microsoft365_account_id
             account.message_post(body=self.env._("Mail server %s now uses Microsoft Graph.", server.name))
-            report.append(
-                self.env._(
-                    "%(server)s: uses Microsoft Graph with %(mailbox)s%(next)s",
+            if server._microsoft365_graph_ready():
+                line = self.env._(
+                    "%(server)s: uses Microsoft Graph with %(mailbox)s.",
                     server=server.display_name,
                     mailbox=account.email,
-                    next=""
-                    if server._microsoft365_graph_ready()
-                    else self.env._(" (click Authorize on it: Microsoft asks once for the Graph permissions)."),
                 )
-            )
+            else:
+                line = self.env._(
+                    "%(server)s: uses Microsoft Graph with %(mailbox)s; click Authorize on it, Microsoft asks once "
+                    "for the Graph permissions.",
+                    server=server.display_name,
+                    mailbox=account.email,
+                )
+            report.append(line)
         if len(self) == 1 and self._microsoft365_in_use() and not self._microsoft365_graph_ready():
             return self.action_microsoft365_authorize()
         return {
