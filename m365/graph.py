@@ -412,7 +412,7 @@ def diagnose_graph(status, code, message, *, mailbox, action="read", app_only=Fa
             return _diagnosis(
                 "GRAPH APP PERMISSION",
                 CONFIGURATION,
-                _lt("The app has no Microsoft Graph permission to %(action)s mail of %(mailbox)s."),
+                _lt("The app has no Microsoft Graph permission on the mail of %(mailbox)s."),
                 _lt(
                     "Give it the mailbox the way Microsoft recommends, RBAC for Applications, in Exchange Online "
                     "PowerShell:\n%(rbac_lines)s\n"
@@ -426,7 +426,7 @@ def diagnose_graph(status, code, message, *, mailbox, action="read", app_only=Fa
             return _diagnosis(
                 "GRAPH SHARED MAILBOX",
                 CONFIGURATION,
-                _lt("%(login)s may not %(action)s mail of the mailbox %(mailbox)s through Microsoft Graph."),
+                _lt("%(login)s may not use the mailbox %(mailbox)s through Microsoft Graph."),
                 _lt(
                     "The app registration needs the delegated Microsoft Graph permissions Mail.ReadWrite.Shared and "
                     "Mail.Send.Shared (then Authorize again), and %(login)s needs Full Access and Send As on "
@@ -440,7 +440,7 @@ def diagnose_graph(status, code, message, *, mailbox, action="read", app_only=Fa
         return _diagnosis(
             "GRAPH PERMISSION",
             CONFIGURATION,
-            _lt("Microsoft Graph refused to %(action)s mail of %(mailbox)s: a permission is missing."),
+            _lt("Microsoft Graph refused access to the mail of %(mailbox)s: a permission is missing."),
             _lt(
                 "In Entra ID > App registrations > the app > API permissions, add Microsoft Graph > Delegated "
                 "permissions Mail.ReadWrite and Mail.Send, grant consent, then click Authorize again."

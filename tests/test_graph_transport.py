@@ -158,7 +158,7 @@ class TestGraphTransport(FetchCase):
         with self.assertRaises(MailDeliveryException) as refused:
             self.send(server, "info@contoso.com", "bob@contoso.com", "Refused through Graph")
         text = refused.exception.args[1]
-        self.assertIn("alice@contoso.com may not send mail of the mailbox info@contoso.com", text)
+        self.assertIn("alice@contoso.com may not use the mailbox info@contoso.com through Microsoft Graph", text)
         self.assertIn('Add-RecipientPermission -Identity "info@contoso.com" -Trustee "alice@contoso.com"', text)
         self.assertFalse(any(raw in text for raw in RAW), text)
 
