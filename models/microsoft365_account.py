@@ -191,7 +191,11 @@ class Microsoft365Account(models.Model):
     def _compute_is_administrator(self):
         self.is_administrator = self.env.user.has_group("base.group_system")
 
-    @api.depends("incoming_server_ids.state", "outgoing_server_ids")
+    @api.depends(
+        "incoming_server_ids.state",
+        "incoming_server_ids.microsoft365_transport",
+        "outgoing_server_ids.microsoft365_transport",
+    )
     def _compute_server_summary(self):
         for account in self:
             sudo = account.sudo()
@@ -199,12 +203,19 @@ class Microsoft365Account(models.Model):
                 self.env._(
                     "Incoming: %(name)s (%(protocol)s, %(state)s)",
                     name=server.name,
-                    protocol=server.server_type.upper(),
+                    protocol="Microsoft Graph"
+                    if server.microsoft365_transport == "graph"
+                    else server.server_type.upper(),
                     state=self.env._("confirmed") if server.state == "done" else self.env._("not confirmed"),
                 )
                 for server in sudo.incoming_server_ids
             ]
-            lines += [self.env._("Outgoing: %(name)s (SMTP)", name=server.name) for server in sudo.outgoing_server_ids]
+            lines += [
+                self.env._("Outgoing: %(name)s (Microsoft Graph)", name=server.name)
+                if server.microsoft365_transport == "graph"
+                else self.env._("Outgoing: %(name)s (SMTP)", name=server.name)
+                for server in sudo.outgoing_server_ids
+            ]
             account.server_summary = "\n".join(lines) or self.env._("No mail server uses this account yet.")
 
     # Actions ----------------------------------------------------------------------------------

@@ -177,6 +177,7 @@ class TestGraphTransport(FetchCase):
         self.env["ir.actions.server"].browse(action).with_context(**context).run()
         self.assertEqual(server.microsoft365_transport, "graph")
         server.test_smtp_connection()
+        self.assertIn(f"Outgoing: {server.name} (Microsoft Graph)", account.server_summary)
         self.send(server, "alice@contoso.com", "bob@contoso.com", "Graph after the 5.7.139 switch")
         self.assertEqual(len(self.arrived("bob@contoso.com", "Graph after the 5.7.139 switch")), 1)
 
