@@ -20,6 +20,7 @@
         "views/microsoft365_connect_wizard_views.xml",
         "views/res_config_settings_views.xml",
         "views/microsoft365_switch_actions.xml",
+        "views/microsoft365_graph_views.xml",
         "views/menus.xml",
         "data/ir_cron.xml",
         # Sign in to Odoo with Microsoft (issue 13)

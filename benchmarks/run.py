@@ -244,13 +244,58 @@ plain_smtp = env["ir.mail_server"].create(
         "smtp_pass": password,
     }
 )
+oauth_send = queue_and_send(oauth_smtp, "OAuth")
 row(
     f"send {SENDS} messages",
-    queue_and_send(oauth_smtp, "OAuth"),
+    oauth_send,
     queue_and_send(plain_smtp, "Plain"),
     "s",
     "XOAUTH2 vs AUTH LOGIN",
 )
+
+print("== Microsoft Graph next to SMTP / IMAP (same run, same mailbox)", flush=True)
+graph_smtp = oauth_smtp.copy({"name": "graph", "microsoft365_transport": "graph"})
+env.cr.commit()
+account._graph_token()  # the Graph token drawn once from the account's cache (no second sign-in)
+env.cr.commit()
+row(
+    f"send {SENDS} messages through Graph",
+    queue_and_send(graph_smtp, "Graph"),
+    oauth_send,
+    "s",
+    "sendMail with MIME vs SMTP XOAUTH2",
+)
+graph_fetcher = incoming(
+    "graph", connect_with="microsoft365", microsoft365_account_id=account.id, microsoft365_transport="graph"
+)
+oauth_fetcher = fetchers["oauth"]
+env.cr.commit()
+graph_fetch = imap_fetch = 0.0
+for round_number in range(5):
+    imap_fetch += fetch(oauth_fetcher, f"imap-again-{round_number}", MESSAGES // 5)
+    graph_fetch += fetch(graph_fetcher, f"graph-{round_number}", MESSAGES // 5)
+assert env["res.partner"].search_count([("name", "=like", "graph-%")]) == MESSAGES
+row(
+    f"fetch {MESSAGES} messages through Graph",
+    graph_fetch,
+    imap_fetch,
+    "s",
+    "unread list + $value + isRead per message vs IMAP XOAUTH2",
+)
+
+
+def empty_check(server):
+    return timed(lambda: server.fetch_mail(), 20 if QUICK else 50)
+
+
+row(
+    "mailbox check with nothing new, median",
+    empty_check(graph_fetcher),
+    empty_check(oauth_fetcher),
+    "ms",
+    "Graph: one list request; IMAP: connect, XOAUTH2, SELECT, SEARCH, LOGOUT",
+)
+env.cr.commit()
 
 print("== token endpoint over a simulated day", flush=True)
 
@@ -350,6 +395,17 @@ row(
     note=f"now vs MSAL's rule, Microsoft's random lifetimes (TOK-01); least life {ours_random_least:.0f} s",
 )
 sandbox.control("settings", access_token_lifetime=3600, access_token_lifetime_max=0)
+before = sandbox.counter("token:refresh_token")
+with virtual_clock() as clock:
+    for _run in range(24 * 12):
+        account._graph_token()
+        clock[0] += 300
+row(
+    "Graph token requests per account per day (cron every 5 min)",
+    sandbox.counter("token:refresh_token") - before,
+    ours_requests,
+    note="Graph as the second resource of the same cache vs the Exchange token",
+)
 
 app_only = env["microsoft365.app"].create(dict(sandbox.odoo_app_values(), name="app-only", flow="app_only"))
 mailboxes = env["microsoft365.account"].create(

@@ -12,6 +12,8 @@ PROTOCOL_SCOPES = {
     "smtp": "SMTP.Send",
 }
 
+GRAPH_SCOPES = ("Mail.ReadWrite", "Mail.ReadWrite.Shared", "Mail.Send", "Mail.Send.Shared")
+
 
 @dataclass(frozen=True)
 class Cloud:
@@ -23,6 +25,9 @@ class Cloud:
     imap_host: str
     pop_host: str
     smtp_host: str
+    # Microsoft Graph: its host is also the resource of its scopes (CONFORMANCE GRAPH-12)
+    graph_url: str = "https://graph.microsoft.com"
+    graph_resource: str = ""  # empty: graph_url (a proxy or the sandbox sets it apart)
     imap_port: int = 993
     pop_port: int = 995
     smtp_port: int = 587
@@ -37,6 +42,13 @@ class Cloud:
 
     def app_scopes(self):
         return [f"{self.app_resource}/.default"]
+
+    def graph_scopes(self):
+        """Delegated Microsoft Graph mail scopes: own and shared mailboxes, read/write and send."""
+        return [f"{self.graph_resource or self.graph_url}/{p}" for p in GRAPH_SCOPES]
+
+    def graph_app_scopes(self):
+        return [f"{self.graph_resource or self.graph_url}/.default"]
 
     def with_overrides(self, **values):
         """A copy with the given endpoints replaced (empty values keep the default)."""
@@ -65,6 +77,7 @@ CLOUDS = {
             imap_host="outlook.office365.us",
             pop_host="outlook.office365.us",
             smtp_host="smtp.office365.us",
+            graph_url="https://graph.microsoft.us",
         ),
         Cloud(
             key="usgov_dod",
@@ -77,6 +90,7 @@ CLOUDS = {
             imap_host="outlook-dod.office365.us",
             pop_host="outlook-dod.office365.us",
             smtp_host="outlook-dod.office365.us",
+            graph_url="https://dod-graph.microsoft.us",
         ),
         Cloud(
             key="china",
@@ -87,6 +101,7 @@ CLOUDS = {
             imap_host="partner.outlook.cn",
             pop_host="partner.outlook.cn",
             smtp_host="smtp.partner.outlook.cn",  # public samples; unconfirmed by Microsoft (CLD-04)
+            graph_url="https://microsoftgraph.chinacloudapi.cn",
         ),
         Cloud(
             key="consumer",

@@ -258,6 +258,17 @@ class IdentityClient:
         self._raise_for(result)
         return _access_token(result)
 
+    def cached_access_token(self, scopes, home_account_id=None, margin=330):
+        """The cached access token for `scopes` with more than `margin` seconds left, else None; no
+        network, nothing refreshed (a refresh spends the refresh token: do it under the row lock)."""
+        query = {"home_account_id": home_account_id} if home_account_id else None
+        now = time.time()
+        for entry in self.cache.search(msal.TokenCache.CredentialType.ACCESS_TOKEN, target=list(scopes), query=query):
+            expires_on = int(entry.get("expires_on") or 0)
+            if expires_on - now > margin:
+                return AccessToken(token=entry["secret"], expires_at=expires_on, from_cache=True)
+        return None
+
     def forget(self):
         """Drop every token of this cache. Microsoft has no per-token revocation endpoint."""
         for account in self.msal_app.get_accounts():

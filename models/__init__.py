@@ -5,6 +5,7 @@ from . import microsoft365_authorization
 from . import microsoft365_admin_consent
 from . import microsoft365_server_mixin
 from . import fetchmail_server
+from . import fetchmail_server_graph
 from . import ir_mail_server
 from . import res_config_settings
 from . import microsoft365_outlook_import

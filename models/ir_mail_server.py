@@ -1,16 +1,34 @@
 import email.utils
+import logging
 import smtplib
 
 from odoo import api, fields, models
-from odoo.exceptions import UserError, ValidationError
+from odoo.exceptions import RedirectWarning, UserError, ValidationError
 from odoo.tools import formataddr
 
-from odoo.addons.base.models.ir_mail_server import MailDeliveryException
+from odoo.addons.base.models.ir_mail_server import MailDeliveryException, extract_rfc2822_addresses
 
 from ..m365.diagnosis import diagnose_smtp
 from ..m365.errors import M365Error
 from ..m365.mailcheck import smtp_authenticate
 from .microsoft365_account import explain
+
+_logger = logging.getLogger(__name__)
+
+
+class GraphSession:
+    """What Odoo's mail queue holds between connect() and send_email() for a server that sends through
+    Microsoft Graph: no SMTP connection, only what _prepare_email_message reads."""
+
+    def __init__(self, server, smtp_from):
+        self._microsoft365_server_id = server.id
+        self.from_filter = server.from_filter
+        self.smtp_from = smtp_from
+
+    def quit(self):
+        pass
+
+    close = quit
 
 
 class IrMailServer(models.Model):
@@ -54,9 +72,123 @@ class IrMailServer(models.Model):
                 )
 
     def test_smtp_connection(self, autodetect_max_email_size=False):
-        result = super().test_smtp_connection(autodetect_max_email_size=autodetect_max_email_size)
+        graph = self.filtered(lambda s: s._microsoft365_in_use() and s.microsoft365_transport == "graph")
+        for server in graph:
+            server._microsoft365_test_graph()
+        if not self - graph:
+            graph._microsoft365_after_successful_test()
+            return {
+                "type": "ir.actions.client",
+                "tag": "display_notification",
+                "params": {
+                    "message": self.env._("Connection Test Successful! Microsoft Graph accepts the token to send."),
+                    "type": "success",
+                    "sticky": False,
+                    "next": {"type": "ir.actions.act_window_close"},
+                },
+            }
+        try:
+            result = super(IrMailServer, self - graph).test_smtp_connection(
+                autodetect_max_email_size=autodetect_max_email_size
+            )
+        except UserError as exc:
+            offer = self._microsoft365_offer_graph(exc)
+            if offer:
+                raise offer from None
+            raise
         self._microsoft365_after_successful_test()  # only reached when the test succeeded
         return result
+
+    def _microsoft365_offer_graph(self, exc):
+        """SMTP AUTH switched off (5.7.139): the error offers Use Microsoft Graph on the spot."""
+        text = exc.args[0] if exc.args else ""
+        # Only the form's Test Connection button asks for it (a RedirectWarning is no UserError: other callers,
+        # such as the connect wizard's confirmation, keep receiving the UserError they handle).
+        if not self.env.context.get("microsoft365_offer_graph") or "5.7.139" not in text or len(self) != 1:
+            return None
+        if not (self.microsoft365_switchable or self._microsoft365_in_use()):
+            return None
+        action = self.env.ref("mail_microsoft365_oauth.ir_mail_server_action_use_graph", raise_if_not_found=False)
+        if not action:
+            return None
+        message = (
+            text
+            + "\n\n"
+            + self.env._(
+                "Your organisation may have switched SMTP AUTH off on purpose: Odoo can send through Microsoft Graph "
+                "instead, with the same OAuth account (no SMTP AUTH needed)."
+            )
+        )
+        return RedirectWarning(
+            message,
+            action.id,
+            self.env._("Use Microsoft Graph"),
+            {"active_id": self.id, "active_ids": self.ids, "active_model": self._name},
+        )
+
+    def _microsoft365_test_graph(self):
+        """Test connection through Microsoft Graph: a token for the mailbox, the mailbox reachable, the
+        permission to send in the token; nothing is sent."""
+        self.ensure_one()
+        account = self._microsoft365_account().sudo()
+        token = account._graph_token_for_use()
+        failures = [
+            found
+            for _protocol, _host, _port, found in account._graph_failures(token)
+            # A send-only app (Mail.Send without Mail.ReadWrite) cannot open the folder; it can still send.
+            if found.code not in ("GRAPH PERMISSION", "GRAPH APP PERMISSION") or found.params.get("action") == "send"
+        ]
+        if failures:
+            raise UserError(
+                self.env._("Connection test failed for %(mailbox)s.", mailbox=account.email)
+                + "\n\n"
+                + "\n\n".join(explain(self.env, found) for found in failures)
+            )
+
+    def _microsoft365_graph_server(self, mail_server_id=None, host=None, smtp_from=None):
+        """The server of ours that sends through Microsoft Graph for this connect/send, if any."""
+        if mail_server_id:
+            server = self.sudo().browse(mail_server_id).exists()
+        elif not host:
+            server = self.sudo()._find_mail_server(smtp_from)[0] if smtp_from else self.browse()
+        else:
+            server = self.browse()
+        if server and server._microsoft365_in_use() and server.microsoft365_transport == "graph":
+            return server
+        return self.browse()
+
+    def connect(
+        self,
+        host=None,
+        port=None,
+        user=None,
+        password=None,
+        encryption=None,
+        smtp_from=None,
+        ssl_certificate=None,
+        ssl_private_key=None,
+        smtp_debug=False,
+        mail_server_id=None,
+        allow_archived=False,
+    ):
+        server = self._microsoft365_graph_server(mail_server_id, host, smtp_from)
+        if not server:
+            return super().connect(
+                host=host,
+                port=port,
+                user=user,
+                password=password,
+                encryption=encryption,
+                smtp_from=smtp_from,
+                ssl_certificate=ssl_certificate,
+                ssl_private_key=ssl_private_key,
+                smtp_debug=smtp_debug,
+                mail_server_id=mail_server_id,
+                allow_archived=allow_archived,
+            )
+        if not allow_archived and not server.active:
+            raise UserError(self.env._('The server "%s" cannot be used because it is archived.', server.display_name))
+        return GraphSession(server, smtp_from)
 
     def _microsoft365_link_accounts(self, changed=None):
         result = super()._microsoft365_link_accounts(changed)
@@ -122,6 +254,14 @@ class IrMailServer(models.Model):
 
     @api.model
     def send_email(self, message, *args, **kwargs):
+        session = kwargs.get("smtp_session")
+        mail_server_id = kwargs.get("mail_server_id", args[0] if args else None)
+        if isinstance(session, GraphSession):
+            return self._microsoft365_send_graph(message, self.sudo().browse(session._microsoft365_server_id), session)
+        if session is None and not kwargs.get("smtp_server") and not args[1:2]:
+            server = self._microsoft365_graph_server(mail_server_id, None, message["From"])
+            if server:
+                return self._microsoft365_send_graph(message, server, GraphSession(server, message["From"]))
         try:
             return super().send_email(message, *args, **kwargs)
         except MailDeliveryException as exc:
@@ -142,7 +282,44 @@ class IrMailServer(models.Model):
             )
             if found.code not in ("SMTP SendAsDenied", "SMTP 5.7.139", "SMTP 4.3.2"):
                 raise
-            raise MailDeliveryException(exc.args[0], explain(self.env, found)) from exc
+            text = explain(self.env, found)
+            if found.code == "SMTP 5.7.139":
+                text += "\n" + self._microsoft365_graph_hint()
+            raise MailDeliveryException(exc.args[0], text) from exc
+
+    def _microsoft365_graph_hint(self):
+        return self.env._(
+            "Or send through Microsoft Graph instead (no SMTP AUTH needed): Use Microsoft Graph on the outgoing "
+            "server, or the action of the same name in the list of outgoing servers for many at once."
+        )
+
+    def _microsoft365_send_graph(self, message, server, session):
+        """Post the message Odoo built, as MIME, to the mailbox's sendMail; Microsoft sends it."""
+        _smtp_from, smtp_to_list, message = self._prepare_email_message(message, session)
+        # Graph reads the recipients from the message: Bcc (removed by Odoo for SMTP) goes back in; Exchange
+        # keeps it from the copies it delivers.
+        shown = set(extract_rfc2822_addresses(", ".join(str(message[h] or "") for h in ("To", "Cc"))))
+        hidden = [address for address in smtp_to_list if address not in shown]
+        if hidden:
+            message["Bcc"] = ", ".join(hidden)
+        # Replies route in Odoo by In-Reply-To / References: should Graph give the message a Message-ID of its
+        # own (CONFORMANCE GRAPH-07), its own one in References still leads the reply to the record.
+        message_id = message["Message-Id"]
+        references = str(message["References"] or "")
+        if message_id and message_id not in references:
+            del message["References"]
+            message["References"] = f"{references} {message_id}".strip()
+        account = server._microsoft365_account().sudo()
+        try:
+            account._graph_client(account._graph_token()).send_mime(message.as_bytes())
+        except M365Error as exc:
+            found = getattr(exc, "diagnosis", None)
+            text = explain(self.env, found) if found else str(exc)
+            _logger.info("Microsoft Graph refused a message of server %s: %s", server.name, found and found.code)
+            raise MailDeliveryException(self.env._("Mail Delivery Failed"), text) from None
+        except UserError as exc:
+            raise MailDeliveryException(self.env._("Mail Delivery Failed"), exc.args[0]) from None
+        return message_id
 
     def _microsoft365_sending_server(self, mail_server_id, kwargs):
         """The Microsoft 365 server a send went through, when it is one of ours."""
@@ -187,5 +364,8 @@ class IrMailServer(models.Model):
             # Exchange's SMTP AUTH takes only the signed-in user; a shared address is the From.
             smtp_authenticate(raw, account._smtp_login_user(), token)
         except M365Error as exc:
-            raise UserError(account._explain_mail_refusal(exc.diagnosis, token)) from None
+            text = account._explain_mail_refusal(exc.diagnosis, token)
+            if exc.diagnosis.code == "SMTP 5.7.139":  # SMTP AUTH switched off: Graph needs none
+                text += "\n" + self._microsoft365_graph_hint()
+            raise UserError(text) from None
         raw._microsoft365_server_id = self.id  # send_email explains Exchange's refusals of this session

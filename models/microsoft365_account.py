@@ -2,11 +2,12 @@ import hashlib
 import logging
 import time
 from collections import defaultdict
+from urllib.parse import urlsplit
 
 from odoo import api, fields, models
 from odoo.exceptions import AccessError, UserError, ValidationError
 
-from ..m365 import diagnosis, identifiers, mailcheck
+from ..m365 import diagnosis, graph, identifiers, mailcheck
 from ..m365.errors import (
     AuthorizationFailed,
     InvalidInput,
@@ -15,7 +16,7 @@ from ..m365.errors import (
     ReconnectRequired,
     TransientFailure,
 )
-from ..m365.identity import unverified_claims
+from ..m365.identity import http_session, unverified_claims
 from .microsoft365_app import _TOKEN_MEMO, REFRESH_MARGIN, _remember
 
 _logger = logging.getLogger(__name__)
@@ -186,7 +187,11 @@ class Microsoft365Account(models.Model):
     def _compute_is_administrator(self):
         self.is_administrator = self.env.user.has_group("base.group_system")
 
-    @api.depends("incoming_server_ids.state", "outgoing_server_ids")
+    @api.depends(
+        "incoming_server_ids.state",
+        "incoming_server_ids.microsoft365_transport",
+        "outgoing_server_ids.microsoft365_transport",
+    )
     def _compute_server_summary(self):
         for account in self:
             sudo = account.sudo()
@@ -194,12 +199,19 @@ class Microsoft365Account(models.Model):
                 self.env._(
                     "Incoming: %(name)s (%(protocol)s, %(state)s)",
                     name=server.name,
-                    protocol=server.server_type.upper(),
+                    protocol="Microsoft Graph"
+                    if server.microsoft365_transport == "graph"
+                    else server.server_type.upper(),
                     state=self.env._("confirmed") if server.state == "done" else self.env._("not confirmed"),
                 )
                 for server in sudo.incoming_server_ids
             ]
-            lines += [self.env._("Outgoing: %(name)s (SMTP)", name=server.name) for server in sudo.outgoing_server_ids]
+            lines += [
+                self.env._("Outgoing: %(name)s (Microsoft Graph)", name=server.name)
+                if server.microsoft365_transport == "graph"
+                else self.env._("Outgoing: %(name)s (SMTP)", name=server.name)
+                for server in sudo.outgoing_server_ids
+            ]
             account.server_summary = "\n".join(lines) or self.env._("No mail server uses this account yet.")
 
     # Actions ----------------------------------------------------------------------------------
@@ -269,16 +281,19 @@ class Microsoft365Account(models.Model):
         self.ensure_one()
         cloud = self.app_id._cloud()
         checks = []
-        for server in self.incoming_server_ids.filtered(lambda s: s.connect_with == "microsoft365"):
+        # Servers that go through Microsoft Graph are checked there (_graph_failures), not here.
+        incoming = self.incoming_server_ids.filtered(lambda s: s.connect_with == "microsoft365")
+        for server in incoming.filtered(lambda s: s.microsoft365_transport != "graph"):
             check = mailcheck.check_pop3 if server.server_type == "pop" else mailcheck.check_imap
             checks.append((server.server_type.upper().replace("POP", "POP3"), check, server.server, server.port))
-        if not checks:
+        if not incoming:
             checks.append(("IMAP", mailcheck.check_imap, cloud.imap_host, cloud.imap_port))
         if incoming_only:
             return checks
-        for server in self.outgoing_server_ids.filtered(lambda s: s.smtp_authentication == "microsoft365"):
+        outgoing = self.outgoing_server_ids.filtered(lambda s: s.smtp_authentication == "microsoft365")
+        for server in outgoing.filtered(lambda s: s.microsoft365_transport != "graph"):
             checks.append(("SMTP", mailcheck.check_smtp, server.smtp_host, server.smtp_port))
-        if not any(protocol == "SMTP" for protocol, *_rest in checks):
+        if not outgoing:
             checks.append(("SMTP", mailcheck.check_smtp, cloud.smtp_host, cloud.smtp_port))
         return checks
 
@@ -304,13 +319,22 @@ class Microsoft365Account(models.Model):
         self.ensure_one()
         self._check_may_manage()
         account = self.sudo()
-        token = account._access_token_for_use()
-        checks = account._mailbox_checks()
-        failures = account._mailbox_failures(token, checks)
+        checks, failures, warnings = [], [], []
+        if account._uses_exchange():
+            token = account._access_token_for_use()
+            checks = account._mailbox_checks()
+            failures = account._mailbox_failures(token, checks)
         tested = ", ".join(f"{protocol} {host}:{port}" for protocol, _check, host, port in checks)
+        if account._uses_graph():
+            graph_token = account._graph_token_for_use()
+            failures += account._graph_failures(graph_token)
+            warnings = account._graph_warnings(graph_token)
+            host = urlsplit(account.app_id._cloud().graph_url).hostname
+            tested = ", ".join(filter(None, [tested, f"Microsoft Graph {host}"]))
         if failures:
             text = "\n\n".join(
-                f"{protocol} {host}:{port}: {explain(self.env, found)}" for protocol, host, port, found in failures
+                f"{protocol} {host}{':' if port else ''}{port}: {explain(self.env, found)}"
+                for protocol, host, port, found in failures
             )
             account._record_test_failure(text)
             raise UserError(
@@ -323,6 +347,8 @@ class Microsoft365Account(models.Model):
         if account.app_id.problem:
             account.app_id.problem = False
         message = self.env._("%(mailbox)s accepts the OAuth token: %(tested)s.", mailbox=account.email, tested=tested)
+        for found in warnings:
+            message += "\n\n" + explain(self.env, found)
         if account._smtp_login_user() != account.email:
             message += "\n" + self.env._(
                 "SMTP signs in as %(login)s and sends from %(mailbox)s. Nothing was sent: Exchange checks Send As "
@@ -460,11 +486,20 @@ class Microsoft365Account(models.Model):
         sign-in as "Not working", with the reason."""
         self.ensure_one()
         renewed = self.status != "not_connected" if renewed is None else renewed
-        token = (
-            sign_in.access_token
-            or client.access_token(self.app_id._cloud().delegated_scopes(), sign_in.home_account_id).token
+        # Signed in for Microsoft Graph (Mail.* scopes, with or without the resource in front, as Microsoft
+        # answers them): the mailbox is opened through Graph; for Exchange's scopes, over IMAP/POP3.
+        graph_sign_in = (
+            any(scope.rsplit("/", 1)[-1].startswith("Mail.") for scope in sign_in.scopes)
+            if sign_in.scopes
+            else self._uses_graph()
         )
-        failures = self.sudo()._mailbox_failures(token, self.sudo()._mailbox_checks(incoming_only=True))
+        cloud = self.app_id._cloud()
+        scopes = cloud.graph_scopes() if graph_sign_in else cloud.delegated_scopes()
+        token = sign_in.access_token or client.access_token(scopes, sign_in.home_account_id).token
+        if graph_sign_in:
+            failures = self.sudo()._graph_failures(token)
+        else:
+            failures = self.sudo()._mailbox_failures(token, self.sudo()._mailbox_checks(incoming_only=True))
         refused = [found for _protocol, _host, _port, found in failures if not found.code.endswith(" CONNECT")]
         if refused:
             found = diagnosis.diagnose_sign_in_refused(refused[0], username=sign_in.username, mailbox=self.email)
@@ -555,20 +590,133 @@ class Microsoft365Account(models.Model):
                 return token.token
         return account._refresh_serialised(force_refresh)
 
-    def _refresh_serialised(self, force_refresh=False):
+    def _uses_graph(self):
+        """True when a mail server of this account sends or fetches through Microsoft Graph."""
+        self.ensure_one()
+        account = self.sudo()
+        return any(
+            s.microsoft365_transport == "graph" and s._microsoft365_in_use() for s in account.incoming_server_ids
+        ) or any(s.microsoft365_transport == "graph" and s._microsoft365_in_use() for s in account.outgoing_server_ids)
+
+    def _uses_exchange(self):
+        """True when a mail server of this account signs in to IMAP, POP3 or SMTP (or none uses Graph)."""
+        self.ensure_one()
+        account = self.sudo()
+        servers = [s for s in (*account.incoming_server_ids, *account.outgoing_server_ids) if s._microsoft365_in_use()]
+        return not account._uses_graph() or any(s.microsoft365_transport != "graph" for s in servers)
+
+    def _graph_client(self, token, **context):
+        """A Graph client on this mailbox, with what its diagnoses name (app, signed-in user)."""
+        self.ensure_one()
+        app = self.app_id.sudo()
+        return graph.GraphClient(
+            app._cloud().graph_url,
+            token,
+            self.email,
+            session=http_session(app._mail_ca_file()),
+            app_only=app.flow == "app_only",
+            app_id=app.client_id,
+            app_name=app.name,
+            login=self._smtp_login_user(),
+            **context,
+        )
+
+    def _graph_failures(self, token):
+        """[("GRAPH", host, "", diagnosis)] of what Test connection checks through Microsoft Graph: each
+        incoming server's folder is opened; the token must carry the permission to send."""
+        self.ensure_one()
+        account = self.sudo()
+        host = urlsplit(account.app_id._cloud().graph_url).hostname
+        client = account._graph_client(token)
+        failures = []
+        folders = {
+            server.microsoft365_graph_folder or "inbox"
+            for server in account.incoming_server_ids
+            if server._microsoft365_in_use() and server.microsoft365_transport == "graph"
+        } or {"inbox"}
+        for folder in sorted(folders):
+            try:
+                client.folder(folder)
+            except graph.GraphFailed as exc:
+                failures.append(("GRAPH", host, "", exc.diagnosis))
+        claims = unverified_claims(token)
+        sends = any(
+            s.microsoft365_transport == "graph" and s._microsoft365_in_use() for s in account.outgoing_server_ids
+        )
+        if sends and "scp" in claims:
+            needed = "Mail.Send" if account._smtp_login_user() == account.email else "Mail.Send.Shared"
+            if needed not in claims["scp"].split():
+                failures.append(
+                    (
+                        "GRAPH",
+                        host,
+                        "",
+                        graph.diagnose_graph(
+                            403,
+                            "ErrorAccessDenied",
+                            f"{needed} missing",
+                            mailbox=account.email,
+                            action="send",
+                            login=account._smtp_login_user(),
+                        ),
+                    )
+                )
+        return failures
+
+    def _graph_warnings(self, token):
+        """Test connection's warnings that are no failure: an app-only app that reaches every mailbox."""
+        self.ensure_one()
+        app = self.app_id.sudo()
+        if app.flow != "app_only":
+            return []
+        found = graph.unscoped_app_warning(
+            unverified_claims(token).get("roles", []), app_id=app.client_id, app_name=app.name, mailbox=self.email
+        )
+        return [found] if found else []
+
+    def _sign_in_scopes(self):
+        """What Authorize asks for: Microsoft Graph's mail scopes once a server of the mailbox uses Graph (a
+        refresh token serves both resources afterwards, as far as consent goes), else Exchange's."""
+        cloud = self.app_id._cloud()
+        return cloud.graph_scopes() if self._uses_graph() else cloud.delegated_scopes()
+
+    def _graph_token(self):
+        """A Microsoft Graph access token for this mailbox: the second resource of the account's MSAL
+        cache (no second sign-in), app-only from the app's cache. Served from the cache while fresh, a
+        refresh happens under the row lock as for Exchange. Raises M365Error with a diagnosis."""
+        self.ensure_one()
+        account = self.sudo()
+        if account.app_id.flow == "app_only":
+            try:
+                return account.app_id._app_graph_token().token
+            except (ReconnectRequired, AuthorizationFailed) as exc:
+                account._record_failure(account.status, exc)
+                raise
+        if account.status in ("not_connected", "app_only") or not account.token_cache_sealed:
+            raise UserError(
+                self.env._("The mailbox %s is not connected to Microsoft 365 yet: click Authorize.", account.email)
+            )
+        scopes = account.app_id._cloud().graph_scopes()
+        client = account._identity_client_from(account.token_cache_sealed)
+        cached = client.cached_access_token(scopes, account.home_account_id)
+        if cached:
+            return cached.token
+        return account._refresh_serialised(scopes=scopes)
+
+    def _refresh_serialised(self, force_refresh=False, scopes=None):
         self.flush_recordset()  # the SQL below must see what this transaction wrote
         if not self.env.registry.in_test_mode():
             with self.env.registry.cursor() as cr:
                 # READ COMMITTED: after waiting for the lock, read what the other worker committed.
                 cr.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                token, written = self._refresh_locked(cr, committed=True, force_refresh=force_refresh)
+                token, written = self._refresh_locked(cr, committed=True, force_refresh=force_refresh, scopes=scopes)
             if written:
                 self._show_committed(written)
             if token is not None:
                 return token
         # The account was created by the calling transaction (invisible to any other), or tests
         # share one transaction: refresh in it.
-        token, _written = self._refresh_locked(self.env.cr, committed=False, force_refresh=force_refresh)
+        token, _written = self._refresh_locked(self.env.cr, committed=False, force_refresh=force_refresh, scopes=scopes)
         self.invalidate_recordset()
         if token is None:
             raise UserError(
@@ -576,15 +724,27 @@ class Microsoft365Account(models.Model):
             )
         return token
 
-    def _refresh_locked(self, cr, committed, force_refresh=False):
+    def _refresh_locked(self, cr, committed, force_refresh=False, scopes=None):
         """(token, the values written on the account row or None), in `cr` under the row lock."""
         cr.execute("SELECT token_cache_sealed FROM microsoft365_account WHERE id = %s FOR NO KEY UPDATE", [self.id])
         row = cr.fetchone()
         if row is None or not row[0]:
             return None, None
         client = self._identity_client_from(row[0])
-        token = self._token_from(client, cr, committed, force_refresh)
+        token = self._token_from(client, cr, committed, force_refresh, scopes)
         changed = client.changed_cache_state()
+        if changed and scopes:
+            # Graph's token: token_expires_at stays the Exchange token's (its cache fast path relies on it).
+            values = {
+                "token_cache_sealed": self.env["microsoft365.vault"]._encrypt(changed),
+                "last_refresh": fields.Datetime.now(),
+            }
+            cr.execute(
+                "UPDATE microsoft365_account SET token_cache_sealed = %s, last_refresh = %s, "
+                "write_date = (now() at time zone 'UTC') WHERE id = %s",
+                [values["token_cache_sealed"], values["last_refresh"], self.id],
+            )
+            return token.token, values
         if changed:
             values = {
                 "token_cache_sealed": self.env["microsoft365.vault"]._encrypt(changed),
@@ -617,11 +777,11 @@ class Microsoft365Account(models.Model):
     def _identity_client_from(self, sealed_cache):
         return self.app_id._identity_client(self.env["microsoft365.vault"]._decrypt(sealed_cache))
 
-    def _token_from(self, client, cr, committed, force_refresh=False):
+    def _token_from(self, client, cr, committed, force_refresh=False, scopes=None):
         """MSAL's answer; a refusal is recorded on the account (in `cr`) and raised."""
         try:
             return client.access_token(
-                self.app_id._cloud().delegated_scopes(), self.home_account_id, force_refresh=force_refresh
+                scopes or self.app_id._cloud().delegated_scopes(), self.home_account_id, force_refresh=force_refresh
             )
         except (ReconnectRequired, AuthorizationFailed) as exc:
             self._record_failure(self._status_after(exc), exc, cr if committed else None)
@@ -635,6 +795,14 @@ class Microsoft365Account(models.Model):
         if isinstance(exc, ReconnectRequired):
             return "reconnect"
         return "failing"
+
+    def _graph_token_for_use(self):
+        """_graph_token() for buttons and mail servers: Microsoft's refusal in plain words (UserError)."""
+        try:
+            return self._graph_token()
+        except M365Error as exc:
+            found = getattr(exc, "diagnosis", None)
+            raise UserError(explain(self.env, found) if found else str(exc)) from None
 
     def _access_token_for_use(self):
         """_access_token() for buttons and mail servers: Microsoft's refusal as a UserError in plain

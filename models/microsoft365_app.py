@@ -118,6 +118,12 @@ class Microsoft365App(models.Model):
     authority_host = fields.Char(help="For example https://login.microsoftonline.com")
     delegated_resource = fields.Char(help="For example https://outlook.office.com")
     app_resource = fields.Char(help="For example https://outlook.office365.com")
+    graph_url = fields.Char(string="Microsoft Graph URL", help="For example https://graph.microsoft.com")
+    graph_resource = fields.Char(
+        string="Microsoft Graph resource",
+        help="The resource of the Microsoft Graph scopes, when it differs from the URL (a proxy). For example "
+        "https://graph.microsoft.com",
+    )
     imap_host = fields.Char(string="IMAP host")
     imap_port = fields.Integer(string="IMAP port")
     pop_host = fields.Char(string="POP host")
@@ -194,6 +200,8 @@ class Microsoft365App(models.Model):
             "smtp_host": identifiers.parse_hostname,
             "delegated_resource": identifiers.parse_https_origin,
             "app_resource": identifiers.parse_https_origin,
+            "graph_url": identifiers.parse_https_origin,
+            "graph_resource": identifiers.parse_https_origin,
         }
         try:
             if "tenant" in vals:
@@ -330,6 +338,8 @@ class Microsoft365App(models.Model):
             pop_port=self.pop_port,
             smtp_host=self.smtp_host,
             smtp_port=self.smtp_port,
+            graph_url=(self.graph_url or "").rstrip("/"),
+            graph_resource=(self.graph_resource or "").rstrip("/"),
         )
 
     def _credentials(self):
@@ -383,16 +393,43 @@ class Microsoft365App(models.Model):
         self.invalidate_recordset(["app_token_cache_sealed", "app_token_expires_at"])
         return found
 
-    def _app_token_locked(self, cr):
+    def _app_graph_token(self):
+        """App-only Microsoft Graph token: a second resource in the app's own MSAL cache, served from it
+        while fresh; a new one is requested under the app's row lock, as for Exchange."""
+        self.ensure_one()
+        app = self.sudo()
+        scopes = app._cloud().graph_app_scopes()
+        if app.app_token_cache_sealed:
+            client = app._identity_client(self.env["microsoft365.vault"]._decrypt(app.app_token_cache_sealed))
+            cached = client.cached_access_token(scopes)
+            if cached:
+                return cached
+        app.flush_recordset()
+        if not self.env.registry.in_test_mode():
+            with self.env.registry.cursor() as cr:
+                cr.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                found = app._app_token_locked(cr, scopes)
+                if found is not None:
+                    return found
+        found = app._app_token_locked(self.env.cr, scopes)
+        self.invalidate_recordset(["app_token_cache_sealed", "app_token_expires_at"])
+        return found
+
+    def _app_token_locked(self, cr, scopes=None):
         cr.execute("SELECT app_token_cache_sealed FROM microsoft365_app WHERE id = %s FOR NO KEY UPDATE", [self.id])
         row = cr.fetchone()
         if row is None:
             return None
         vault = self.env["microsoft365.vault"]
         client = self._identity_client(vault._decrypt(row[0]) if row[0] else None)
-        token = client.app_access_token(self._cloud().app_scopes())
+        token = client.app_access_token(scopes or self._cloud().app_scopes())
         changed = client.changed_cache_state()
-        if changed:
+        if changed and scopes:  # Graph's token: app_token_expires_at stays the Exchange token's
+            cr.execute(
+                "UPDATE microsoft365_app SET app_token_cache_sealed = %s WHERE id = %s",
+                [vault._encrypt(changed), self.id],
+            )
+        elif changed:
             cr.execute(
                 "UPDATE microsoft365_app SET app_token_cache_sealed = %s, app_token_expires_at = %s WHERE id = %s",
                 [vault._encrypt(changed), datetime.datetime.utcfromtimestamp(int(token.expires_at)), self.id],

@@ -36,9 +36,7 @@ class Microsoft365Authorization(models.Model):
     @api.model
     def _start(self, account, origin=None, confirm_servers=False):
         client = account.app_id._identity_client()
-        flow = client.start_sign_in(
-            account.app_id.redirect_uri, account.app_id._cloud().delegated_scopes(), login_hint=account.email
-        )
+        flow = client.start_sign_in(account.app_id.redirect_uri, account._sign_in_scopes(), login_hint=account.email)
         self.create(
             {
                 "state": flow["state"],

@@ -2,6 +2,7 @@ from odoo import api, fields, models
 from odoo.exceptions import UserError, ValidationError
 
 from ..m365.clouds import MICROSOFT_MAIL_HOSTS
+from ..m365.errors import M365Error
 
 
 class Microsoft365ServerMixin(models.AbstractModel):
@@ -35,6 +36,15 @@ class Microsoft365ServerMixin(models.AbstractModel):
     microsoft365_switchable = fields.Boolean(
         compute="_compute_microsoft365_switchable",
         help="Signs in to a Microsoft 365 host with a password: can switch to OAuth.",
+    )
+    microsoft365_transport = fields.Selection(
+        [("exchange", "Exchange protocols (IMAP/POP/SMTP)"), ("graph", "Microsoft Graph")],
+        string="Transport",
+        default="exchange",
+        required=True,
+        help="Exchange protocols: IMAP or POP3 and SMTP with OAuth (needs IMAP/POP and SMTP AUTH enabled for the "
+        "mailbox). Microsoft Graph: Microsoft's REST API, for organisations that switched SMTP AUTH or IMAP off; "
+        "the same OAuth account, with Microsoft Graph's mail permissions.",
     )
     microsoft365_password_pending = fields.Boolean(
         copy=False,
@@ -212,6 +222,68 @@ class Microsoft365ServerMixin(models.AbstractModel):
             account.app_id if account else (self[:1].microsoft365_app_id or self.env["microsoft365.app"]._default_app())
         )
         return app._cloud() if app else None
+
+    def action_microsoft365_use_graph(self):
+        """Send or fetch through Microsoft Graph instead of SMTP / IMAP, for one server or many: each
+        keeps its record (a password server is switched to OAuth on the way); one report line per server."""
+        report = []
+        for server in self:
+            if not server._microsoft365_in_use():
+                if not server.microsoft365_switchable or not server._microsoft365_mailbox():
+                    report.append(self.env._("%s: not a Microsoft 365 server, left unchanged.", server.display_name))
+                    continue
+                server.action_microsoft365_switch()
+            if server.microsoft365_transport == "graph":
+                report.append(self.env._("%s: already uses Microsoft Graph.", server.display_name))
+                continue
+            server.microsoft365_transport = "graph"
+            account = server.microsoft365_account_id
+            account.message_post(body=self.env._("Mail server %s now uses Microsoft Graph.", server.name))
+            if server._microsoft365_graph_ready():
+                line = self.env._(
+                    "%(server)s: uses Microsoft Graph with %(mailbox)s.",
+                    server=server.display_name,
+                    mailbox=account.email,
+                )
+            else:
+                line = self.env._(
+                    "%(server)s: uses Microsoft Graph with %(mailbox)s; click Authorize on it, Microsoft asks once "
+                    "for the Graph permissions.",
+                    server=server.display_name,
+                    mailbox=account.email,
+                )
+            report.append(line)
+        if len(self) == 1 and self._microsoft365_in_use() and not self._microsoft365_graph_ready():
+            return self.action_microsoft365_authorize()
+        return {
+            "type": "ir.actions.client",
+            "tag": "display_notification",
+            "params": {
+                "title": self.env._("Use Microsoft Graph"),
+                "message": "\n".join(report),
+                "className": "text-prewrap",
+                "sticky": True,
+                "type": "info",
+                "next": {"type": "ir.actions.client", "tag": "soft_reload"},
+            },
+        }
+
+    def _microsoft365_graph_ready(self):
+        """True when a Microsoft Graph token can be had for the server's mailbox without a new sign-in."""
+        self.ensure_one()
+        account = self.microsoft365_account_id.sudo()
+        if not account or account.status in ("not_connected", "reconnect"):
+            return False
+        try:
+            account._graph_token()
+        except (M365Error, UserError):
+            return False
+        return True
+
+    def _microsoft365_graph_client(self):
+        """A Graph client on the server's mailbox; raises M365Error (with a diagnosis) or UserError."""
+        account = self._microsoft365_account().sudo()
+        return account._graph_client(account._graph_token())
 
     def action_microsoft365_authorize(self):
         self.ensure_one()

@@ -100,6 +100,8 @@ class Sandbox:
             "authority_host": self.identity_url,
             "delegated_resource": self.description["mail_resource"],
             "app_resource": self.description["app_resource"],
+            "graph_url": self.description.get("graph_url") or False,
+            "graph_resource": self.description.get("graph_resource") or False,
             "imap_host": host,
             "imap_port": ports["imaps"],
             "pop_host": host,

@@ -32,6 +32,10 @@ ODOO_REDIRECT_URIS = [
 ]
 DELEGATED_PERMISSIONS = ["IMAP.AccessAsUser.All", "POP.AccessAsUser.All", "SMTP.Send"]
 APPLICATION_PERMISSIONS = ["IMAP.AccessAsApp", "POP.AccessAsApp", "SMTP.SendAsApp"]
+# Microsoft Graph's mail permissions (CONFORMANCE GRAPH-02): listed on every seeded app registration.
+GRAPH_DELEGATED_PERMISSIONS = ["Mail.ReadWrite", "Mail.ReadWrite.Shared", "Mail.Send", "Mail.Send.Shared"]
+GRAPH_APPLICATION_PERMISSIONS = ["Mail.ReadWrite", "Mail.Send"]
+APP_DEFAULTS = {"graph_delegated": GRAPH_DELEGATED_PERMISSIONS, "graph_application": GRAPH_APPLICATION_PERMISSIONS}
 
 
 # Settings added after a state folder may have been seeded: merged into older directories too.
@@ -48,6 +52,11 @@ SETTINGS_DEFAULTS = {
     # Access tokens live a random time from access_token_lifetime up to this (TOK-01: 60-90 minutes
     # in Microsoft's cloud); 0: always access_token_lifetime.
     "access_token_lifetime_max": 0,
+    # Microsoft Graph (CONFORMANCE GRAPH rows)
+    "graph_keep_custom_headers": False,  # sendMail with MIME drops X- headers and Auto-Submitted (GRAPH-06)
+    "graph_replace_message_id": False,  # True: sendMail gives the message a Message-ID of its own (assumed)
+    "graph_concurrency_limit": 4,  # concurrent requests per app and mailbox (GRAPH-10)
+    "graph_max_message_bytes": 35 * 1024 * 1024,  # the tenant's maximum message size (GRAPH-08)
 }
 
 
@@ -259,6 +268,9 @@ class Directory:
     def _add_default_settings(self):
         for key, value in SETTINGS_DEFAULTS.items():
             self.data["settings"].setdefault(key, value)
+        for app in self.data["apps"]:  # state folders seeded before Graph
+            for key, value in APP_DEFAULTS.items():
+                app.setdefault(key, list(value))
 
     def save(self):
         with self.lock:

@@ -172,6 +172,7 @@ class IdentityServer:
         self.base_url = f"https://{host}:{self.port}"
         self._thread = None
         self.deliver = None  # set by the service once the mail servers run
+        self.graph = None  # the Graph server, once it runs (its "hold" faults)
 
     def start(self):
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="sandbox-identity", daemon=True)
@@ -299,14 +300,21 @@ class IdentityServer:
             raise OAuthError("invalid_client", 700027, status=401, thumbprint=header.get("x5t#S256", ""))
         return "2"
 
-    def delegated_consent(self, app, tenant_id, upn):
+    def delegated_consent(self, app, tenant_id, upn, resource=None):
+        """Consent to the app's delegated permissions; for Microsoft Graph, a consent that covers Graph
+        (an administrator's covers every permission listed; a user's covers what the user was asked)."""
         return any(
             c["client_id"] == app["client_id"]
             and c["tenant"] == tenant_id
             and c.get("delegated")
             and c.get("upn", upn) == upn
+            and (resource != GRAPH_RESOURCE or c.get("graph", True))
             for c in self.directory.data["consents"]
         )
+
+    @staticmethod
+    def delegated_permissions(app, resource):
+        return app.get("graph_delegated", []) if resource == GRAPH_RESOURCE else app["delegated"]
 
     # tokens --------------------------------------------------------------------------------
 
@@ -317,6 +325,7 @@ class IdentityServer:
         tid = user["tenant"]
         scp = " ".join(grant["permissions"])
         access_claims = {
+            # Exchange's and Graph's resource ids as their tokens carry them (CONFORMANCE GRAPH-03)
             "aud": "https://outlook.office.com" if grant["resource"] in EXCHANGE_RESOURCES else grant["resource"],
             "iss": f"https://sts.windows.net/{tid}/",
             "tid": tid,
@@ -400,10 +409,14 @@ class IdentityServer:
             return directory.signer.issue_unsigned(claims, 3600)
         return directory.signer.issue(claims, 3600)
 
-    def issue_app_token(self, app, tenant, appidacr):
+    def issue_app_token(self, app, tenant, appidacr, resource="https://outlook.office365.com"):
         directory = self.directory
         consent = directory.consent(app["client_id"], tenant["id"])
-        roles = list(app["application"]) if consent and consent.get("application") else []
+        granted = consent and consent.get("application")
+        if resource == GRAPH_RESOURCE:
+            roles = list(app.get("graph_application", [])) if granted and consent.get("graph", True) else []
+        else:
+            roles = list(app["application"]) if granted else []
         lifetime = directory.access_token_lifetime()
         object_id = next(
             (
@@ -414,7 +427,7 @@ class IdentityServer:
             None,
         ) or str(uuid.uuid5(uuid.NAMESPACE_URL, app["client_id"] + tenant["id"]))
         claims = {
-            "aud": "https://outlook.office365.com",
+            "aud": resource,
             "iss": f"https://sts.windows.net/{tenant['id']}/",
             "tid": tenant["id"],
             "oid": object_id,
@@ -580,7 +593,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise OAuthError("invalid_request", 900144, parameter="response_type")
             identity.app_for(app["client_id"], tenant, alias)
             resource, permissions, _oidc = parse_scopes(params.get("scope"))
-            unknown = [p for p in permissions if p not in app["delegated"]]
+            unknown = [p for p in permissions if p not in identity.delegated_permissions(app, resource)]
             if resource not in (*EXCHANGE_RESOURCES, GRAPH_RESOURCE, None) or unknown:
                 raise OAuthError("invalid_scope", 70011, scope=params.get("scope", ""))
         except OAuthError as error:
@@ -685,7 +698,7 @@ class _Handler(BaseHTTPRequestHandler):
             identity.app_for(app["client_id"], user_tenant, user_tenant["name"])
             if resource in EXCHANGE_RESOURCES and not user_tenant["exchange"]:
                 raise OAuthError("invalid_resource", 500011, resource=resource, tenant_name=user_tenant["name"])
-            if not identity.delegated_consent(app, user_tenant["id"], upn):
+            if not identity.delegated_consent(app, user_tenant["id"], upn, resource):
                 if not user["admin"] and not directory.settings.get("user_consent_allowed", True):
                     # "Need admin approval": this user may not consent (CONFORMANCE ID-15)
                     raise OAuthError("access_denied", 90094)
@@ -696,9 +709,20 @@ class _Handler(BaseHTTPRequestHandler):
                     "tenant": user_tenant["id"],
                     "delegated": True,
                     "application": False,
+                    "graph": resource == GRAPH_RESOURCE,
                 }
                 if not (for_organization and user["admin"]):
                     entry["upn"] = upn
+                previous = [
+                    c
+                    for c in directory.data["consents"]
+                    if c["client_id"] == app["client_id"]
+                    and c["tenant"] == user_tenant["id"]
+                    and c.get("upn") == entry.get("upn")
+                ]
+                for consent in previous:  # consenting to Graph later widens the consent given before
+                    directory.set_membership("consents", consent, False)
+                    entry = dict(consent, graph=True) if resource == GRAPH_RESOURCE else consent
                 directory.set_membership("consents", entry, True)
         except OAuthError as error:
             return self._error_to_client(params, error)
@@ -739,7 +763,11 @@ class _Handler(BaseHTTPRequestHandler):
             f"&lt;{html.escape(u['upn'])}&gt;</label><br>"
             for u in eligible
         )
-        needs_consent = any(not identity.delegated_consent(app, u["tenant"], u["upn"]) for u in eligible)
+        try:
+            resource = parse_scopes(params.get("scope"))[0]
+        except OAuthError:
+            resource = None
+        needs_consent = any(not identity.delegated_consent(app, u["tenant"], u["upn"], resource) for u in eligible)
         consent = ""
         if needs_consent and not identity.directory.settings.get("user_consent_allowed", True):
             consent = (
@@ -862,7 +890,9 @@ no password is asked.</p><p class="problem">{html.escape(problem)}</p>
             raise OAuthError(
                 "invalid_grant", 50173, issued=_iso(grant["issued"]), valid_from=_iso(user["sessions_valid_after"])
             )
-        if not identity.delegated_consent(app, user["tenant"], user["upn"]):
+        resource, permissions, _ = parse_scopes(form.get("scope"))
+        if not identity.delegated_consent(app, user["tenant"], user["upn"], resource):
+            # No consent (for Graph: none that covers Graph) -> 65001, as for a removed consent
             raise OAuthError("invalid_grant", 65001, client_id=app["client_id"], app_name=app["name"])
         if user.get("blocked_by_conditional_access"):
             raise OAuthError("invalid_grant", 53003)
@@ -872,9 +902,9 @@ no password is asked.</p><p class="problem">{html.escape(problem)}</p>
             raise OAuthError("invalid_grant", 50076, resource=grant["resource"])
         # A refresh token is bound to the user and the app, not to the scopes it was issued for:
         # it yields tokens for any permission consented for the app (Microsoft's behaviour).
-        resource, permissions, _ = parse_scopes(form.get("scope"))
         if resource:
-            if resource not in EXCHANGE_RESOURCES or not set(permissions) <= set(app["delegated"]):
+            known = resource in (*EXCHANGE_RESOURCES, GRAPH_RESOURCE)
+            if not known or not set(permissions) <= set(identity.delegated_permissions(app, resource)):
                 raise OAuthError("invalid_grant", 70000)
             grant = {**grant, "resource": resource, "permissions": permissions}
         return identity.issue_user_tokens(app, grant, appidacr)
@@ -901,6 +931,8 @@ no password is asked.</p><p class="problem">{html.escape(problem)}</p>
         resource = scope[: -len("/.default")]
         if resource in EXCHANGE_RESOURCES and not tenant["exchange"]:
             raise OAuthError("invalid_resource", 500011, resource=resource, tenant_name=tenant["name"])
+        if resource == GRAPH_RESOURCE:
+            return identity.issue_app_token(app, tenant, appidacr, GRAPH_RESOURCE)
         if resource not in EXCHANGE_RESOURCES:
             raise OAuthError("invalid_scope", 1002012, scope=scope)
         return identity.issue_app_token(app, tenant, appidacr)
@@ -959,6 +991,10 @@ def _set_fault(identity, body):
 
 def _reset(identity, body):
     identity.directory.reset()
+    if identity.graph is not None:  # no request stays held in flight by an earlier test
+        from .graph import set_graph_fault
+
+        set_graph_fault(identity.directory, {"kind": "release"}, identity.graph)
 
 
 def _revoke_sessions(identity, body):
@@ -1002,6 +1038,7 @@ def _consent(identity, body):
         "tenant": body["tenant"],
         "delegated": bool(body.get("delegated", True)),
         "application": bool(body.get("application", True)),
+        "graph": bool(body.get("graph", True)),  # the consent covers the Graph permissions too
     }
     with directory.lock:
         directory.data["consents"] = [
@@ -1071,7 +1108,18 @@ def _app(identity, body):
     values = {
         k: v
         for k, v in body.items()
-        if k in ("redirect_uris", "secrets", "certificates", "multi_tenant", "delegated", "application", "name")
+        if k
+        in (
+            "redirect_uris",
+            "secrets",
+            "certificates",
+            "multi_tenant",
+            "delegated",
+            "application",
+            "graph_delegated",
+            "graph_application",
+            "name",
+        )
     }
     return identity.directory.update("apps", {"client_id": body["client_id"]}, values)
 
@@ -1117,7 +1165,21 @@ def _mailbox_enabled(identity, body):
     identity.directory.update("mailboxes", {"address": body["mailbox"].lower()}, {"enabled": bool(body["enabled"])})
 
 
+def _graph_fault(identity, body):
+    from .graph import set_graph_fault
+
+    set_graph_fault(identity.directory, body, identity.graph)
+
+
+def _graph_app_scope(identity, body):
+    from .graph import set_app_scope
+
+    set_app_scope(identity.directory, body)
+
+
 _CONTROL = {
+    "graph_fault": _graph_fault,
+    "graph_app_scope": _graph_app_scope,
     "user_policy": _user_policy,
     "mail_throttle": _mail_throttle,
     "mailbox_enabled": _mailbox_enabled,

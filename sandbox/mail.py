@@ -331,6 +331,11 @@ class MailServers:
         self._outbound_lock = threading.Lock()
 
     @property
+    def master_password(self):
+        """The fronts' (and the Graph server's) master login to Dovecot."""
+        return self._imap_front.master_password
+
+    @property
     def pids(self):
         return {"dovecot": self._dovecot.pid} if self._dovecot else {}
 

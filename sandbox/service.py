@@ -13,6 +13,7 @@ from .identity import IdentityServer
 
 FIXED_PORTS = {
     "identity": 9443,
+    "graph": 9444,  # Microsoft Graph's mail endpoints (HTTPS)
     "imaps": 9993,
     "pop3s": 9995,
     "smtp": 9587,
@@ -47,6 +48,7 @@ class SandboxService:
         self.directory = Directory(self.state_dir)
         self.identity = None
         self.mail = None
+        self.graph = None
         self.with_mail = with_mail
 
     def start(self):
@@ -77,10 +79,21 @@ class SandboxService:
             self.identity.stop()
             raise
         self.identity.deliver = self.mail.deliver
+        from .graph import GraphServer
+
+        try:
+            self.graph = GraphServer(self.directory, self.tls, HOST, self.ports["graph"], self.mail).start()
+            self.identity.graph = self.graph
+        except BaseException:
+            self.mail.stop()
+            self.identity.stop()
+            raise
         self.write_description(startup_seconds=time.monotonic() - started)
         return self
 
     def stop(self):
+        if self.graph:
+            self.graph.stop()
         if self.mail:
             self.mail.stop()
         if self.identity:
@@ -104,6 +117,8 @@ class SandboxService:
             "default_tenant_id": contoso["id"],
             "mail_resource": "https://outlook.office.com",
             "app_resource": "https://outlook.office365.com",
+            "graph_resource": "https://graph.microsoft.com",
+            "graph_url": self.graph.base_url if self.graph else None,
             "state_dir": str(self.state_dir),
             "directory": directory,
         }

@@ -1,0 +1,54 @@
+from odoo.tests import tagged
+
+from .common import BrowserCase
+
+
+@tagged("post_install", "-at_install")
+class TestBrowserGraph(BrowserCase):
+    """An administrator whose organisation switched SMTP AUTH off: Test connection meets 5.7.139, offers
+    Use Microsoft Graph on the spot, one click switches the server, and mail is sent through Graph."""
+
+    def test_a_5_7_139_server_is_switched_to_graph_from_the_error_and_sends(self):
+        self.app_registration.flow = "app_only"
+        account = self.new_account(email="info@contoso.com")
+        server = self.env["ir.mail_server"].create(
+            {
+                "name": "Info (SMTP AUTH off)",
+                "smtp_authentication": "microsoft365",
+                "microsoft365_account_id": account.id,
+                "smtp_host": self.sandbox.host,
+                "smtp_port": self.sandbox.ports["smtp"],
+                "smtp_encryption": "starttls",
+                "smtp_user": account.email,
+                "from_filter": account.email,
+            }
+        )
+        self.sandbox.control("smtp_auth", mailbox="info@contoso.com", enabled=False)
+        self.env.flush_all()
+        browser = self.open_browser()
+        self.log_in()
+        browser.open(f"{self.base_url()}/odoo/action-base.action_ir_mail_server_list/{server.id}")
+        browser.click("button[name=test_smtp_connection]")
+        browser.wait_for(".modal-dialog", "SMTP AUTH is disabled for this mailbox")
+        browser.screenshot("graph-1-5.7.139-offers-graph")
+        browser.click(".modal-footer button", "Use Microsoft Graph")
+        browser.wait_for(".o_notification", "uses Microsoft Graph with info@contoso.com")
+        browser.wait_for("div[name=microsoft365_transport] input[data-value=graph]:checked")
+        browser.screenshot("graph-2-switched")
+        browser.click("button[name=test_smtp_connection]")
+        browser.wait_for(".o_notification", "Microsoft Graph accepts the token to send")
+
+        self.env.invalidate_all()
+        self.assertEqual(server.microsoft365_transport, "graph")
+        mail = self.env["mail.mail"].create(
+            {
+                "email_from": "info@contoso.com",
+                "email_to": "bob@contoso.com",
+                "subject": "Sent after the switch in the browser",
+                "body_html": "<p>Hello</p>",
+                "mail_server_id": server.id,
+            }
+        )
+        mail.send()
+        self.assertEqual(mail.state, "sent", mail.failure_reason)
+        self.assertEqual(self.sandbox.counter("graph_sendmail"), 1)

@@ -1,0 +1,418 @@
+"""Microsoft Graph as the transport of Odoo's mail servers, over the wire against the sandbox: sending
+through the mail queue with SMTP AUTH switched off, receiving a folder's unread mail, the IMAP path's
+safety net, each Graph refusal in plain words, and a reply that finds its record."""
+
+import email
+import email.policy
+import os
+from unittest.mock import patch
+from urllib.parse import parse_qsl, urlsplit
+
+from odoo.exceptions import RedirectWarning, UserError
+from odoo.tests import tagged
+from odoo.tools import mute_logger
+
+from odoo.addons.base.models.ir_mail_server import MailDeliveryException
+
+from ..m365.clouds import CLOUDS
+from ..m365.graph import GraphClient
+from ..m365.identity import AppCredentials, IdentityClient, http_session
+from .common import FetchCase
+
+QUIET = (
+    "odoo.addons.mail_microsoft365_oauth.models.microsoft365_account",
+    "odoo.addons.mail_microsoft365_oauth.models.fetchmail_server",
+    "odoo.addons.mail_microsoft365_oauth.models.fetchmail_server_graph",
+    "odoo.addons.mail_microsoft365_oauth.models.ir_mail_server",
+    "odoo.addons.mail.models.fetchmail",
+    "odoo.addons.mail_microsoft365_oauth.m365.identity",
+    "odoo.addons.mail_microsoft365_oauth.m365.graph",
+)
+RAW = ("Traceback", "'error':", "b'")  # what an administrator must never read
+
+
+@tagged("post_install", "-at_install")
+class TestGraphTransport(FetchCase):
+    def setUp(self):
+        super().setUp()
+        # SMTP AUTH off for the mailboxes used here: whatever is sent can only have gone through Graph.
+        for mailbox in ("alice@contoso.com", "info@contoso.com"):
+            self.sandbox.control("smtp_auth", mailbox=mailbox, enabled=False)
+
+    # helpers -----------------------------------------------------------------------------------
+
+    def connect(self, account, upn=None):
+        """Signed in (Exchange scopes, as today), and the Graph token drawn once from the same cache: a
+        test's assertRaises rolls back its savepoint, which would forget a refresh made inside it (outside
+        tests a refresh is committed in its own transaction)."""
+        account = super().connect(account, upn)
+        account._graph_token()
+        return account
+
+    def clear_unread(self, mailbox):
+        """Earlier tests leave unread mail behind: the Graph fetch would read it first."""
+        client = self.app_graph(mailbox)
+        for message in client.unread("inbox"):
+            client.mark_read(message["id"])
+
+    def graph_outgoing(self, account, **values):
+        return self.outgoing(account, microsoft365_transport="graph", **values)
+
+    def graph_incoming(self, account, **values):
+        return self.incoming(account, microsoft365_transport="graph", **values)
+
+    def app_graph(self, mailbox):
+        """The sandbox app's own Graph client on a mailbox (the app's Graph permission is tenant-wide)."""
+        credentials = AppCredentials(
+            client_id=self.sandbox.app()["client_id"],
+            authority=self.sandbox.authority(),
+            client_secret=self.sandbox.secret(),
+            ca_file=self.sandbox.ca_file,
+        )
+        cloud = CLOUDS["global"].with_overrides(graph_resource=self.sandbox.description["graph_resource"])
+        token = IdentityClient(credentials).app_access_token(cloud.graph_app_scopes()).token
+        return GraphClient(
+            self.sandbox.description["graph_url"], token, mailbox, session=http_session(self.sandbox.ca_file)
+        )
+
+    def arrived(self, mailbox, subject):
+        """Messages with `subject` in a mailbox's Inbox, read over IMAP as the app (Full Access granted)."""
+        app = f"app:{self.sandbox.app()['client_id']}"
+        self.sandbox.control("grant", right="full_access", identity=app, mailbox=mailbox)
+        token = self.app_token()
+        with self.imap() as imap:
+            imap.authenticate("XOAUTH2", lambda _: f"user={mailbox}\x01auth=Bearer {token}\x01\x01")
+            imap.select("INBOX")
+            numbers = imap.search(None, "SUBJECT", f'"{subject}"')[1][0].split()
+            return [
+                email.message_from_bytes(imap.fetch(n, "(BODY.PEEK[])")[1][0][1], policy=email.policy.default)
+                for n in numbers
+            ]
+
+    def send(self, server, sender, to, subject):
+        message = server.build_email(sender, [to], subject, "Hello through Microsoft Graph")
+        return server.send_email(message, mail_server_id=server.id)
+
+    def deliver_unread(self, mailbox, subject):
+        self.clear_unread(mailbox)
+        self.sandbox.control("deliver", mailbox=mailbox, subject=subject, sender="someone@fabrikam.example")
+
+    # sending ----------------------------------------------------------------------------------
+
+    def test_the_mail_queue_sends_through_graph_with_smtp_auth_switched_off(self):
+        account = self.connect(self.new_account())
+        server = self.graph_outgoing(account)
+        server.test_smtp_connection()  # Graph, not SMTP: SMTP AUTH is off for alice
+        mail = self.env["mail.mail"].create(
+            {
+                "email_from": "alice@contoso.com",
+                "email_to": "bob@contoso.com",
+                "subject": "Queued through Graph",
+                "body_html": "<p>Hello</p>",
+                "mail_server_id": server.id,
+            }
+        )
+        mail.send()
+        self.assertEqual(mail.state, "sent", mail.failure_reason)
+        [received] = self.arrived("bob@contoso.com", "Queued through Graph")
+        self.assertEqual(received["Message-ID"], mail.message_id)
+        self.assertEqual(self.sandbox.counter("mail_login:smtp"), 0)  # no SMTP login at all
+        self.assertEqual(self.sandbox.counter("token:authorization_code"), 1)  # no second sign-in for Graph
+
+    def test_bcc_recipients_still_receive_the_message(self):
+        account = self.connect(self.new_account())
+        server = self.graph_outgoing(account)
+        message = server.build_email(
+            "alice@contoso.com", ["bob@contoso.com"], "With a Bcc", "Hello", email_bcc=["admin@contoso.com"]
+        )
+        server.send_email(message, mail_server_id=server.id)
+        [to_admin] = self.arrived("admin@contoso.com", "With a Bcc")
+        self.assertIsNone(to_admin["Bcc"])  # Exchange keeps it off the delivered copies
+
+    def test_a_large_attachment_is_sent_through_a_draft_and_an_upload_session(self):
+        account = self.connect(self.new_account())
+        server = self.graph_outgoing(account)
+        content = os.urandom(5 * 1024 * 1024)  # over sendMail's 4 MB per request
+        message = server.build_email(
+            "alice@contoso.com",
+            ["bob@contoso.com"],
+            "Graph large quote",
+            "See the attached quote.",
+            attachments=[("quote.pdf", content, "application/pdf")],
+        )
+        server.send_email(message, mail_server_id=server.id)
+        [received] = self.arrived("bob@contoso.com", "Graph large quote")
+        [attachment] = list(received.iter_attachments())
+        self.assertEqual((attachment.get_filename(), attachment.get_payload(decode=True)), ("quote.pdf", content))
+        self.assertEqual(self.sandbox.counter("graph_send_draft"), 1)
+
+    @mute_logger(*QUIET)
+    def test_a_shared_mailbox_sends_as_itself_and_a_refused_send_as_is_explained(self):
+        info = self.connect(self.new_account(email="info@contoso.com"), upn="alice@contoso.com")
+        server = self.graph_outgoing(info)
+        self.send(server, "info@contoso.com", "bob@contoso.com", "Shared through Graph")
+        self.assertEqual(len(self.arrived("bob@contoso.com", "Shared through Graph")), 1)
+        self.sandbox.control(
+            "grant", right="send_as", identity="alice@contoso.com", mailbox="info@contoso.com", granted=False
+        )
+        with self.assertRaises(MailDeliveryException) as refused:
+            self.send(server, "info@contoso.com", "bob@contoso.com", "Refused through Graph")
+        text = refused.exception.args[1]
+        self.assertIn("alice@contoso.com may not use the mailbox info@contoso.com through Microsoft Graph", text)
+        self.assertIn('Add-RecipientPermission -Identity "info@contoso.com" -Trustee "alice@contoso.com"', text)
+        self.assertFalse(any(raw in text for raw in RAW), text)
+
+    @mute_logger(*QUIET)
+    def test_5_7_139_at_test_connection_offers_graph_and_the_switch_sends(self):
+        account = self.connect(self.new_account())
+        server = self.outgoing(account)  # SMTP with OAuth, SMTP AUTH off for the mailbox
+        with self.assertRaises(UserError):  # called from code: the UserError it always was
+            server.test_smtp_connection()
+        with self.assertRaises(RedirectWarning) as offered:  # the form's button
+            server.with_context(microsoft365_offer_graph=True).test_smtp_connection()
+        self.assertIn("SMTP AUTH is disabled", offered.exception.args[0])
+        action, button, context = offered.exception.args[1:4]
+        self.assertEqual(button, "Use Microsoft Graph")
+        # The button runs the server action on this server, as the list action does for many.
+        self.env["ir.actions.server"].browse(action).with_context(**context).run()
+        self.assertEqual(server.microsoft365_transport, "graph")
+        server.test_smtp_connection()
+        self.assertIn(f"Outgoing: {server.name} (Microsoft Graph)", account.server_summary)
+        self.send(server, "alice@contoso.com", "bob@contoso.com", "Graph after the 5.7.139 switch")
+        self.assertEqual(len(self.arrived("bob@contoso.com", "Graph after the 5.7.139 switch")), 1)
+
+    @mute_logger(*QUIET, "odoo.addons.mail.models.mail_mail")
+    def test_a_queued_mail_refused_with_5_7_139_names_graph_as_the_way_out(self):
+        account = self.connect(self.new_account())
+        server = self.outgoing(account)  # SMTP, SMTP AUTH off for alice
+        mail = self.env["mail.mail"].create(
+            {
+                "email_from": "alice@contoso.com",
+                "email_to": "bob@contoso.com",
+                "subject": "Refused by SMTP AUTH off",
+                "body_html": "<p>Hello</p>",
+                "mail_server_id": server.id,
+            }
+        )
+        mail.send(raise_exception=False)
+        self.assertEqual(mail.state, "exception")
+        self.assertIn("SMTP AUTH is disabled", mail.failure_reason)
+        self.assertIn("Use Microsoft Graph on the outgoing server", mail.failure_reason)
+
+    @mute_logger(*QUIET)
+    def test_graph_refusals_of_a_send_are_named_with_their_fix(self):
+        account = self.connect(self.new_account())
+        server = self.graph_outgoing(account)
+        self.sandbox.control("settings", graph_max_message_bytes=200)
+        with self.assertRaises(MailDeliveryException) as too_large:
+            self.send(server, "alice@contoso.com", "bob@contoso.com", "Too large for the tenant")
+        self.assertIn("larger than Microsoft 365 accepts", too_large.exception.args[1])
+        self.sandbox.control("settings", graph_max_message_bytes=35 * 1024 * 1024)
+        self.sandbox.control("graph_fault", kind="503", count=5, retry_after=600)
+        with self.assertRaises(MailDeliveryException) as busy:
+            self.send(server, "alice@contoso.com", "bob@contoso.com", "Busy")
+        self.assertIn("it asked to wait 600 s", busy.exception.args[1])
+        self.sandbox.control("graph_fault", kind="none")
+        self.sandbox.control("mailbox_enabled", mailbox="alice@contoso.com", enabled=False)
+        with self.assertRaises(MailDeliveryException) as disabled:
+            self.send(server, "alice@contoso.com", "bob@contoso.com", "Disabled")
+        self.assertIn("cannot open the mailbox alice@contoso.com", disabled.exception.args[1])
+        for text in (too_large.exception.args[1], busy.exception.args[1], disabled.exception.args[1]):
+            self.assertFalse(any(raw in text for raw in RAW), text)
+
+    # receiving --------------------------------------------------------------------------------
+
+    def test_unread_mail_of_the_folder_is_fetched_once_and_marked_read(self):
+        account = self.connect(self.new_account())
+        self.graph_incoming(account)
+        self.deliver_unread("alice@contoso.com", "Graph fetch one")
+        self.cron_fetch()
+        self.cron_fetch()
+        self.assertEqual(self.partners("Graph fetch one"), 1)
+        self.assertEqual(self.sandbox.counter("mail_login:imap"), 1)  # the sign-in check only; the fetch used Graph
+        self.assertEqual(self.unread(account, "Graph fetch one"), [])  # read, as IMAP shows it
+
+    def test_messages_are_moved_to_the_chosen_folder(self):
+        account = self.connect(self.new_account())
+        self.graph_incoming(account, microsoft365_graph_after="move", microsoft365_graph_move_to="archive")
+        self.deliver_unread("alice@contoso.com", "Graph moved")
+        self.cron_fetch()
+        self.assertEqual(self.partners("Graph moved"), 1)
+        client = self.app_graph("alice@contoso.com")
+        archived = [m for m in client.delta("archive")[0] if m["subject"] == "Graph moved"]
+        self.assertEqual(len(archived), 1)
+
+    @mute_logger(*QUIET)
+    def test_a_message_odoo_cannot_process_is_kept_and_listed(self):
+        account = self.connect(self.new_account())
+        server = self.graph_incoming(account)
+        self.deliver_unread("alice@contoso.com", "Graph poison")
+        MailThread = type(self.env["mail.thread"])
+        original = MailThread.message_process
+
+        def message_process(thread, model, message, *args, **kwargs):
+            if b"Subject: Graph poison" in message:
+                raise ValueError("cannot route this message")
+            return original(thread, model, message, *args, **kwargs)
+
+        with patch.object(MailThread, "message_process", message_process):
+            for _run in range(4):
+                self.cron_fetch()
+        self.assertIn("Graph poison (from someone@fabrikam.example)", server.microsoft365_failed_summary)
+        self.assertEqual(len(self.unread(account, "Graph poison")), 1)  # left unread in the mailbox
+        server.action_microsoft365_retry_failed_messages()
+        self.cron_fetch()
+        self.assertEqual(self.partners("Graph poison"), 1)
+        self.assertFalse(server.microsoft365_failed_messages)
+
+    @mute_logger(*QUIET)
+    def test_a_crash_between_fetch_and_mark_processes_the_message_once(self):
+        account = self.connect(self.new_account())
+        server = self.graph_incoming(account)
+        self.deliver_unread("alice@contoso.com", "Graph crash")
+        steps = []
+        Server = type(server)
+        crash = patch.object(Server, "_microsoft365_graph_done", side_effect=lambda *_a: steps.append("mark") or 1 / 0)
+        with patch.object(self.env.cr, "commit", lambda: steps.append("commit")), crash:
+            crashed = False
+            try:  # not assertRaises: its savepoint would undo what the fetch kept
+                server._microsoft365_fetch_graph()
+            except ZeroDivisionError:
+                crashed = True
+            self.assertTrue(crashed, "the crash did not happen")
+        # Kept in Odoo before the mailbox is touched: a crash can only cost a second fetch, never a message.
+        self.assertEqual(steps, ["commit", "mark"])
+        self.assertEqual(self.partners("Graph crash"), 1)
+        self.assertEqual(len(self.unread(account, "Graph crash")), 1)  # not marked: fetched again next time
+        self.cron_fetch()
+        self.assertEqual(self.partners("Graph crash"), 1)  # Odoo ignored the known Message-ID
+        self.assertEqual(self.unread(account, "Graph crash"), [])
+
+    @mute_logger(*QUIET)
+    def test_throttling_is_honoured_and_a_long_back_off_kept(self):
+        account = self.connect(self.new_account())
+        server = self.graph_incoming(account)
+        self.deliver_unread("alice@contoso.com", "Graph after a short wait")
+        self.sandbox.control("graph_fault", kind="429", count=1, retry_after=0)
+        self.cron_fetch()
+        self.assertEqual(self.partners("Graph after a short wait"), 1)
+        self.assertEqual(self.sandbox.counter("graph_fault:429"), 1)
+        self.deliver_unread("alice@contoso.com", "Graph after a long wait")
+        self.sandbox.control("graph_fault", kind="503", count=5, retry_after=900)
+        self.cron_fetch()
+        self.assertEqual(self.partners("Graph after a long wait"), 0)
+        self.assertIn("asked to wait 900 s", server.microsoft365_fetch_error)
+        self.assertTrue(server.microsoft365_retry_at)
+        self.sandbox.control("graph_fault", kind="none")
+        self.cron_fetch()  # before Microsoft's time: not even asked
+        self.assertEqual(self.partners("Graph after a long wait"), 0)
+        server.microsoft365_retry_at = False
+        self.cron_fetch()
+        self.assertEqual(self.partners("Graph after a long wait"), 1)
+
+    @mute_logger(*QUIET)
+    def test_confirm_names_a_missing_folder(self):
+        account = self.connect(self.new_account())
+        server = self.graph_incoming(account, state="draft", microsoft365_graph_folder="AQMkbm9uZQ")
+        with self.assertRaises(UserError) as refused:
+            server.button_confirm_login()
+        self.assertIn("did not find the folder", refused.exception.args[0])
+        server.microsoft365_graph_folder = "inbox"
+        server.button_confirm_login()
+        self.assertEqual(server.state, "done")
+
+    # a reply to mail sent through Graph --------------------------------------------------------
+
+    def reply_lands_on_its_record(self, subject):
+        self.clear_unread("alice@contoso.com")
+        account = self.connect(self.new_account())
+        self.graph_outgoing(account)
+        self.graph_incoming(account, object_id=self.env.ref("base.model_res_partner").id)
+        partner = self.env["res.partner"].create({"name": f"Customer {subject}", "email": "bob@contoso.com"})
+        partner.message_post(
+            body="Our offer",
+            subject=subject,
+            partner_ids=partner.ids,
+            email_from="alice@contoso.com",
+            message_type="comment",
+            subtype_xmlid="mail.mt_comment",
+        )
+        self.env["mail.mail"].search([("subject", "=", subject)]).send()
+        [received] = self.arrived("bob@contoso.com", subject)
+        # Bob answers from his mail client, through Graph too.
+        reply = email.message.EmailMessage()
+        reply["From"], reply["To"], reply["Subject"] = "bob@contoso.com", "alice@contoso.com", f"Re: {subject}"
+        reply["Message-ID"] = email.utils.make_msgid(domain="contoso.com")
+        reply["In-Reply-To"] = received["Message-ID"]
+        reply["References"] = f"{received['References'] or ''} {received['Message-ID']}".strip()
+        reply.set_content("Yes please.")
+        self.app_graph("bob@contoso.com").send_mime(reply.as_bytes())
+        self.cron_fetch()
+        replies = partner.message_ids.filtered(lambda m: m.subject == f"Re: {subject}")
+        self.assertEqual(len(replies), 1, "the reply did not land on the partner")
+        return received
+
+    def test_a_reply_to_mail_sent_through_graph_lands_on_its_record(self):
+        received = self.reply_lands_on_its_record("Graph offer")
+        self.assertTrue(received["Message-ID"].endswith("@contoso.com>") or "@" in received["Message-ID"])
+
+    def test_the_reply_lands_even_when_graph_replaces_the_message_id(self):
+        self.sandbox.control("settings", graph_replace_message_id=True)
+        received = self.reply_lands_on_its_record("Graph offer renamed")
+        self.assertIn("SANDBOX.PROD.OUTLOOK.COM", received["Message-ID"])  # not Odoo's any more
+
+    # app-only ---------------------------------------------------------------------------------
+
+    @mute_logger(*QUIET)
+    def test_app_only_scoping_missing_or_excluding_the_mailbox_is_explained(self):
+        self.app_registration.write({"flow": "app_only"})
+        account = self.new_account(email="info@contoso.com")
+        server = self.graph_incoming(account)
+        result = account.action_test_connection()
+        self.assertEqual(result["params"]["type"], "success")
+        message = result["params"]["message"]
+        self.assertIn("EVERY mailbox of the organisation", message)
+        self.assertIn('New-ManagementScope -Name "Odoo mailboxes"', message)
+        client_id = self.sandbox.app()["client_id"]
+        self.deliver_unread("info@contoso.com", "Outside the scope")
+        self.sandbox.control("graph_app_scope", client_id=client_id, mailboxes=["sales@contoso.com"])
+        self.cron_fetch()
+        self.assertIn("does not include info@contoso.com", server.microsoft365_fetch_error)
+        self.assertIn(
+            f'New-ManagementRoleAssignment -App {client_id} -Role "Application Mail.ReadWrite"',
+            server.microsoft365_fetch_error,
+        )
+        self.sandbox.control("graph_app_scope", client_id=client_id, mailboxes=["info@contoso.com"])
+        self.cron_fetch()
+        self.assertEqual(self.partners("Outside the scope"), 1)
+
+
+@tagged("post_install", "-at_install")
+class TestGraphConsent(FetchCase):
+    """The Graph token is the second resource of the account's cache; where the consent does not cover
+    Graph, Use Microsoft Graph sends the person to Authorize once, for Graph's scopes."""
+
+    @mute_logger(*QUIET)
+    def test_without_graph_consent_use_graph_asks_once_for_the_graph_scopes(self):
+        tenant = self.sandbox.tenant()["id"]
+        self.sandbox.control("consent", client_id=self.app_registration.client_id, tenant=tenant, graph=False)
+        account = self.connect(self.new_account())
+        server = self.outgoing(account)
+        action = server.action_microsoft365_use_graph()
+        self.assertEqual(server.microsoft365_transport, "graph")
+        self.assertEqual(action["type"], "ir.actions.act_url")  # straight on to Microsoft's sign-in
+        self.assertIn("graph.microsoft.com%2FMail.Send", action["url"])
+        self.assertNotIn("SMTP.Send", action["url"])
+        state = dict(parse_qsl(urlsplit(action["url"]).query))["state"]
+        taken, flow = self.env["microsoft365.authorization"]._take(state, self.env.user)
+        for key in ("odoo_origin", "odoo_confirm_servers"):
+            flow.pop(key)
+        client = account.app_id._identity_client()
+        sign_in = client.finish_sign_in(flow, self.sandbox.sign_in(action["url"], "alice@contoso.com"))
+        taken._store_sign_in(client, sign_in)  # checked through Graph: SMTP AUTH may be off
+        self.assertEqual(taken, account)
+        self.assertEqual(account.status, "connected")
+        self.assertTrue(server._microsoft365_graph_ready())
+        message = server.build_email("alice@contoso.com", ["bob@contoso.com"], "Graph after consent", "Hello")
+        server.send_email(message, mail_server_id=server.id)
+        self.assertEqual(self.sandbox.counter("graph_sendmail"), 1)
