@@ -41,6 +41,9 @@ SETTINGS_DEFAULTS = {
     # Identity platform (CONFORMANCE ID-15)
     "user_consent_allowed": True,  # False: users may not consent, only administrators
     "admin_consent_error": "access_denied",  # or "consent_required", Microsoft's example (ID-24)
+    # Network: a round-trip time added to every connection and every reply of the identity platform,
+    # IMAP, POP3 and SMTP (Microsoft is 30-150 ms away from most Odoo servers; loopback is 0).
+    "latency_ms": 0,
 }
 
 
@@ -215,6 +218,10 @@ class Directory:
         self.counters = {}
         self.fault = None
         self.mail_throttles = {}  # mailbox -> {"backoff_ms", "remaining", "where"}
+        self.mail_stalls = {}  # mailbox -> threading.Event, set when the stall is released
+        self.session_order = []  # mailboxes in the order their IMAP/POP3 sessions opened (last 1000)
+        self.mail_sessions = {}  # mailbox -> IMAP/POP3 sessions open now
+        self.setting_overrides = {}  # settings given to the constructor (e.g. latency): kept across resets
 
     # persistence ---------------------------------------------------------------------------
 
@@ -225,7 +232,10 @@ class Directory:
             self.data.setdefault("refresh_tokens", {})
             self.data.setdefault("access_tokens_valid_after", {})
             self.codes, self.sessions, self.counters, self.fault = {}, {}, {}, None
+            self.session_order = []
             self.mail_throttles = {}
+            self.data["settings"].update(getattr(self, "setting_overrides", {}))
+            self.release_stalls()
             self.save()
 
     def _add_default_settings(self):
@@ -247,6 +257,56 @@ class Directory:
                 return None
             throttle["remaining"] -= 1
             return throttle["backoff_ms"]
+
+    def latency(self):
+        """The round-trip time (seconds) the servers add to each connection and each reply."""
+        return max(0, float(self.settings.get("latency_ms") or 0)) / 1000
+
+    def stall_mail(self, mailbox, stalled=True):
+        """While stalled, every IMAP/POP3 command of the mailbox after login waits (a hung server)."""
+        mailbox = (mailbox or "").lower()
+        with self.lock:
+            event = self.mail_stalls.pop(mailbox, None)
+            if event:
+                event.set()
+            if stalled:
+                self.mail_stalls[mailbox] = threading.Event()
+
+    def release_stalls(self):
+        with self.lock:
+            stalls = getattr(self, "mail_stalls", {})
+            for event in stalls.values():
+                event.set()
+            stalls.clear()
+
+    def wait_if_stalled(self, mailbox):
+        """Blocks while the mailbox is stalled; `stalled_now:<mailbox>` counts the waiting sessions."""
+        mailbox = (mailbox or "").lower()
+        with self.lock:
+            event = self.mail_stalls.get(mailbox)
+        if event is None:
+            return
+        self.count(f"stalled_now:{mailbox}")
+        self.count(f"stalled:{mailbox}")
+        try:
+            event.wait(3600)
+        finally:
+            self.count(f"stalled_now:{mailbox}", -1)
+
+    def mail_session(self, mailbox, protocol, opened):
+        """Counts the IMAP/POP3 sessions of a mailbox: `<protocol>_sessions:<mailbox>` (all so far),
+        `<protocol>_open_max:<mailbox>` (most open at once) and `<protocol>_order` (who logged in when)."""
+        mailbox = (mailbox or "").lower()
+        with self.lock:
+            key = (protocol, mailbox)
+            now = self.mail_sessions.get(key, 0) + (1 if opened else -1)
+            self.mail_sessions[key] = now
+            if opened:
+                self.count(f"{protocol}_sessions:{mailbox}")
+                most = f"{protocol}_open_max:{mailbox}"
+                self.counters[most] = max(self.counters.get(most, 0), now)
+                self.session_order.append(mailbox)
+                del self.session_order[:-1000]
 
     def count(self, name, amount=1):
         with self.lock:

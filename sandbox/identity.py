@@ -394,6 +394,19 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         _logger.debug("identity: " + format, *args)
 
+    def setup(self):
+        self._round_trip()  # the connection's handshake crosses the network
+        super().setup()
+
+    def send_response(self, code, message=None):
+        self._round_trip()  # every reply crosses the network
+        super().send_response(code, message)
+
+    def _round_trip(self):
+        seconds = self.identity.directory.latency()
+        if seconds:
+            time.sleep(seconds)
+
     # plumbing ------------------------------------------------------------------------------
 
     def _send(self, status, body, content_type="application/json; charset=utf-8", headers=None):
@@ -888,6 +901,7 @@ def _control_state(identity):
             "grants": directory.data["grants"],
             "service_principals": directory.data["service_principals"],
             "mailboxes": directory.data["mailboxes"],
+            "session_order": list(directory.session_order),
         }
 
 
@@ -1032,6 +1046,11 @@ def _mail_throttle(identity, body):
         }
 
 
+def _mail_stall(identity, body):
+    """A hung mailbox: every IMAP/POP3 command after login waits until `stalled` is false again."""
+    identity.directory.stall_mail(body["mailbox"], bool(body.get("stalled", True)))
+
+
 def _mailbox_enabled(identity, body):
     identity.directory.update("mailboxes", {"address": body["mailbox"].lower()}, {"enabled": bool(body["enabled"])})
 
@@ -1039,6 +1058,7 @@ def _mailbox_enabled(identity, body):
 _CONTROL = {
     "user_policy": _user_policy,
     "mail_throttle": _mail_throttle,
+    "mail_stall": _mail_stall,
     "mailbox_enabled": _mailbox_enabled,
     "deliver": _deliver,
     "token_fault": _set_fault,
