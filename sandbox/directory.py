@@ -308,6 +308,42 @@ class Directory:
                 self.session_order.append(mailbox)
                 del self.session_order[:-1000]
 
+    def add_mailboxes(self, addresses, kind="user", tenant=None, app_access=True):
+        """More Contoso mailboxes (scale runs): users with their own mailbox (`kind` "user", who can
+        sign in) or shared mailboxes; `app_access`: the Odoo app gets FullAccess and Send As on them."""
+        tenant = tenant or stable_id("tenant", "contoso")
+        app = f"app:{stable_id('app', 'odoo')}"
+        with self.lock:
+            known = {m["address"] for m in self.data["mailboxes"]}
+            added = []
+            for address in addresses:
+                address = address.lower()
+                if address in known:
+                    continue
+                known.add(address)
+                added.append(address)
+                if kind == "user":
+                    self.data["users"].append(
+                        {
+                            "upn": address,
+                            "tenant": tenant,
+                            "oid": stable_id("user", address),
+                            "name": address.split("@")[0],
+                            "admin": False,
+                            "password": f"Sandbox-{address.split('@')[0]}-1!",
+                            "require_mfa": False,
+                            "sessions_valid_after": 0,
+                        }
+                    )
+                self.data["mailboxes"].append({"address": address, "tenant": tenant, "kind": kind, "smtp_auth": True})
+                if app_access:
+                    self.data["grants"] += [
+                        {"right": "full_access", "identity": app, "mailbox": address},
+                        {"right": "send_as", "identity": app, "mailbox": address},
+                    ]
+            self.save()
+            return added
+
     def count(self, name, amount=1):
         with self.lock:
             self.counters[name] = self.counters.get(name, 0) + amount

@@ -1046,6 +1046,14 @@ def _mail_throttle(identity, body):
         }
 
 
+def _add_mailboxes(identity, body):
+    """More mailboxes for scale runs: `addresses`, `kind` (user / shared), `app_access` (default true)."""
+    added = identity.directory.add_mailboxes(
+        body["addresses"], kind=body.get("kind", "user"), app_access=bool(body.get("app_access", True))
+    )
+    return {"added": len(added)}
+
+
 def _mail_stall(identity, body):
     """A hung mailbox: every IMAP/POP3 command after login waits until `stalled` is false again."""
     identity.directory.stall_mail(body["mailbox"], bool(body.get("stalled", True)))
@@ -1059,6 +1067,7 @@ _CONTROL = {
     "user_policy": _user_policy,
     "mail_throttle": _mail_throttle,
     "mail_stall": _mail_stall,
+    "add_mailboxes": _add_mailboxes,
     "mailbox_enabled": _mailbox_enabled,
     "deliver": _deliver,
     "token_fault": _set_fault,
