@@ -610,7 +610,10 @@ class FetchmailServer(models.Model):
             _logger.info("Failed to process mail from %s server %s.", self.server_type, self.name, exc_info=True)
             return "failed"
         self._microsoft365_forget_failed_message(raw)
-        # Should this fail, the message is fetched again and Odoo ignores it (same Message-ID).
+        # Kept in Odoo first, marked read second: a worker killed or a database connection cut in
+        # between leaves the message unread, fetched again and ignored by Odoo (same Message-ID);
+        # the other way round, it would be read in the mailbox and missing in Odoo.
+        self.env.cr.commit()  # pylint: disable=invalid-commit
         self._microsoft365_imap(imap, "STORE", number, "+FLAGS.SILENT", "(\\Seen)")
         unread.discard(key)
         return "done"

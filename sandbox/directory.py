@@ -262,29 +262,30 @@ class Directory:
         """The round-trip time (seconds) the servers add to each connection and each reply."""
         return max(0, float(self.settings.get("latency_ms") or 0)) / 1000
 
-    def stall_mail(self, mailbox, stalled=True):
-        """While stalled, every IMAP/POP3 command of the mailbox after login waits (a hung server)."""
+    def stall_mail(self, mailbox, stalled=True, where="command"):
+        """While stalled, every IMAP/POP3 command of the mailbox after login waits (a hung server),
+        or only the commands named `where` (an IMAP verb such as "store")."""
         mailbox = (mailbox or "").lower()
         with self.lock:
-            event = self.mail_stalls.pop(mailbox, None)
-            if event:
-                event.set()
+            stall = self.mail_stalls.pop(mailbox, None)
+            if stall:
+                stall[0].set()
             if stalled:
-                self.mail_stalls[mailbox] = threading.Event()
+                self.mail_stalls[mailbox] = (threading.Event(), (where or "command").lower())
 
     def release_stalls(self):
         with self.lock:
             stalls = getattr(self, "mail_stalls", {})
-            for event in stalls.values():
+            for event, _where in stalls.values():
                 event.set()
             stalls.clear()
 
-    def wait_if_stalled(self, mailbox):
+    def wait_if_stalled(self, mailbox, verb=""):
         """Blocks while the mailbox is stalled; `stalled_now:<mailbox>` counts the waiting sessions."""
         mailbox = (mailbox or "").lower()
         with self.lock:
-            event = self.mail_stalls.get(mailbox)
-        if event is None:
+            event, where = self.mail_stalls.get(mailbox) or (None, "")
+        if event is None or where not in ("command", (verb or "").lower()):
             return
         self.count(f"stalled_now:{mailbox}")
         self.count(f"stalled:{mailbox}")

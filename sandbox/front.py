@@ -70,10 +70,10 @@ class Session(socketserver.StreamRequestHandler):
         self.session_mailbox = mailbox
         self.front.session_event(mailbox, self.front.protocol, True)
 
-    def before_command(self):
+    def before_command(self, verb=""):
         """Each command after login: a stalled mailbox (control `mail_stall`) hangs here."""
         if self.session_mailbox:
-            self.front.wait_if_stalled(self.session_mailbox)
+            self.front.wait_if_stalled(self.session_mailbox, verb)
 
     def send(self, *lines):
         self.front.wait_round_trip()  # the reply crosses the network
@@ -96,7 +96,7 @@ class Front:
     _server = None
     # Set by MailServers: the round-trip time to add (seconds, a callable), the stall and session hooks.
     latency = staticmethod(lambda: 0)
-    wait_if_stalled = staticmethod(lambda mailbox: None)
+    wait_if_stalled = staticmethod(lambda mailbox, verb="": None)
     session_event = staticmethod(lambda mailbox, protocol, opened: None)
 
     def wait_round_trip(self):

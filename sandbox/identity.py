@@ -1055,8 +1055,9 @@ def _add_mailboxes(identity, body):
 
 
 def _mail_stall(identity, body):
-    """A hung mailbox: every IMAP/POP3 command after login waits until `stalled` is false again."""
-    identity.directory.stall_mail(body["mailbox"], bool(body.get("stalled", True)))
+    """A hung mailbox: every IMAP/POP3 command after login (or only those named `where`, e.g.
+    "store") waits until `stalled` is false again."""
+    identity.directory.stall_mail(body["mailbox"], bool(body.get("stalled", True)), body.get("where", "command"))
 
 
 def _mailbox_enabled(identity, body):

@@ -158,7 +158,7 @@ class _Session(Session):
                 if not command.name:
                     self.send(f"{command.tag} BAD Command Error. 10")
                     continue
-                self.before_command()
+                self.before_command(command.verb)
                 if self.login is None:
                     self.before_login(command)
                 elif self.login.session_refusal:

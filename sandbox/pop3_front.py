@@ -42,7 +42,7 @@ class _Session(Session):
                 if len(text) > LINE_LIMIT:
                     self.send(PROTOCOL_ERROR)
                     raise Hangup("line too long")
-                self.before_command()
+                self.before_command(text.partition(" ")[0])
                 if self.dovecot:
                     self.relay(text)
                 else:

@@ -6,6 +6,8 @@ Odoo's own cron machinery (`ir.cron._acquire_one_job` + `_process_job`, as `_pro
 cron thread or a cron worker process) over the scheduled actions that fetch mail.
 """
 
+import imaplib
+import ssl
 import threading
 import time
 from datetime import timedelta
@@ -15,6 +17,7 @@ from odoo import SUPERUSER_ID, api, fields
 from odoo.tests import BaseCase, tagged
 from odoo.tools import mute_logger
 
+from ..m365.identity import AppCredentials, IdentityClient
 from ..sandbox.client import shared_sandbox
 
 MAILBOXES = ["alice@contoso.com", "bob@contoso.com", "info@contoso.com"]
@@ -115,7 +118,23 @@ class TestFetchAcrossWorkers(BaseCase):
     def fetch_cron(self):
         """What core's fetch cron runs, on a worker's own cursor."""
         with self.registry.cursor() as cr:
+            self.backend_pid = cr._cnx.get_backend_pid()
             api.Environment(cr, SUPERUSER_ID, {})["fetchmail.server"]._fetch_mails()
+
+    def unread(self, mailbox, subject):
+        """Unread messages with this subject in the mailbox, read over IMAP with an app-only token."""
+        credentials = AppCredentials(
+            client_id=self.sandbox.app()["client_id"],
+            authority=self.sandbox.authority(),
+            client_secret=self.sandbox.secret(),
+            ca_file=self.sandbox.ca_file,
+        )
+        token = IdentityClient(credentials).app_access_token(["https://outlook.office365.com/.default"]).token
+        context = ssl.create_default_context(cafile=self.sandbox.ca_file)
+        with imaplib.IMAP4_SSL(self.sandbox.host, self.sandbox.ports["imaps"], ssl_context=context) as imap:
+            imap.authenticate("XOAUTH2", lambda _: f"user={mailbox}\x01auth=Bearer {token}\x01\x01".encode())
+            imap.select("INBOX")
+            return len(imap.search(None, "UNSEEN", "SUBJECT", f'"{subject}"')[1][0].split())
 
     def fetch_jobs(self):
         """The active scheduled actions that fetch incoming mail, made due now."""
@@ -156,9 +175,9 @@ class TestFetchAcrossWorkers(BaseCase):
         self.sandbox.control("mail_stall", mailbox="alice@contoso.com", stalled=False)
         first.join(60)
         second.join(60)
-        self.assertEqual(first.errors + second.errors, [])
         self.assertEqual(self.sandbox.counter("imap_open_max:alice@contoso.com"), 1)
         self.assertEqual(self.sandbox.counter("imap_sessions:alice@contoso.com"), 1)
+        self.assertEqual(first.errors + second.errors, [])
         self.assertEqual([self.records(subject) for subject in subjects], [1, 1, 1])
 
     @mute_logger(*QUIET)
@@ -195,3 +214,21 @@ class TestFetchAcrossWorkers(BaseCase):
         self.fetch_cron()
         order = [m for m in self.sandbox.state()["session_order"] if m in MAILBOXES]
         self.assertEqual(order, ["info@contoso.com", "bob@contoso.com", "alice@contoso.com"])
+
+    @mute_logger(*QUIET, "odoo.sql_db")
+    def test_a_database_connection_cut_mid_fetch_loses_no_message(self):
+        """The worker's database connection is cut (PostgreSQL restarted, a fail-over,
+        pg_terminate_backend) just as it marks a processed message read: the message is in Odoo, or
+        still unread for the next fetch; never read in the mailbox and missing in Odoo."""
+        subject = self.deliver("bob@contoso.com")
+        self.sandbox.control("mail_stall", mailbox="bob@contoso.com", where="store")
+        worker = self.worker(self.fetch_cron, "worker")
+        self.wait_for(lambda: self.stalled("bob@contoso.com") == 1, "the worker marks bob's message read")
+        with self.registry.cursor() as cr:
+            cr.execute("SELECT pg_terminate_backend(%s)", [self.backend_pid])
+        self.sandbox.control("mail_stall", mailbox="bob@contoso.com", stalled=False)
+        worker.join(60)
+        self.assertEqual(
+            {"in Odoo": self.records(subject), "unread in the mailbox": self.unread("bob@contoso.com", subject)},
+            {"in Odoo": 1, "unread in the mailbox": 0},
+        )
