@@ -9,3 +9,4 @@ from . import ir_mail_server
 from . import res_config_settings
 from . import microsoft365_outlook_import
 from . import microsoft365_health
+from . import mail_mail
