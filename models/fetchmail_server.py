@@ -304,8 +304,10 @@ class FetchmailServer(models.Model):
                 lane._trigger()
             self.env.cr.commit()  # pylint: disable=invalid-commit
         result = super(FetchmailServer, self.with_context(microsoft365_fetched_by_lanes=True))._fetch_mails()
-        # Core's cron runs once per interval (a rerun would repeat core's loop too): no progress report.
-        self._microsoft365_fetch_lane(report_progress=False)
+        # Core's cron runs once per interval (a rerun would repeat core's loop too): no progress report,
+        # and half a lane's share, since the same cron worker may go on with a lane and the mail queue
+        # in one pass, which Odoo's cron time limit (limit_time_real_cron) bounds as a whole.
+        self._microsoft365_fetch_lane(report_progress=False, share=2)
         return result
 
     @api.model
@@ -318,13 +320,13 @@ class FetchmailServer(models.Model):
         )
 
     @api.model
-    def _microsoft365_fetch_lane(self, report_progress=True):
+    def _microsoft365_fetch_lane(self, report_progress=True, share=1):
         """One run of a fetch lane (and the end of core's fetch cron): claims the mailboxes that are
         due one by one, least recently attempted first, each under its own time budget, until none is
         left or the run's budget is spent. Mailboxes another worker holds are skipped; so are those
         Microsoft asked to back off. The rest of a busy cycle is reported to Odoo's cron progress API,
         which runs the job again at once (or another worker does)."""
-        run_seconds = self._microsoft365_run_seconds(batches=MAX_CRON_BATCHES if report_progress else 1)
+        run_seconds = self._microsoft365_run_seconds(batches=MAX_CRON_BATCHES if report_progress else share)
         started = time.monotonic()
         cycle_start = self._microsoft365_cycle_start()
         fetched = []
