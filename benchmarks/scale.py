@@ -164,7 +164,7 @@ def run(production, args):
             f"| {workers * args.window / covered:.3f} s "
             f"| {result['cpu'] / covered * 1000:.0f} / {result['postgres'] / covered * 1000:.0f} / "
             f"{result['sandbox'] / covered * 1000:.0f} ms | {result['machine']:.0%} "
-            f"| {result['covered']} mailboxes in {args.window:g} s, times {cycle / args.window:g} |"
+            f"| {result['covered']} mailboxes in {args.window:g} s, times {cycle / args.window:.3g} |"
         )
     print(f"| ratio | {lanes['covered'] / max(1, today['covered']):.2f} | | | | {failures} fetch errors |")
 
