@@ -12,3 +12,4 @@ from . import microsoft365_outlook_import
 from . import microsoft365_health
 from . import microsoft365_app_signin
 from . import res_users
+from . import mail_mail

@@ -3,13 +3,17 @@ import email
 import email.policy
 import hashlib
 import logging
+import time
 from datetime import datetime, timedelta
 from imaplib import IMAP4
 
+import psycopg2
+
 from odoo import api, fields, models
 from odoo.exceptions import UserError, ValidationError
+from odoo.tools import SQL, config
 
-from odoo.addons.mail.models.fetchmail import POP3Connection
+from odoo.addons.mail.models.fetchmail import MAIL_TIMEOUT, POP3Connection
 
 from ..m365.diagnosis import diagnose_connection
 from ..m365.errors import M365Error, MailCommandFailed
@@ -21,6 +25,17 @@ _logger = logging.getLogger(__name__)
 MAX_PROCESSING_ATTEMPTS = 3
 # Refusals after which the session cannot go on: the other messages wait for the next fetch.
 SESSION_ENDING = ("IMAP THROTTLED", "IMAP NOT CONNECTED")
+
+# Fetching across Odoo's cron workers. Core's fetch cron ("Mail: Fetchmail Service") and this addon's
+# fetch lanes (cron jobs calling `_microsoft365_fetch_lane`) share the Microsoft 365 servers: each
+# claims one mailbox at a time, least recently attempted first, under a PostgreSQL advisory lock taken
+# with try-lock semantics (a mailbox another worker holds is skipped, never waited for). The lock is
+# session-level on the worker's own connection: it survives the commit after every message (a row lock
+# would not), and it dies with the connection (kill -9, a cut connection) so no mailbox stays claimed.
+FETCH_LOCK_CLASS = 0x4D333635  # "M365": the first key of the advisory locks, the server id the second
+MAILBOX_SECONDS = 30  # default time budget of one mailbox per visit; the rest waits for the next visit
+RUN_SECONDS = 60  # default time budget of one cron run (Odoo runs a job up to 10 times in a row)
+MAX_CRON_BATCHES = 10  # odoo.addons.base.models.ir_cron.MAX_BATCH_PER_CRON_JOB
 
 
 def _given_up(entry):
@@ -58,6 +73,12 @@ class FetchmailServer(models.Model):
     )
     microsoft365_failed_summary = fields.Text(
         string="Messages left on the server", compute="_compute_microsoft365_failed_summary"
+    )
+    microsoft365_fetch_attempted_at = fields.Datetime(
+        string="Last fetch attempt",
+        readonly=True,
+        copy=False,
+        help="When a scheduled fetch last took this mailbox: mailboxes are fetched least recently attempted first.",
     )
     microsoft365_retry_at = fields.Datetime(
         string="Throttled until",
@@ -239,11 +260,18 @@ class FetchmailServer(models.Model):
         unread and is retried by the next fetches; after a few failures it is left unread on the
         server, listed on the server record (kept in Odoo, by Message-ID: Exchange Online keeps no
         client keywords) and no longer tried, until the administrator retries or dismisses it."""
+        if self.env.context.get("microsoft365_fetched_by_lanes"):
+            # The scheduled fetch: Microsoft 365 servers are claimed one by one (_microsoft365_fetch_lane).
+            return super(FetchmailServer, self.filtered(lambda s: not s._microsoft365_in_use())).fetch_mail(
+                raise_exception=raise_exception
+            )
         servers = self - self._microsoft365_without_grant(raise_exception)
         ours = servers.filtered(lambda s: s._microsoft365_in_use() and s._get_connection_type() == "imap")
         for server in ours:
             try:
-                server._microsoft365_fetch_imap()
+                with server._microsoft365_claimed(raise_exception) as claimed:
+                    if claimed:
+                        server._microsoft365_fetch_imap(time.monotonic() + server._microsoft365_mailbox_seconds())
             except Exception as exc:
                 if raise_exception:
                     if server.microsoft365_retry_at and server.microsoft365_retry_at > fields.Datetime.now():
@@ -263,6 +291,206 @@ class FetchmailServer(models.Model):
                     exc_info=True,
                 )
         return super(FetchmailServer, servers - ours).fetch_mail(raise_exception=raise_exception)
+
+    # Fetching across Odoo's cron workers -------------------------------------------------------
+
+    @api.model
+    def _fetch_mails(self):
+        """Core's fetch cron: other servers go through core's loop as before; the Microsoft 365 ones
+        are shared with the fetch lanes, which it wakes up first so that they start together."""
+        lanes = self._microsoft365_fetch_lanes()
+        if lanes:
+            for lane in lanes:
+                lane._trigger()
+            self.env.cr.commit()  # pylint: disable=invalid-commit
+        result = super(FetchmailServer, self.with_context(microsoft365_fetched_by_lanes=True))._fetch_mails()
+        # Core's cron runs once per interval (a rerun would repeat core's loop too): no progress report,
+        # and half a lane's share, since the same cron worker may go on with a lane and the mail queue
+        # in one pass, which Odoo's cron time limit (limit_time_real_cron) bounds as a whole.
+        self._microsoft365_fetch_lane(report_progress=False, share=2)
+        return result
+
+    @api.model
+    def _microsoft365_fetch_lanes(self):
+        """The active cron jobs that fetch Microsoft 365 mailboxes besides core's fetch cron."""
+        return (
+            self.env["ir.cron"]
+            .sudo()
+            .search([("model_id.model", "=", self._name), ("code", "ilike", "_microsoft365_fetch_lane(")])
+        )
+
+    @api.model
+    def _microsoft365_fetch_lane(self, report_progress=True, share=1):
+        """One run of a fetch lane (and the end of core's fetch cron): claims the mailboxes that are
+        due one by one, least recently attempted first, each under its own time budget, until none is
+        left or the run's budget is spent. Mailboxes another worker holds are skipped; so are those
+        Microsoft asked to back off. The rest of a busy cycle is reported to Odoo's cron progress API,
+        which runs the job again at once (or another worker does)."""
+        run_seconds = self._microsoft365_run_seconds(batches=MAX_CRON_BATCHES if report_progress else share)
+        started = time.monotonic()
+        cycle_start = self._microsoft365_cycle_start()
+        fetched = []
+        while time.monotonic() - started < run_seconds:
+            server = self._microsoft365_claim_next(cycle_start, exclude=fetched)
+            if server is None:
+                break
+            fetched.append(server.id)
+            try:
+                server._microsoft365_fetch_claimed(time.monotonic() + server._microsoft365_mailbox_seconds())
+            finally:
+                server._microsoft365_release()
+        if report_progress:
+            remaining = len(self._microsoft365_due(cycle_start, exclude=fetched)) if fetched else 0
+            self.env["ir.cron"]._notify_progress(done=len(fetched), remaining=remaining)
+            if remaining:
+                # Odoo leaves a partly done job ready but wakes no worker for it (unless the server runs
+                # with ODOO_NOTIFY_CRON_CHANGES): without this, the cycle would pause a minute per run.
+                self.env.cr.postcommit.add(self.env["ir.cron"]._notifydb)
+        return len(fetched)
+
+    def _microsoft365_fetch_claimed(self, deadline):
+        """Fetches one claimed server; a failure is logged and recorded on it, never raised (the others
+        go on). A lost database connection is raised: nothing can go on without it."""
+        self.ensure_one()
+        try:
+            if not self._microsoft365_without_grant(False):
+                if self._get_connection_type() == "imap":
+                    self._microsoft365_fetch_imap(deadline)
+                else:  # POP3: core's loop, with this addon's login
+                    self.fetch_mail(raise_exception=False)
+        except (psycopg2.OperationalError, psycopg2.InterfaceError):
+            raise
+        except Exception:  # noqa: BLE001 - as core's cron loop: logged, the next server goes on
+            _logger.info(
+                "General failure when trying to fetch mail from %s server %s.",
+                self.server_type,
+                self.name,
+                exc_info=True,
+            )
+        self.env.cr.commit()  # pylint: disable=invalid-commit
+
+    @api.model
+    def _microsoft365_due_domain(self):
+        return [("state", "=", "done"), ("server_type", "!=", "local"), ("connect_with", "=", "microsoft365")]
+
+    @api.model
+    def _microsoft365_due(self, cycle_start, ids=None, exclude=(), held_too=False):
+        """Ids of the Microsoft 365 servers not attempted since `cycle_start` (nor in `exclude`), not
+        throttled and (unless `held_too`) not held by a worker, least recently attempted (else
+        fetched) first."""
+        self.env.flush_all()
+        domain = self._microsoft365_due_domain() + ([("id", "in", ids)] if ids else [])
+        candidates = self.sudo().search(domain + ([("id", "not in", list(exclude))] if exclude else []))
+        if not candidates:
+            return []
+        self.env.cr.execute(
+            SQL(
+                """
+                SELECT s.id
+                  FROM fetchmail_server s
+                 WHERE s.id IN %(ids)s
+                   AND (s.microsoft365_fetch_attempted_at IS NULL OR s.microsoft365_fetch_attempted_at <= %(cycle)s)
+                   AND (s.microsoft365_retry_at IS NULL OR s.microsoft365_retry_at <= %(now)s)
+                   AND (%(held_too)s OR s.id NOT IN (
+                        SELECT l.objid::integer
+                          FROM pg_locks l
+                         WHERE l.locktype = 'advisory' AND l.classid::bigint = %(lock_class)s AND l.objsubid = 2
+                           AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                   ))
+              ORDER BY COALESCE(s.microsoft365_fetch_attempted_at, s.date) ASC NULLS FIRST, s.id
+                """,
+                ids=tuple(candidates.ids),
+                cycle=cycle_start,
+                now=fields.Datetime.now(),
+                lock_class=FETCH_LOCK_CLASS,
+                held_too=held_too,
+            )
+        )
+        return [row[0] for row in self.env.cr.fetchall()]
+
+    @api.model
+    def _microsoft365_claim_next(self, cycle_start, exclude=()):
+        """The next due server, claimed (advisory lock held, attempt stamped and committed), or None."""
+        cr = self.env.cr
+        for server_id in self._microsoft365_due(cycle_start, exclude=exclude):
+            server = self.sudo().browse(server_id)
+            if not server._microsoft365_try_lock():
+                continue  # another worker took it meanwhile
+            # A new snapshot: a worker that held it stamped its attempt before letting it go.
+            cr.commit()  # pylint: disable=invalid-commit
+            if not self._microsoft365_due(cycle_start, ids=[server_id], exclude=exclude, held_too=True):
+                server._microsoft365_release()
+                continue
+            server.microsoft365_fetch_attempted_at = fields.Datetime.now()
+            self.env.flush_all()
+            cr.commit()  # pylint: disable=invalid-commit
+            return server.with_env(self.env)
+        return None
+
+    def _microsoft365_try_lock(self):
+        self.ensure_one()
+        self.env.cr.execute(SQL("SELECT pg_try_advisory_lock(%s, %s)", FETCH_LOCK_CLASS, self.id))
+        return self.env.cr.fetchone()[0]
+
+    def _microsoft365_release(self):
+        self.ensure_one()
+        cr = self.env.cr
+        try:
+            cr.execute(SQL("SELECT pg_advisory_unlock(%s, %s)", FETCH_LOCK_CLASS, self.id))
+        except psycopg2.InterfaceError:
+            return  # the connection is gone, and its locks with it
+        except psycopg2.Error:
+            cr.rollback()  # an aborted transaction refuses every statement until rolled back
+            cr.execute(SQL("SELECT pg_advisory_unlock(%s, %s)", FETCH_LOCK_CLASS, self.id))
+
+    @contextlib.contextmanager
+    def _microsoft365_claimed(self, raise_exception):
+        """Fetch Now and the manual fetch: the server's lock for the duration, or a clear refusal while
+        a scheduled fetch holds it (False when not raising)."""
+        if not self._microsoft365_try_lock():
+            if raise_exception:
+                raise UserError(
+                    self.env._(
+                        "Odoo is fetching the mailbox %s right now (scheduled fetch): try again in a moment.",
+                        self.user,
+                    )
+                )
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            self._microsoft365_release()
+
+    @api.model
+    def _microsoft365_cycle_start(self):
+        """The moment the current fetch cycle began: the running cron's scheduled call (it stays put
+        while Odoo runs a partly done job again), else now. Mailboxes attempted since are not due."""
+        now = fields.Datetime.now()
+        cron_id = self.env.context.get("cron_id")
+        if cron_id:
+            nextcall = self.env["ir.cron"].sudo().browse(cron_id).nextcall
+            if nextcall and nextcall < now:
+                return nextcall
+        return now
+
+    @api.model
+    def _microsoft365_mailbox_seconds(self):
+        parameter = self.env["ir.config_parameter"].sudo().get_param("mail_microsoft365_oauth.fetch_mailbox_seconds")
+        return max(1.0, float(parameter or MAILBOX_SECONDS))
+
+    @api.model
+    def _microsoft365_run_seconds(self, batches=1):
+        """One cron run's budget: the configured one (default 60 s), kept under the cron time limit so
+        that no worker is killed for it, and split over the `batches` runs Odoo makes of a job in a row."""
+        parameter = self.env["ir.config_parameter"].sudo().get_param("mail_microsoft365_oauth.fetch_run_seconds")
+        seconds = float(parameter or RUN_SECONDS)
+        limit = config.get("limit_time_real_cron") or 0
+        if limit < 0:
+            limit = config.get("limit_time_real") or 0
+        if limit > 0:
+            seconds = min(seconds, limit / 2 - self._microsoft365_mailbox_seconds())
+        return max(0.0, seconds / batches if self.env.context.get("cron_id") else seconds)
 
     def _microsoft365_without_grant(self, raise_exception):
         """Servers whose mailbox has no usable sign-in: nothing to connect with. Said in plain words
@@ -290,7 +518,9 @@ class FetchmailServer(models.Model):
             server.write({"microsoft365_fetch_error": message, "microsoft365_fetch_failed_at": fields.Datetime.now()})
         return blocked
 
-    def _microsoft365_fetch_imap(self):
+    def _microsoft365_fetch_imap(self, deadline=None):
+        """Fetches the unread messages; past `deadline` (time.monotonic()) the others wait for the next
+        visit, and no single reply is awaited longer than what is left of it."""
         self.ensure_one()
         MailThread = self.env["mail.thread"].with_context(
             fetchmail_cron_running=True, default_fetchmail_server_id=self.id
@@ -298,8 +528,15 @@ class FetchmailServer(models.Model):
         imap = self.connect()  # logged in, INBOX selected; a refusal is explained and its back-off kept
         counts = {"done": 0, "failed": 0, "skipped": 0}
         unread = set()  # the keys of every unread message, to forget failures of messages gone meanwhile
+        complete = True
         try:
+            self._microsoft365_bound_replies(imap, deadline)
             for number in self._microsoft365_imap(imap, "SEARCH", None, "UNSEEN")[0].split():
+                if deadline and time.monotonic() > deadline:
+                    complete = False  # the time budget is spent: the rest waits for the next visit
+                    counts["skipped"] += 1
+                    continue
+                self._microsoft365_bound_replies(imap, deadline)
                 try:
                     outcome = self._microsoft365_fetch_one(imap, number, MailThread, unread)
                 except MailCommandFailed as exc:
@@ -315,7 +552,8 @@ class FetchmailServer(models.Model):
             # Throttled, session refused, connection lost: what is left stays unread for the next fetch.
             self._microsoft365_fetch_failed(exc.diagnosis)
         else:
-            self._microsoft365_forget_failed_messages(lambda key, _entry: key not in unread)
+            if complete:
+                self._microsoft365_forget_failed_messages(lambda key, _entry: key not in unread)
         finally:
             with contextlib.suppress(OSError, IMAP4.error):  # the outcome is known; the session may be gone
                 imap.logout()
@@ -328,6 +566,13 @@ class FetchmailServer(models.Model):
                 counts["skipped"],
             )
         self.date = fields.Datetime.now()
+
+    @staticmethod
+    def _microsoft365_bound_replies(imap, deadline):
+        """No reply is awaited longer than the mailbox's time budget leaves (a hung server)."""
+        sock = getattr(getattr(imap, "__obj__", imap), "sock", None)
+        if deadline and sock is not None:
+            sock.settimeout(max(1.0, min(MAIL_TIMEOUT, deadline - time.monotonic())))
 
     def _microsoft365_imap(self, imap, command, *args):
         return imap_command(imap, command, *args, mailbox=self._microsoft365_mailbox(), scope="IMAP.AccessAsUser.All")
@@ -367,7 +612,10 @@ class FetchmailServer(models.Model):
             _logger.info("Failed to process mail from %s server %s.", self.server_type, self.name, exc_info=True)
             return "failed"
         self._microsoft365_forget_failed_message(raw)
-        # Should this fail, the message is fetched again and Odoo ignores it (same Message-ID).
+        # Kept in Odoo first, marked read second: a worker killed or a database connection cut in
+        # between leaves the message unread, fetched again and ignored by Odoo (same Message-ID);
+        # the other way round, it would be read in the mailbox and missing in Odoo.
+        self.env.cr.commit()  # pylint: disable=invalid-commit
         self._microsoft365_imap(imap, "STORE", number, "+FLAGS.SILENT", "(\\Seen)")
         unread.discard(key)
         return "done"

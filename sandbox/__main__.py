@@ -1,4 +1,4 @@
-"""python -m sandbox start|stop|status|serve --state DIR [--ports fixed|auto]"""
+"""python -m sandbox start|stop|status|serve --state DIR [--ports fixed|auto] [--latency-ms N]"""
 
 import argparse
 import json
@@ -25,10 +25,10 @@ def _description(state):
     return description
 
 
-def serve(state, ports):
+def serve(state, ports, latency_ms=None):
     from .service import SandboxService
 
-    service = SandboxService(state, ports=ports).start()
+    service = SandboxService(state, ports=ports, latency_ms=latency_ms).start()
     description = service.description()
     print(
         f"sandbox: identity {description['identity_url']}  IMAPS {service.ports['imaps']}  "
@@ -42,7 +42,7 @@ def serve(state, ports):
     service.stop()
 
 
-def start(state, ports):
+def start(state, ports, latency_ms=None):
     running = _description(state)
     if running:
         print(f"sandbox: already running (pid {running['pid']}), {running['identity_url']}")
@@ -50,7 +50,8 @@ def start(state, ports):
     Path(state).mkdir(parents=True, exist_ok=True)
     log = open(Path(state) / "sandbox.log", "ab")
     process = subprocess.Popen(
-        [sys.executable, "-m", "sandbox", "serve", "--state", state, "--ports", ports],
+        [sys.executable, "-m", "sandbox", "serve", "--state", state, "--ports", ports]
+        + ([] if latency_ms is None else ["--latency-ms", str(latency_ms)]),
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
@@ -100,11 +101,17 @@ def main(argv=None):
     parser.add_argument("command", choices=["start", "stop", "status", "serve"])
     parser.add_argument("--state", default=DEFAULT_STATE, help="folder holding all sandbox state")
     parser.add_argument("--ports", default="fixed", choices=["fixed", "auto"])
+    parser.add_argument(
+        "--latency-ms",
+        type=float,
+        default=None,
+        help="round-trip time added to every connection and reply (identity, IMAP, POP3, SMTP); default 0",
+    )
     args = parser.parse_args(argv)
     if args.command == "serve":
-        return serve(args.state, args.ports)
+        return serve(args.state, args.ports, args.latency_ms)
     if args.command == "start":
-        return start(args.state, args.ports)
+        return start(args.state, args.ports, args.latency_ms)
     if args.command == "stop":
         return stop(args.state)
     return status(args.state)

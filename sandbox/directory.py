@@ -57,6 +57,9 @@ SETTINGS_DEFAULTS = {
     "graph_replace_message_id": False,  # True: sendMail gives the message a Message-ID of its own (assumed)
     "graph_concurrency_limit": 4,  # concurrent requests per app and mailbox (GRAPH-10)
     "graph_max_message_bytes": 35 * 1024 * 1024,  # the tenant's maximum message size (GRAPH-08)
+    # Network: a round-trip time added to every connection and every reply of the identity platform,
+    # IMAP, POP3 and SMTP (Microsoft is 30-150 ms away from most Odoo servers; loopback is 0).
+    "latency_ms": 0,
 }
 
 
@@ -250,6 +253,10 @@ class Directory:
         self.fault = None
         self.id_token_fault = None  # {"kind", "remaining"}: see IdentityServer._id_token
         self.mail_throttles = {}  # mailbox -> {"backoff_ms", "remaining", "where"}
+        self.mail_stalls = {}  # mailbox -> threading.Event, set when the stall is released
+        self.session_order = []  # mailboxes in the order their IMAP/POP3 sessions opened (last 1000)
+        self.mail_sessions = {}  # mailbox -> IMAP/POP3 sessions open now
+        self.setting_overrides = {}  # settings given to the constructor (e.g. latency): kept across resets
 
     # persistence ---------------------------------------------------------------------------
 
@@ -261,8 +268,11 @@ class Directory:
             self.data.setdefault("access_tokens_valid_after", {})
             self.codes, self.sessions, self.counters, self.fault = {}, {}, {}, None
             self.id_token_fault = None
+            self.session_order = []
             self.mail_throttles = {}
             self._lifetimes.seed(75)
+            self.data["settings"].update(getattr(self, "setting_overrides", {}))
+            self.release_stalls()
             self.save()
 
     def _add_default_settings(self):
@@ -287,6 +297,93 @@ class Directory:
                 return None
             throttle["remaining"] -= 1
             return throttle["backoff_ms"]
+
+    def latency(self):
+        """The round-trip time (seconds) the servers add to each connection and each reply."""
+        return max(0, float(self.settings.get("latency_ms") or 0)) / 1000
+
+    def stall_mail(self, mailbox, stalled=True, where="command"):
+        """While stalled, every IMAP/POP3 command of the mailbox after login waits (a hung server),
+        or only the commands named `where` (an IMAP verb such as "store")."""
+        mailbox = (mailbox or "").lower()
+        with self.lock:
+            stall = self.mail_stalls.pop(mailbox, None)
+            if stall:
+                stall[0].set()
+            if stalled:
+                self.mail_stalls[mailbox] = (threading.Event(), (where or "command").lower())
+
+    def release_stalls(self):
+        with self.lock:
+            stalls = getattr(self, "mail_stalls", {})
+            for event, _where in stalls.values():
+                event.set()
+            stalls.clear()
+
+    def wait_if_stalled(self, mailbox, verb=""):
+        """Blocks while the mailbox is stalled; `stalled_now:<mailbox>` counts the waiting sessions."""
+        mailbox = (mailbox or "").lower()
+        with self.lock:
+            event, where = self.mail_stalls.get(mailbox) or (None, "")
+        if event is None or where not in ("command", (verb or "").lower()):
+            return
+        self.count(f"stalled_now:{mailbox}")
+        self.count(f"stalled:{mailbox}")
+        try:
+            event.wait(3600)
+        finally:
+            self.count(f"stalled_now:{mailbox}", -1)
+
+    def mail_session(self, mailbox, protocol, opened):
+        """Counts the IMAP/POP3 sessions of a mailbox: `<protocol>_sessions:<mailbox>` (all so far),
+        `<protocol>_open_max:<mailbox>` (most open at once) and `<protocol>_order` (who logged in when)."""
+        mailbox = (mailbox or "").lower()
+        with self.lock:
+            key = (protocol, mailbox)
+            now = self.mail_sessions.get(key, 0) + (1 if opened else -1)
+            self.mail_sessions[key] = now
+            if opened:
+                self.count(f"{protocol}_sessions:{mailbox}")
+                most = f"{protocol}_open_max:{mailbox}"
+                self.counters[most] = max(self.counters.get(most, 0), now)
+                self.session_order.append(mailbox)
+                del self.session_order[:-1000]
+
+    def add_mailboxes(self, addresses, kind="user", tenant=None, app_access=True):
+        """More Contoso mailboxes (scale runs): users with their own mailbox (`kind` "user", who can
+        sign in) or shared mailboxes; `app_access`: the Odoo app gets FullAccess and Send As on them."""
+        tenant = tenant or stable_id("tenant", "contoso")
+        app = f"app:{stable_id('app', 'odoo')}"
+        with self.lock:
+            known = {m["address"] for m in self.data["mailboxes"]}
+            added = []
+            for address in addresses:
+                address = address.lower()
+                if address in known:
+                    continue
+                known.add(address)
+                added.append(address)
+                if kind == "user":
+                    self.data["users"].append(
+                        {
+                            "upn": address,
+                            "tenant": tenant,
+                            "oid": stable_id("user", address),
+                            "name": address.split("@")[0],
+                            "admin": False,
+                            "password": f"Sandbox-{address.split('@')[0]}-1!",
+                            "require_mfa": False,
+                            "sessions_valid_after": 0,
+                        }
+                    )
+                self.data["mailboxes"].append({"address": address, "tenant": tenant, "kind": kind, "smtp_auth": True})
+                if app_access:
+                    self.data["grants"] += [
+                        {"right": "full_access", "identity": app, "mailbox": address},
+                        {"right": "send_as", "identity": app, "mailbox": address},
+                    ]
+            self.save()
+            return added
 
     def count(self, name, amount=1):
         with self.lock:

@@ -6,6 +6,7 @@ import base64
 import socket
 import socketserver
 import threading
+import time
 from binascii import Error as BinasciiError
 
 SERVER_NAME = "SANDBOX.PROD.OUTLOOK.COM"
@@ -43,6 +44,7 @@ class Session(socketserver.StreamRequestHandler):
     wbufsize = 65536  # replies are flushed whole (no Nagle delay between their lines)
 
     def setup(self):
+        self.front.wait_round_trip()  # the connection's handshake crosses the network
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.request.settimeout(IDLE_TIMEOUT)
         self.request = self.front.tls.wrap_socket(self.request, server_side=True)
@@ -57,8 +59,24 @@ class Session(socketserver.StreamRequestHandler):
             pass
         if self.dovecot:
             self.dovecot.close()
+        if self.session_mailbox:
+            self.front.session_event(self.session_mailbox, self.front.protocol, False)
+            self.session_mailbox = None
+
+    session_mailbox = None  # set once logged in, for the sandbox's session counters
+
+    def opened(self, mailbox):
+        """The session is logged in to `mailbox` (counted until it closes)."""
+        self.session_mailbox = mailbox
+        self.front.session_event(mailbox, self.front.protocol, True)
+
+    def before_command(self, verb=""):
+        """Each command after login: a stalled mailbox (control `mail_stall`) hangs here."""
+        if self.session_mailbox:
+            self.front.wait_if_stalled(self.session_mailbox, verb)
 
     def send(self, *lines):
+        self.front.wait_round_trip()  # the reply crosses the network
         self.wfile.write(b"".join((line.encode() if isinstance(line, str) else line) + b"\r\n" for line in lines))
         self.wfile.flush()
 
@@ -76,6 +94,15 @@ class Front:
     protocol = ""
     session = Session
     _server = None
+    # Set by MailServers: the round-trip time to add (seconds, a callable), the stall and session hooks.
+    latency = staticmethod(lambda: 0)
+    wait_if_stalled = staticmethod(lambda mailbox, verb="": None)
+    session_event = staticmethod(lambda mailbox, protocol, opened: None)
+
+    def wait_round_trip(self):
+        seconds = self.latency()
+        if seconds:
+            time.sleep(seconds)
 
     def start(self):
         handler = type(f"{self.protocol.capitalize()}Session", (self.session,), {"front": self})

@@ -456,6 +456,19 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, format, *args):
         _logger.debug("identity: " + format, *args)
 
+    def setup(self):
+        self._round_trip()  # the connection's handshake crosses the network
+        super().setup()
+
+    def send_response(self, code, message=None):
+        self._round_trip()  # every reply crosses the network
+        super().send_response(code, message)
+
+    def _round_trip(self):
+        seconds = self.identity.directory.latency()
+        if seconds:
+            time.sleep(seconds)
+
     # plumbing ------------------------------------------------------------------------------
 
     def _send(self, status, body, content_type="application/json; charset=utf-8", headers=None):
@@ -971,6 +984,7 @@ def _control_state(identity):
             "grants": directory.data["grants"],
             "service_principals": directory.data["service_principals"],
             "mailboxes": directory.data["mailboxes"],
+            "session_order": list(directory.session_order),
         }
 
 
@@ -1161,6 +1175,20 @@ def _mail_throttle(identity, body):
         }
 
 
+def _add_mailboxes(identity, body):
+    """More mailboxes for scale runs: `addresses`, `kind` (user / shared), `app_access` (default true)."""
+    added = identity.directory.add_mailboxes(
+        body["addresses"], kind=body.get("kind", "user"), app_access=bool(body.get("app_access", True))
+    )
+    return {"added": len(added)}
+
+
+def _mail_stall(identity, body):
+    """A hung mailbox: every IMAP/POP3 command after login (or only those named `where`, e.g.
+    "store") waits until `stalled` is false again."""
+    identity.directory.stall_mail(body["mailbox"], bool(body.get("stalled", True)), body.get("where", "command"))
+
+
 def _mailbox_enabled(identity, body):
     identity.directory.update("mailboxes", {"address": body["mailbox"].lower()}, {"enabled": bool(body["enabled"])})
 
@@ -1182,6 +1210,8 @@ _CONTROL = {
     "graph_app_scope": _graph_app_scope,
     "user_policy": _user_policy,
     "mail_throttle": _mail_throttle,
+    "mail_stall": _mail_stall,
+    "add_mailboxes": _add_mailboxes,
     "mailbox_enabled": _mailbox_enabled,
     "deliver": _deliver,
     "token_fault": _set_fault,

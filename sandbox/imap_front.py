@@ -158,6 +158,7 @@ class _Session(Session):
                 if not command.name:
                     self.send(f"{command.tag} BAD Command Error. 10")
                     continue
+                self.before_command(command.verb)
                 if self.login is None:
                     self.before_login(command)
                 elif self.login.session_refusal:
@@ -232,6 +233,7 @@ class _Session(Session):
             try:
                 self.dovecot, self.dovecot_r = self.front.open_dovecot(login.mailbox)
                 self.dovecot_w = self.dovecot.makefile("wb")
+                self.opened(login.mailbox)
             except (OSError, Hangup) as exc:
                 _logger.warning("imap front: Dovecot refused the session of %s: %s", login.mailbox, exc)
                 self.send(f"{command.tag} NO {verb} failed.")

@@ -5,6 +5,7 @@ Replies follow Exchange Online's, so that what a client reports against the sand
 will report against Microsoft.
 """
 
+import asyncio
 import atexit
 import collections
 import datetime
@@ -281,6 +282,11 @@ class _SubmissionServer(SMTP):
         )
 
     async def push(self, status):
+        text = status.decode("ascii", "replace") if isinstance(status, bytes) else status
+        if text[3:4] != "-":  # the last line of a reply (the greeting too) crosses the network
+            seconds = self.event_handler.servers.latency()
+            if seconds:
+                await asyncio.sleep(seconds)
         await super().push(SMTP_REWORDED.get(status, status))
 
     def connection_lost(self, error):
@@ -295,7 +301,17 @@ class _SubmissionController(Controller):
 
 class MailServers:
     def __init__(
-        self, state_dir, tls, ports, check_login, may_send_as, is_mailbox, settings=dict, take_mail_throttle=None
+        self,
+        state_dir,
+        tls,
+        ports,
+        check_login,
+        may_send_as,
+        is_mailbox,
+        settings=dict,
+        take_mail_throttle=None,
+        wait_if_stalled=None,
+        session_event=None,
     ):
         self.state_dir = Path(state_dir).resolve()
         self.settings = settings  # the directory's settings (a callable)
@@ -327,8 +343,18 @@ class MailServers:
             check_login,
             self._imap_front.master_password,
         )
+        for front in (self._imap_front, self._pop3_front):
+            front.latency = self.latency
+            if wait_if_stalled:
+                front.wait_if_stalled = wait_if_stalled
+            if session_event:
+                front.session_event = session_event
         self._base_dir = None
         self._outbound_lock = threading.Lock()
+
+    def latency(self):
+        """The round-trip time (seconds) added to each connection and reply (setting `latency_ms`)."""
+        return max(0, float(self.settings().get("latency_ms") or 0)) / 1000
 
     @property
     def master_password(self):

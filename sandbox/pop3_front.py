@@ -42,6 +42,7 @@ class _Session(Session):
                 if len(text) > LINE_LIMIT:
                     self.send(PROTOCOL_ERROR)
                     raise Hangup("line too long")
+                self.before_command(text.partition(" ")[0])
                 if self.dovecot:
                     self.relay(text)
                 else:
@@ -104,6 +105,7 @@ class _Session(Session):
             return
         try:
             self.dovecot, self.dovecot_r = self.front.open_dovecot(login.mailbox)
+            self.opened(login.mailbox)
         except (OSError, Hangup) as exc:
             _logger.warning("pop3 front: Dovecot refused the session of %s: %s", login.mailbox, exc)
             self.send(REFUSED)
@@ -123,6 +125,7 @@ class _Session(Session):
         if verb == "QUIT":
             self.send(SIGNING_OFF)
             raise Hangup("quit")
+        self.front.wait_round_trip()
         self.wfile.write(first)
         multiline = verb in _MULTILINE or (verb in ("LIST", "UIDL") and not argument.strip())
         if first.startswith(b"+OK") and multiline:

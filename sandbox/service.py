@@ -38,7 +38,7 @@ def free_ports(names):
 
 
 class SandboxService:
-    def __init__(self, state_dir, ports="fixed", with_mail=True):
+    def __init__(self, state_dir, ports="fixed", with_mail=True, latency_ms=None):
         self.state_dir = Path(state_dir).resolve()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.ports = (
@@ -46,6 +46,11 @@ class SandboxService:
         )
         self.tls = ensure_tls(self.state_dir)
         self.directory = Directory(self.state_dir)
+        if latency_ms is not None:  # kept across control `reset`s, changed by control `settings`
+            self.directory.setting_overrides["latency_ms"] = latency_ms
+            with self.directory.lock:
+                self.directory.settings["latency_ms"] = latency_ms
+                self.directory.save()
         self.identity = None
         self.mail = None
         self.graph = None
@@ -72,6 +77,8 @@ class SandboxService:
             is_mailbox=lambda address: directory.mailbox(address) is not None,
             settings=lambda: directory.settings,
             take_mail_throttle=lambda mailbox, where: mailauth.take_throttle(directory, mailbox, where),
+            wait_if_stalled=directory.wait_if_stalled,
+            session_event=directory.mail_session,
         )
         try:
             self.mail.start()

@@ -122,3 +122,29 @@ class TestAppOnlyTestAndConfirm(SandboxCase):
             self.assertIn(f"New-ServicePrincipal -AppId {client_id}", text)
             self.assertNotIn("AccessAsUser", text)
             self.assertNotIn("signed-in account", text)
+
+
+@tagged("post_install", "-at_install")
+class TestTransientRefusalKeepsTheMail(SandboxCase):
+    """Exchange's 432 4.3.2 asks the sender to try again later: the mail waits in Odoo's queue for the
+    next run instead of failing for good (issue 15: no mail lost)."""
+
+    @mute_logger(*QUIET, "odoo.addons.mail.models.mail_mail")
+    def test_a_mail_refused_for_too_many_connections_is_sent_by_the_next_queue_run(self):
+        alice = self.connect(self.new_account())
+        self.outgoing(alice)
+        mail = self.env["mail.mail"].create(
+            {
+                "subject": "After the crowd",
+                "email_from": "alice@contoso.com",
+                "email_to": "buyer@fabrikam.example",
+                "body_html": "<p>Hello</p>",
+            }
+        )
+        self.sandbox.control("settings", smtp_concurrency_limit=0)  # every message answered 432 4.3.2
+        mail.send()
+        self.assertEqual(mail.state, "outgoing")
+        self.assertIn("too many connections", mail.failure_reason)
+        self.sandbox.control("settings", smtp_concurrency_limit=3)
+        self.env["mail.mail"].process_email_queue(ids=mail.ids)
+        self.assertEqual(mail.state, "sent")

@@ -1,0 +1,234 @@
+"""Fetching that scales across Odoo's cron workers (issue 15), outside test mode: every worker has its
+own database connection and commits for real, as cron workers do.
+
+Each worker here is what Odoo's cron runs: `fetchmail.server._fetch_mails()` (core's fetch cron), or
+Odoo's own cron machinery (`ir.cron._acquire_one_job` + `_process_job`, as `_process_jobs` does in a
+cron thread or a cron worker process) over the scheduled actions that fetch mail.
+"""
+
+import imaplib
+import ssl
+import threading
+import time
+from datetime import timedelta
+
+import odoo
+from odoo import SUPERUSER_ID, api, fields
+from odoo.tests import BaseCase, tagged
+from odoo.tools import mute_logger
+
+from ..m365.identity import AppCredentials, IdentityClient
+from ..sandbox.client import shared_sandbox
+
+MAILBOXES = ["alice@contoso.com", "bob@contoso.com", "info@contoso.com"]
+QUIET = (
+    "odoo.addons.mail_microsoft365_oauth.models.fetchmail_server",
+    "odoo.addons.mail.models.fetchmail",
+    "odoo.addons.base.models.ir_cron",
+)
+
+
+@tagged("post_install", "-at_install")
+class TestFetchAcrossWorkers(BaseCase):
+    def setUp(self):
+        super().setUp()
+        self.sandbox = shared_sandbox()
+        self.sandbox.reset()
+        app_id = self.sandbox.app()["client_id"]
+        for mailbox in ("alice@contoso.com", "bob@contoso.com"):  # the app reads them too (app-only)
+            self.sandbox.control("grant", right="full_access", identity=f"app:{app_id}", mailbox=mailbox)
+        self.registry = odoo.registry(odoo.tools.config["db_name"].split(",")[0])
+        with self.registry.cursor() as cr:
+            env = api.Environment(cr, SUPERUSER_ID, {})
+            app = env["microsoft365.app"].create(
+                dict(self.sandbox.odoo_app_values(), name="Fetch across workers", flow="app_only")
+            )
+            servers = env["fetchmail.server"]
+            for mailbox in MAILBOXES:
+                account = env["microsoft365.account"].create({"email": mailbox, "app_id": app.id})
+                servers |= env["fetchmail.server"].create(
+                    {
+                        "name": mailbox,
+                        "connect_with": "microsoft365",
+                        "microsoft365_account_id": account.id,
+                        "server_type": "imap",
+                        "server": self.sandbox.host,
+                        "port": self.sandbox.ports["imaps"],
+                        "is_ssl": True,
+                        "user": mailbox,
+                        "state": "done",
+                        "object_id": env.ref("base.model_res_partner").id,
+                    }
+                )
+            self.app_id, self.server_ids = app.id, servers.ids
+            # Other servers of the database (none in a test database) are set aside meanwhile.
+            others = env["fetchmail.server"].search([("id", "not in", servers.ids), ("state", "=", "done")])
+            others.write({"state": "draft"})
+            self.other_ids = others.ids
+        self.addCleanup(self._remove_committed_records)
+        self.addCleanup(self.sandbox.reset)  # releases any stalled session first
+
+    def _remove_committed_records(self):
+        with self.registry.cursor() as cr:
+            env = api.Environment(cr, SUPERUSER_ID, {})
+            servers = env["fetchmail.server"].browse(self.server_ids)
+            accounts = servers.microsoft365_account_id
+            servers.unlink()
+            accounts.unlink()
+            env["microsoft365.app"].browse(self.app_id).unlink()
+            env["res.partner"].search([("name", "=like", "Across workers %")]).unlink()
+            env["fetchmail.server"].browse(self.other_ids).write({"state": "done"})
+
+    # helpers -----------------------------------------------------------------------------------
+
+    def deliver(self, mailbox):
+        subject = f"Across workers {mailbox}"
+        self.sandbox.control("deliver", mailbox=mailbox, subject=subject)
+        return subject
+
+    def records(self, subject):
+        with self.registry.cursor() as cr:
+            return api.Environment(cr, SUPERUSER_ID, {})["res.partner"].search_count([("name", "=", subject)])
+
+    def wait_for(self, condition, what, seconds=120):
+        """Waits for a state of the world (never for a duration): the deadline is only a safety net."""
+        deadline = time.monotonic() + seconds
+        while not condition():
+            self.assertLess(time.monotonic(), deadline, f"never happened: {what}")
+            time.sleep(0.05)
+
+    def stalled(self, mailbox):
+        return self.sandbox.counter(f"stalled_now:{mailbox}")
+
+    def worker(self, target, name):
+        errors = []
+
+        def run():
+            try:
+                target()
+            except Exception as exc:  # noqa: BLE001 - reported by the test
+                errors.append(exc)
+
+        thread = threading.Thread(target=run, name=name, daemon=True)
+        thread.errors = errors
+        thread.start()
+        self.addCleanup(thread.join, 60)
+        return thread
+
+    def fetch_cron(self):
+        """What core's fetch cron runs, on a worker's own cursor."""
+        with self.registry.cursor() as cr:
+            self.backend_pid = cr._cnx.get_backend_pid()
+            api.Environment(cr, SUPERUSER_ID, {})["fetchmail.server"]._fetch_mails()
+
+    def unread(self, mailbox, subject):
+        """Unread messages with this subject in the mailbox, read over IMAP with an app-only token."""
+        credentials = AppCredentials(
+            client_id=self.sandbox.app()["client_id"],
+            authority=self.sandbox.authority(),
+            client_secret=self.sandbox.secret(),
+            ca_file=self.sandbox.ca_file,
+        )
+        token = IdentityClient(credentials).app_access_token(["https://outlook.office365.com/.default"]).token
+        context = ssl.create_default_context(cafile=self.sandbox.ca_file)
+        with imaplib.IMAP4_SSL(self.sandbox.host, self.sandbox.ports["imaps"], ssl_context=context) as imap:
+            imap.authenticate("XOAUTH2", lambda _: f"user={mailbox}\x01auth=Bearer {token}\x01\x01".encode())
+            imap.select("INBOX")
+            return len(imap.search(None, "UNSEEN", "SUBJECT", f'"{subject}"')[1][0].split())
+
+    def fetch_jobs(self):
+        """The active scheduled actions that fetch incoming mail, made due now."""
+        with self.registry.cursor() as cr:
+            env = api.Environment(cr, SUPERUSER_ID, {})
+            jobs = env["ir.cron"].search(
+                [("model_id.model", "=", "fetchmail.server"), ("active", "=", True)], order="priority, id"
+            )
+            self.assertIn(env.ref("mail.ir_cron_mail_gateway_action"), jobs)
+            jobs.write({"nextcall": fields.Datetime.now() - timedelta(minutes=1)})
+            return jobs.ids
+
+    def cron_worker(self, job_ids):
+        """One of Odoo's cron workers: each job it can acquire (SKIP LOCKED), processed by Odoo's code."""
+        db = odoo.sql_db.db_connect(self.registry.db_name)
+        IrCron = self.registry["ir.cron"]
+        with db.cursor() as cron_cr:
+            for job_id in job_ids:
+                job = IrCron._acquire_one_job(cron_cr, job_id)
+                if job:
+                    IrCron._process_job(db, cron_cr, job)
+                else:
+                    cron_cr.commit()
+
+    # tests -------------------------------------------------------------------------------------
+
+    @mute_logger(*QUIET)
+    def test_two_workers_never_fetch_the_same_mailbox_at_once(self):
+        subjects = [self.deliver(mailbox) for mailbox in MAILBOXES]
+        self.sandbox.control("mail_stall", mailbox="alice@contoso.com")  # first in line, and it hangs
+        first = self.worker(self.fetch_cron, "first worker")
+        self.wait_for(lambda: self.stalled("alice@contoso.com") == 1, "the first worker reaches alice's mailbox")
+        second = self.worker(self.fetch_cron, "second worker")
+        # The second worker either finishes without alice, or reaches alice's mailbox as well.
+        self.wait_for(
+            lambda: not second.is_alive() or self.stalled("alice@contoso.com") > 1, "the second worker is done"
+        )
+        self.sandbox.control("mail_stall", mailbox="alice@contoso.com", stalled=False)
+        first.join(60)
+        second.join(60)
+        self.assertEqual(self.sandbox.counter("imap_open_max:alice@contoso.com"), 1)
+        self.assertEqual(self.sandbox.counter("imap_sessions:alice@contoso.com"), 1)
+        self.assertEqual(first.errors + second.errors, [])
+        self.assertEqual([self.records(subject) for subject in subjects], [1, 1, 1])
+
+    @mute_logger(*QUIET)
+    def test_a_hung_mailbox_does_not_delay_the_others(self):
+        """Two cron workers, as `--max-cron-threads=2` runs them: while one is stuck in a hung mailbox,
+        the other fetches every other mailbox."""
+        subjects = {mailbox: self.deliver(mailbox) for mailbox in MAILBOXES}
+        jobs = self.fetch_jobs()
+        self.sandbox.control("mail_stall", mailbox="alice@contoso.com")
+        first = self.worker(lambda: self.cron_worker(jobs), "cron worker 1")
+        self.wait_for(lambda: self.stalled("alice@contoso.com") == 1, "a cron worker reaches alice's mailbox")
+        second = self.worker(lambda: self.cron_worker(jobs), "cron worker 2")
+        second.join(120)
+        self.assertFalse(second.is_alive())
+        fetched_meanwhile = {mailbox: self.records(subjects[mailbox]) for mailbox in MAILBOXES}
+        self.sandbox.control("mail_stall", mailbox="alice@contoso.com", stalled=False)
+        first.join(60)
+        self.assertEqual(first.errors + second.errors, [])
+        self.assertEqual(fetched_meanwhile, {"alice@contoso.com": 0, "bob@contoso.com": 1, "info@contoso.com": 1})
+        self.assertEqual(self.records(subjects["alice@contoso.com"]), 1)  # once it answers again
+
+    @mute_logger(*QUIET)
+    def test_the_mailbox_fetched_longest_ago_goes_first(self):
+        """No mailbox starves: a cycle that is cut short (a time budget, a worker killed by Odoo's
+        time limit or by kill -9) is resumed by the next one with the mailboxes it did not reach,
+        not started again from the first server in Odoo's order."""
+        with self.registry.cursor() as cr:
+            env = api.Environment(cr, SUPERUSER_ID, {})
+            alice, bob, info = env["fetchmail.server"].browse(self.server_ids)
+            now = fields.Datetime.now()
+            alice.date = now - timedelta(minutes=1)
+            bob.date = now - timedelta(minutes=3)
+            info.date = False  # never fetched
+        self.fetch_cron()
+        order = [m for m in self.sandbox.state()["session_order"] if m in MAILBOXES]
+        self.assertEqual(order, ["info@contoso.com", "bob@contoso.com", "alice@contoso.com"])
+
+    @mute_logger(*QUIET, "odoo.sql_db")
+    def test_a_database_connection_cut_mid_fetch_loses_no_message(self):
+        """The worker's database connection is cut (PostgreSQL restarted, a fail-over,
+        pg_terminate_backend) just as it marks a processed message read: the message is in Odoo, or
+        still unread for the next fetch; never read in the mailbox and missing in Odoo."""
+        subject = self.deliver("bob@contoso.com")
+        self.sandbox.control("mail_stall", mailbox="bob@contoso.com", where="store")
+        worker = self.worker(self.fetch_cron, "worker")
+        self.wait_for(lambda: self.stalled("bob@contoso.com") == 1, "the worker marks bob's message read")
+        with self.registry.cursor() as cr:
+            cr.execute("SELECT pg_terminate_backend(%s)", [self.backend_pid])
+        self.sandbox.control("mail_stall", mailbox="bob@contoso.com", stalled=False)
+        worker.join(60)
+        self.assertEqual(
+            {"in Odoo": self.records(subject), "unread in the mailbox": self.unread("bob@contoso.com", subject)},
+            {"in Odoo": 1, "unread in the mailbox": 0},
+        )
