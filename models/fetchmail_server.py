@@ -348,16 +348,20 @@ class FetchmailServer(models.Model):
                 self.env.cr.postcommit.add(self.env["ir.cron"]._notifydb)
         return len(fetched)
 
+    def _microsoft365_fetch_mailbox(self, deadline):
+        """One claimed mailbox, through its transport (a hook: Microsoft Graph overrides it)."""
+        if self._get_connection_type() == "imap":
+            self._microsoft365_fetch_imap(deadline)
+        else:  # POP3: core's loop, with this addon's login
+            self.fetch_mail(raise_exception=False)
+
     def _microsoft365_fetch_claimed(self, deadline):
         """Fetches one claimed server; a failure is logged and recorded on it, never raised (the others
         go on). A lost database connection is raised: nothing can go on without it."""
         self.ensure_one()
         try:
             if not self._microsoft365_without_grant(False):
-                if self._get_connection_type() == "imap":
-                    self._microsoft365_fetch_imap(deadline)
-                else:  # POP3: core's loop, with this addon's login
-                    self.fetch_mail(raise_exception=False)
+                self._microsoft365_fetch_mailbox(deadline)
         except (psycopg2.OperationalError, psycopg2.InterfaceError):
             raise
         except Exception:  # noqa: BLE001 - as core's cron loop: logged, the next server goes on

@@ -49,11 +49,21 @@ class FetchmailServerGraph(models.Model):
         return self.filtered(lambda s: s._microsoft365_in_use() and s.microsoft365_transport == "graph")
 
     def fetch_mail(self, raise_exception=True):
+        if self.env.context.get("microsoft365_fetched_by_lanes"):
+            # The scheduled fetch: the fetch lanes claim these mailboxes (_microsoft365_fetch_mailbox).
+            return super().fetch_mail(raise_exception=raise_exception)
         graph = self._microsoft365_graph_servers()
-        if graph:
-            for server in graph - graph._microsoft365_without_grant(raise_exception):
-                server._microsoft365_graph_fetch_guarded(raise_exception)
+        for server in graph - graph._microsoft365_without_grant(raise_exception):
+            with server._microsoft365_claimed(raise_exception) as claimed:
+                if claimed:
+                    server._microsoft365_graph_fetch_guarded(raise_exception)
         return super(FetchmailServerGraph, self - graph).fetch_mail(raise_exception=raise_exception)
+
+    def _microsoft365_fetch_mailbox(self, deadline):
+        if self.microsoft365_transport != "graph":
+            return super()._microsoft365_fetch_mailbox(deadline)
+        # Failures are kept on the server and raised; the lane logs them and goes on with the others.
+        return self._microsoft365_fetch_graph()
 
     def _microsoft365_graph_fetch_guarded(self, raise_exception):
         try:

@@ -232,3 +232,24 @@ class TestFetchAcrossWorkers(BaseCase):
             {"in Odoo": self.records(subject), "unread in the mailbox": self.unread("bob@contoso.com", subject)},
             {"in Odoo": 1, "unread in the mailbox": 0},
         )
+
+    @mute_logger(*QUIET, "odoo.addons.mail_microsoft365_oauth.models.fetchmail_server_graph")
+    def test_mailboxes_on_microsoft_graph_are_fetched_through_graph_by_the_cron_workers(self):
+        """The fetch lanes claim every Microsoft 365 mailbox; one whose transport is Microsoft Graph is
+        fetched through Graph there (never over IMAP, which its tenant may have switched off), once."""
+        with self.registry.cursor() as cr:
+            api.Environment(cr, SUPERUSER_ID, {})["fetchmail.server"].browse(self.server_ids).write(
+                {"microsoft365_transport": "graph"}
+            )
+        subjects = {mailbox: self.deliver(mailbox) for mailbox in MAILBOXES}
+        self.cron_worker(self.fetch_jobs())
+        self.assertEqual(
+            {mailbox: self.records(subjects[mailbox]) for mailbox in MAILBOXES}, dict.fromkeys(MAILBOXES, 1)
+        )
+        self.assertEqual(
+            {mailbox: self.sandbox.counter(f"imap_sessions:{mailbox}") for mailbox in MAILBOXES},
+            dict.fromkeys(MAILBOXES, 0),
+        )
+        self.assertEqual(
+            {mailbox: self.unread(mailbox, subjects[mailbox]) for mailbox in MAILBOXES}, dict.fromkeys(MAILBOXES, 0)
+        )
