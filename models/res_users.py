@@ -224,8 +224,8 @@ class ResUsers(models.Model):
             return user
         account = identity.username or identity.object_id
         if app.signin_link_by_upn and not app.signin_multi_tenant and not identity.is_guest and identity.username:
-            candidate = users.search(
-                [("login", "=ilike", identity.username), ("microsoft365_object_id", "=", False)], limit=2
+            candidate = users._microsoft365_with_login(identity.username).filtered(
+                lambda user: not user.microsoft365_object_id
             )
             if len(candidate) == 1 and candidate.active:
                 candidate._microsoft365_link(identity)
@@ -241,9 +241,16 @@ class ResUsers(models.Model):
         )
 
     @api.model
+    def _microsoft365_with_login(self, name):
+        """Users whose login is `name` in any letter case: `=ilike` alone would read `_` and `%` in a
+        Microsoft account's name as wildcards and match other users' logins."""
+        name = name.strip().lower()
+        return self.search([("login", "=ilike", name)]).filtered(lambda user: user.login.lower() == name)
+
+    @api.model
     def _microsoft365_create_user(self, app, identity):
         login = (identity.username or "").strip().lower() or f"{identity.tenant_id}/{identity.object_id}"
-        if self.sudo().with_context(active_test=False).search_count([("login", "=ilike", login)]):
+        if self.sudo().with_context(active_test=False)._microsoft365_with_login(login):
             # Never take over an existing user because a mutable claim matches its login.
             raise SignInRefused(
                 self.env._(
@@ -252,7 +259,10 @@ class ResUsers(models.Model):
                     login=login,
                 )
             )
-        email = identity.email or (identity.username if "@" in identity.username else False)
+        # The email claim is whatever the account's tenant set (nOAuth): another tenant's claim could name
+        # someone else's address, which Odoo's mail gateway would then attribute to this user.
+        own_tenant = not app.signin_multi_tenant and not identity.is_guest
+        email = (identity.email or (identity.username if "@" in identity.username else False)) if own_tenant else False
         user = (
             app.signin_template_user_id.sudo()
             .with_context(no_reset_password=True)

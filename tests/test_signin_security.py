@@ -12,6 +12,8 @@ from odoo.http import root
 from odoo.tests import new_test_user, tagged
 from odoo.tools import mute_logger
 
+from ..m365.id_token import SignInIdentity
+from ..models.res_users import SignInRefused
 from .common import SandboxHttpCase
 
 START = "/microsoft365/signin/start"
@@ -202,6 +204,20 @@ class TestSignIn(SignInCase):
         self.assertEqual(bob.sudo().microsoft365_object_id, self.sandbox.user("bob@contoso.com")["oid"])
         self.assertIn("Microsoft account linked", bob.partner_id.message_ids[:1].body)
 
+    def test_link_by_upn_matches_the_whole_name_never_a_pattern(self):
+        """`_` and `%` are wildcards of SQL's LIKE, and `_` is common in user names: the account
+        b_b@contoso.com must not be linked to the Odoo user bob@contoso.com (an administrator, say)."""
+        bob = self.odoo_user("bob@contoso.com", groups="base.group_system")
+        self.app.signin_link_by_upn = True
+        for username in ("b_b@contoso.com", "%@contoso.com", "BOB@contoso.com"):
+            identity = SignInIdentity(self.contoso, str(uuid.uuid4()), username, "Someone", "", "")
+            if username.startswith("BOB"):  # the same name in other letter case is the same account name
+                self.assertEqual(self.env["res.users"]._microsoft365_signin_user(self.app, identity), bob)
+                continue
+            with self.assertRaises(SignInRefused):
+                self.env["res.users"]._microsoft365_signin_user(self.app, identity)
+            self.assertFalse(bob.sudo().microsoft365_object_id)
+
     def test_a_linked_guest_signs_in_as_the_user_linked_to_its_object_in_this_tenant(self):
         guest = next(u for u in self.sandbox.description["directory"]["users"] if u["home_tenant"])
         user = new_test_user(self.env, "carol", groups="base.group_user")
@@ -291,6 +307,8 @@ class TestSignInRefusals(SignInCase):
         self.assertNotEqual(self.odoo_session().uid, self.alice.id)
         mallory = self.env["res.users"].browse(self.odoo_session().uid)
         self.assertEqual(mallory.login, "mallory@fabrikam.onmicrosoft.com")
+        # nor Alice's address: Odoo's mail gateway would attribute Alice's mail to Mallory
+        self.assertNotEqual(mallory.email, "alice@contoso.com")
         self.assertFalse(self.alice.sudo().microsoft365_object_id)
 
     @mute_logger(*QUIET)
