@@ -6,6 +6,7 @@ from urllib.parse import urlsplit
 
 from odoo import api, fields, models
 from odoo.exceptions import AccessError, UserError, ValidationError
+from odoo.tools import SQL
 
 from ..m365 import diagnosis, graph, identifiers, mailcheck
 from ..m365.errors import (
@@ -733,31 +734,24 @@ class Microsoft365Account(models.Model):
         client = self._identity_client_from(row[0])
         token = self._token_from(client, cr, committed, force_refresh, scopes)
         changed = client.changed_cache_state()
-        if changed and scopes:
-            # Graph's token: token_expires_at stays the Exchange token's (its cache fast path relies on it).
-            values = {
-                "token_cache_sealed": self.env["microsoft365.vault"]._encrypt(changed),
-                "last_refresh": fields.Datetime.now(),
-            }
-            cr.execute(
-                "UPDATE microsoft365_account SET token_cache_sealed = %s, last_refresh = %s, "
-                "write_date = (now() at time zone 'UTC') WHERE id = %s",
-                [values["token_cache_sealed"], values["last_refresh"], self.id],
-            )
-            return token.token, values
         if changed:
             values = {
                 "token_cache_sealed": self.env["microsoft365.vault"]._encrypt(changed),
-                "token_expires_at": _datetime(token.expires_at),
                 "last_refresh": fields.Datetime.now(),
                 "status": "connected",
                 "last_error": False,
             }
+            if not scopes:  # Graph's token leaves the Exchange token's expiry alone (its fast path relies on it)
+                values["token_expires_at"] = _datetime(token.expires_at)
             cr.execute(
-                "UPDATE microsoft365_account SET token_cache_sealed = %s, token_expires_at = %s, "
-                "last_refresh = %s, status = 'connected', last_error = NULL, "
-                "write_date = (now() at time zone 'UTC') WHERE id = %s",
-                [values["token_cache_sealed"], values["token_expires_at"], values["last_refresh"], self.id],
+                SQL(
+                    "UPDATE microsoft365_account SET %s, write_date = (now() at time zone 'UTC') WHERE id = %s",
+                    SQL(", ").join(
+                        SQL("%s = %s", SQL.identifier(name), value if value is not False else None)
+                        for name, value in values.items()
+                    ),
+                    self.id,
+                )
             )
             # Microsoft accepted the app registration again (a fixed clock, a restored consent...).
             cr.execute(

@@ -416,3 +416,17 @@ class TestGraphConsent(FetchCase):
         message = server.build_email("alice@contoso.com", ["bob@contoso.com"], "Graph after consent", "Hello")
         server.send_email(message, mail_server_id=server.id)
         self.assertEqual(self.sandbox.counter("graph_sendmail"), 1)
+
+
+@tagged("post_install", "-at_install")
+class TestGraphRefreshStatus(FetchCase):
+    def test_a_graph_refresh_that_works_again_marks_the_account_connected(self):
+        """A mailbox that only uses Microsoft Graph: once Microsoft gives a Graph token again, the account
+        is no longer "Not working" (its health check and keep-alive only look after connected accounts)."""
+        self.sandbox.control("settings", access_token_lifetime=120)  # stale for the addon at once: refreshed
+        account = self.connect(self.new_account())
+        self.graph_server = self.incoming(account, microsoft365_transport="graph")
+        account.write({"status": "failing", "last_error": "Microsoft refused the request (the cause is fixed now)."})
+        self.assertTrue(account._graph_token())
+        account.invalidate_recordset()
+        self.assertEqual((account.status, account.last_error), ("connected", False))
