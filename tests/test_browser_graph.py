@@ -1,5 +1,7 @@
 from odoo.tests import tagged
 
+from ..m365.graph import GraphClient
+from ..m365.identity import http_session
 from .common import BrowserCase
 
 
@@ -52,3 +54,13 @@ class TestBrowserGraph(BrowserCase):
         mail.send()
         self.assertEqual(mail.state, "sent", mail.failure_reason)
         self.assertEqual(self.sandbox.counter("graph_sendmail"), 1)
+        # Read at bob's: other tests fetch bob's mailbox and count on the unread mail they deliver.
+        bob = GraphClient(
+            self.sandbox.description["graph_url"],
+            self.app_registration._app_graph_token().token,
+            "bob@contoso.com",
+            session=http_session(self.sandbox.ca_file),
+        )
+        sent = [m for m in bob.unread("inbox") if m.get("subject") == "Sent after the switch in the browser"]
+        self.assertEqual(len(sent), 1)
+        bob.mark_read(sent[0]["id"])
