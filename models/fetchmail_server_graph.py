@@ -9,6 +9,7 @@ from odoo import api, fields, models
 from odoo.exceptions import UserError, ValidationError
 
 from ..m365.errors import M365Error
+from ..m365.graph import GraphFailed
 from .microsoft365_account import explain
 
 _logger = logging.getLogger(__name__)
@@ -123,7 +124,14 @@ class FetchmailServerGraph(models.Model):
                     if self._microsoft365_is_given_up(key):
                         counts["skipped"] += 1
                         continue
-                outcome = self._microsoft365_graph_fetch_one(client, summary, MailThread, unread_keys)
+                try:
+                    outcome = self._microsoft365_graph_fetch_one(client, summary, MailThread, unread_keys)
+                except GraphFailed as exc:
+                    if exc.status != 404:  # throttled, token, mailbox: the session's end, as on IMAP
+                        raise
+                    # This message only: deleted or moved in the mailbox since it was listed.
+                    _logger.info("Skipped message on Graph server %s: %s", self.name, exc.code)
+                    outcome = "skipped"
                 counts[outcome] += 1
         except M365Error as exc:
             self._microsoft365_graph_refused(exc)

@@ -17,6 +17,7 @@ from odoo.addons.base.models.ir_mail_server import MailDeliveryException
 from ..m365.clouds import CLOUDS
 from ..m365.graph import GraphClient
 from ..m365.identity import AppCredentials, IdentityClient, http_session
+from ..sandbox.graph import message_id, parse_message_id
 from .common import FetchCase
 
 QUIET = (
@@ -243,6 +244,28 @@ class TestGraphTransport(FetchCase):
         self.assertEqual(len(archived), 1)
 
     @mute_logger(*QUIET)
+    def test_a_message_gone_before_it_is_read_does_not_stop_the_others(self):
+        """Between the list of unread mail and reading one of them, a person may delete or move it:
+        Graph answers 404 for that message only, and the others are still fetched."""
+        account = self.connect(self.new_account())
+        server = self.graph_incoming(account)
+        self.deliver_unread("alice@contoso.com", "Graph after a vanished one")
+        listed = GraphClient.unread
+
+        def unread_with_a_vanished_message(client, *args, **kwargs):
+            messages = listed(client, *args, **kwargs)
+            folder, validity, uid = parse_message_id(messages[0]["id"])  # an id of this folder, gone since
+            vanished = {
+                "id": message_id(folder, validity, uid + 100000),
+                "internetMessageId": "<gone@fabrikam.example>",
+            }
+            return [vanished, *messages]
+
+        with patch.object(GraphClient, "unread", unread_with_a_vanished_message):
+            self.cron_fetch()
+        self.assertEqual(self.partners("Graph after a vanished one"), 1)
+        self.assertFalse(server.microsoft365_fetch_error)
+
     def test_a_message_odoo_cannot_process_is_kept_and_listed(self):
         account = self.connect(self.new_account())
         server = self.graph_incoming(account)
