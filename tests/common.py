@@ -152,12 +152,17 @@ class BrowserCase(SandboxHttpCase):
     def setUp(self):
         super().setUp()
         self.assertTrue(chromium_executable(), "Chromium is missing: bin/setup installs Debian's chromium")
+        # Requests share the test's cursor: one still running from the previous browser test (Odoo's
+        # own clean-up waits 10 s at most) would use it beside this test (seen: "no results to fetch",
+        # an ORM cache KeyError). Wait until they are all done.
+        self._wait_remaining_requests(timeout=120)
 
     def open_browser(self):
         """Headless Chromium trusting the sandbox's certificate, closed after the test."""
         self.browser = Browser(
             trusted_certificate=self.sandbox.description["server_cert"], screenshots=screenshot_folder()
         )
+        self.addCleanup(self._wait_remaining_requests, 120)  # after the browser is closed (clean-ups run LIFO)
         self.addCleanup(self.browser.close)
         return self.browser
 
