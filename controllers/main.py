@@ -27,6 +27,15 @@ CALLBACK_FIELDS = (
 MAX_FIELD_LENGTH = 8192
 
 
+def microsoft_answer(params, names=CALLBACK_FIELDS):
+    """The fields of Microsoft's redirect that Odoo reads: strings, short, without NUL; nothing else."""
+    return {
+        k: v
+        for k, v in params.items()
+        if k in names and isinstance(v, str) and len(v) <= MAX_FIELD_LENGTH and "\x00" not in v
+    }
+
+
 class Microsoft365OAuthController(http.Controller):
     @http.route(
         CALLBACK_PATH,
@@ -39,11 +48,7 @@ class Microsoft365OAuthController(http.Controller):
     )
     def callback(self, **params):
         """Microsoft's redirect after sign-in (form_post, or query)."""
-        params = {
-            k: v
-            for k, v in params.items()
-            if k in CALLBACK_FIELDS and isinstance(v, str) and len(v) <= MAX_FIELD_LENGTH and "\x00" not in v
-        }
+        params = microsoft_answer(params)
         if request.env.user._is_public():
             if request.httprequest.method == "POST" and not request.params.get("resubmitted"):
                 # A cross-site form_post carries no SameSite=Lax session cookie: post the same

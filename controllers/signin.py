@@ -23,12 +23,13 @@ from ..m365.id_token import validate_id_token
 from ..models.microsoft365_account import explain
 from ..models.microsoft365_app_signin import SIGNIN_CALLBACK_PATH, _local_path, take_pending_sign_in
 from ..models.res_users import CREDENTIAL_TYPE, SignInRefused
+from .main import microsoft_answer
 
 _logger = logging.getLogger(__name__)
 
 COMPLETE_PATH = "/microsoft365/signin/complete"
-CALLBACK_FIELDS = ("code", "state", "session_state", "client_info", "error", "error_description", "error_uri")
-MAX_FIELD_LENGTH = 8192
+# A sign-in's answer: the mailbox authorization's fields without those of the admin consent.
+SIGNIN_FIELDS = ("code", "state", "session_state", "client_info", "error", "error_description", "error_uri")
 
 
 def signin_apps():
@@ -83,14 +84,15 @@ class Microsoft365SignIn(http.Controller):
         """Microsoft's answer. Its cross-site form_post carries no (SameSite=Lax) session cookie, and
         answering it with a session would replace the browser's: post it again from Odoo's origin."""
         return request.render(
-            "mail_microsoft365_oauth.callback_resubmit", {"action": COMPLETE_PATH, "fields": self._fields(params)}
+            "mail_microsoft365_oauth.callback_resubmit",
+            {"action": COMPLETE_PATH, "fields": microsoft_answer(params, SIGNIN_FIELDS)},
         )
 
     @http.route(COMPLETE_PATH, type="http", auth="public", methods=["POST"], csrf=False, sitemap=False)
     def complete(self, **params):
         # No CSRF token can exist here (the form comes from Microsoft's answer): the state, bound to
         # this browser's session and used once, is what proves that this browser started the sign-in.
-        params = self._fields(params)
+        params = microsoft_answer(params, SIGNIN_FIELDS)
         entry, problem = take_pending_sign_in(request.session, params.get("state"))
         if entry is None:
             _logger.warning("Microsoft sign-in refused: %s state", problem)
@@ -192,14 +194,6 @@ class Microsoft365SignIn(http.Controller):
             ),
             back_url="/odoo",
         )
-
-    @staticmethod
-    def _fields(params):
-        return {
-            k: v
-            for k, v in params.items()
-            if k in CALLBACK_FIELDS and isinstance(v, str) and len(v) <= MAX_FIELD_LENGTH and "\x00" not in v
-        }
 
     @staticmethod
     def _explain(exc):
