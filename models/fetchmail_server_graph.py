@@ -73,8 +73,11 @@ class FetchmailServerGraph(models.Model):
 
     # The folder's delta link (GRAPH-13): technical, administrators only, never copied; forgotten when
     # what it tracks changes (write) or when failed messages are tried again.
-    microsoft365_graph_delta_link = fields.Char(copy=False, readonly=True, groups="base.group_system")
+    microsoft365_graph_delta_link = fields.Char(
+        string="Graph delta link", copy=False, readonly=True, groups="base.group_system"
+    )
     microsoft365_graph_listed_at = fields.Datetime(
+        string="Last full listing",
         copy=False,
         readonly=True,
         groups="base.group_system",
