@@ -293,7 +293,7 @@ row(
     empty_check(graph_fetcher),
     empty_check(oauth_fetcher),
     "ms",
-    "Graph: one list request; IMAP: connect, XOAUTH2, SELECT, SEARCH, LOGOUT",
+    "Graph: one delta request (a full listing once a day); IMAP: connect, XOAUTH2, SELECT, SEARCH, LOGOUT",
 )
 env.cr.commit()
 

@@ -33,6 +33,10 @@ RETRY_STATUSES = frozenset({429, 503, 504})
 SMALL_ATTACHMENT = 3 * 1024 * 1024
 UPLOAD_CHUNK = 10 * 320 * 1024  # a multiple of 320 KiB, under 4 MB
 ATTACHMENT_LIMIT = 150 * 1024 * 1024
+SUMMARY_FIELDS = "id,internetMessageId,subject,from,receivedDateTime,isRead"
+EVER = "1900-01-01T00:00:00Z"  # a receivedDateTime clause that excludes nothing (GRAPH-16)
+# A delta link Graph no longer knows (GRAPH-17): 410 Gone, or a 40x with one of these codes.
+DELTA_EXPIRED_CODES = frozenset({"syncstatenotfound", "syncstateinvalid", "resyncrequired"})
 
 
 class GraphFailed(M365Error):
@@ -166,11 +170,14 @@ class GraphClient:
         return self._call("GET", url, "read").json().get("value", [])
 
     def unread(self, folder="inbox", page_size=50):
-        """The folder's unread messages (id, internetMessageId, subject, from), oldest pages first."""
+        """The folder's unread messages (id, internetMessageId, subject, from), oldest first. Graph sorts a
+        filtered list only by a property the filter names first (GRAPH-16): hence the receivedDateTime
+        clause, which excludes nothing."""
         url = f"{self._user}/mailFolders/{quote(folder, safe='')}/messages"
         params = {
-            "$filter": "isRead eq false",
-            "$select": "id,internetMessageId,subject,from,receivedDateTime",
+            "$filter": f"receivedDateTime ge {EVER} and isRead eq false",
+            "$orderby": "receivedDateTime asc",
+            "$select": SUMMARY_FIELDS,
             "$top": str(page_size),
         }
         messages = []
@@ -197,17 +204,29 @@ class GraphClient:
         )
         return answer.json().get("id")
 
-    def delta(self, folder="inbox", delta_link=None):
-        """(messages, delta link) of a folder: everything the first time, then what is new since."""
-        url = delta_link or f"{self._user}/mailFolders/{quote(folder, safe='')}/messages/delta"
-        messages = []
+    def delta(self, folder="inbox", delta_link=None, since=None, page_size=50):
+        """(entries, delta link) of a folder's messages (GRAPH-13): the first round lists the folder's
+        messages (only those received from `since`, a UTC datetime, when given: Graph keeps that filter in
+        the links it returns), then a delta link's round gives what changed since it was issued: messages
+        added or changed, and ``{"id", "@removed"}`` for those deleted or moved out. Graph gives no order
+        (only ``receivedDateTime desc`` may be asked): callers sort. Raises GraphFailed; `delta_expired`
+        tells a delta link Graph no longer knows."""
+        headers = {"Prefer": f"odata.maxpagesize={page_size}"}
+        if delta_link:
+            url, params = delta_link, None
+        else:
+            url = f"{self._user}/mailFolders/{quote(folder, safe='')}/messages/delta"
+            params = {"$select": SUMMARY_FIELDS}
+            if since is not None:
+                params["$filter"] = f"receivedDateTime ge {since.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+        entries = []
         while True:
-            answer = self._call("GET", url, "read").json()
-            messages += answer.get("value", [])
+            answer = self._call("GET", url, "read", params=params, headers=headers).json()
+            entries += answer.get("value", [])
             if answer.get("@odata.nextLink"):
-                url = answer["@odata.nextLink"]
+                url, params = answer["@odata.nextLink"], None
                 continue
-            return messages, answer.get("@odata.deltaLink")
+            return entries, answer.get("@odata.deltaLink")
 
     # ------------------------------------------------------------------------------------------
 
@@ -239,6 +258,32 @@ class GraphClient:
             )
             raise GraphFailed(found, response.status_code, code, wait)
         raise AssertionError("unreachable")
+
+
+def delta_expired(exc):
+    """Whether a refused delta round means "start again with a full synchronization" (GRAPH-17)."""
+    return isinstance(exc, GraphFailed) and (exc.status == 410 or (exc.code or "").lower() in DELTA_EXPIRED_CODES)
+
+
+SESSION_ENDING_CODES = frozenset(
+    {
+        "MailboxNotEnabledForRESTAPI",
+        "ErrorInvalidUser",
+        "ApplicationThrottled",
+        "ErrorTooManyObjectsOpened",
+        "InvalidAuthenticationToken",
+        "ErrorAccessDenied",
+    }
+)
+
+
+def about_one_message(exc):
+    """Whether Graph's refusal of a request on one message concerns that message only (GRAPH-18: a message
+    gone meanwhile, one Exchange cannot convert to MIME...), so that the others may still be read; not
+    throttling, the token, access rights, the mailbox or the connection, which end the session."""
+    if not isinstance(exc, GraphFailed) or exc.status is None:
+        return False
+    return exc.status not in (401, 403) and exc.status not in RETRY_STATUSES and exc.code not in SESSION_ENDING_CODES
 
 
 def _detach(message):

@@ -268,29 +268,36 @@ class FetchmailServer(models.Model):
         servers = self - self._microsoft365_without_grant(raise_exception)
         ours = servers.filtered(lambda s: s._microsoft365_in_use() and s._get_connection_type() == "imap")
         for server in ours:
-            try:
-                with server._microsoft365_claimed(raise_exception) as claimed:
-                    if claimed:
-                        server._microsoft365_fetch_imap(time.monotonic() + server._microsoft365_mailbox_seconds())
-            except Exception as exc:
-                if raise_exception:
-                    if server.microsoft365_retry_at and server.microsoft365_retry_at > fields.Datetime.now():
-                        # Fetch Now: Microsoft's back-off (and the error that came with it) must outlive
-                        # the rolled-back request, or the next fetch would connect too early.
-                        self.env.cr.commit()  # pylint: disable=invalid-commit
-                    raise ValidationError(
-                        self.env._(
-                            "Couldn't get your emails. Check out the error message below for more info:\n%s",
-                            exc.args[0] if exc.args else exc,
-                        )
-                    ) from exc
-                _logger.info(
-                    "General failure when trying to fetch mail from %s server %s.",
-                    server.server_type,
-                    server.name,
-                    exc_info=True,
-                )
+            server._microsoft365_fetch_now(raise_exception)
         return super(FetchmailServer, servers - ours).fetch_mail(raise_exception=raise_exception)
+
+    def _microsoft365_fetch_now(self, raise_exception):
+        """Fetch Now (or core's fetch_mail) of one claimed mailbox, through its transport
+        (_microsoft365_fetch_mailbox) under the mailbox's time budget. A failure is raised in plain words
+        for the button, or logged for a caller that asked not to raise."""
+        self.ensure_one()
+        try:
+            with self._microsoft365_claimed(raise_exception) as claimed:
+                if claimed:
+                    self._microsoft365_fetch_mailbox(time.monotonic() + self._microsoft365_mailbox_seconds())
+        except Exception as exc:
+            if raise_exception:
+                if self.microsoft365_retry_at and self.microsoft365_retry_at > fields.Datetime.now():
+                    # Fetch Now: Microsoft's back-off (and the error that came with it) must outlive
+                    # the rolled-back request, or the next fetch would connect too early.
+                    self.env.cr.commit()  # pylint: disable=invalid-commit
+                raise ValidationError(
+                    self.env._(
+                        "Couldn't get your emails. Check out the error message below for more info:\n%s",
+                        exc.args[0] if exc.args else exc,
+                    )
+                ) from exc
+            _logger.info(
+                "General failure when trying to fetch mail from %s server %s.",
+                self.server_type,
+                self.name,
+                exc_info=True,
+            )
 
     # Fetching across Odoo's cron workers -------------------------------------------------------
 

@@ -3,16 +3,41 @@ Odoo's mail gateway, then marked read or moved. Kept apart from the IMAP path (f
 ``fetch_mail`` hands the Graph servers here and everything else on unchanged."""
 
 import logging
+import time
 from datetime import timedelta
 
 from odoo import api, fields, models
 from odoo.exceptions import UserError, ValidationError
 
 from ..m365.errors import M365Error
-from ..m365.graph import GraphFailed
+from ..m365.graph import GraphFailed, about_one_message, delta_expired
+from .fetchmail_server import _given_up
 from .microsoft365_account import explain
 
 _logger = logging.getLogger(__name__)
+
+# A delta round follows only the mail received since the last full listing, less this margin (clocks of
+# Odoo and Exchange may differ): the first round of a 50,000-message folder names a day of mail, not all.
+DELTA_WINDOW = timedelta(days=1)
+# The safety net under delta: every unread message of the folder is listed at least this often.
+FULL_LISTING_EVERY = timedelta(hours=24)
+
+
+def _unread_changes(entries):
+    """The messages a delta round names that may still need Odoo, oldest first: deleted or moved out
+    (``@removed``) dropped, a message named twice taken in its last state, read ones dropped (a change of an
+    unread message's other properties may come without isRead: kept, the gateway ignores a known one)."""
+    latest = {}
+    for entry in entries:
+        if "@removed" in entry:
+            latest.pop(entry.get("id"), None)
+        elif entry.get("id"):
+            latest.pop(entry["id"], None)
+            latest[entry["id"]] = entry
+    return sorted(
+        (e for e in latest.values() if e.get("isRead") is not True),
+        key=lambda e: e.get("receivedDateTime") or "9999",
+    )
 
 
 class FetchmailServerGraph(models.Model):
@@ -46,6 +71,36 @@ class FetchmailServerGraph(models.Model):
                     self.env._("Incoming server %s moves messages: choose the folder to move them to.", server.name)
                 )
 
+    # The folder's delta link (GRAPH-13): technical, administrators only, never copied; forgotten when
+    # what it tracks changes (write) or when failed messages are tried again.
+    microsoft365_graph_delta_link = fields.Char(
+        string="Graph delta link", copy=False, readonly=True, groups="base.group_system"
+    )
+    microsoft365_graph_listed_at = fields.Datetime(
+        string="Last full listing",
+        copy=False,
+        readonly=True,
+        groups="base.group_system",
+        help="When Odoo last listed every unread message of the folder (the delta link tracks what comes after).",
+    )
+
+    _microsoft365_graph_tracked_fields = {
+        "microsoft365_transport",
+        "microsoft365_graph_folder",
+        "microsoft365_account_id",
+        "connect_with",
+        "user",
+    }
+
+    def write(self, vals):
+        result = super().write(vals)
+        if self._microsoft365_graph_tracked_fields & set(vals) and "microsoft365_graph_delta_link" not in vals:
+            # Another folder, mailbox or transport: the link tracked something else; start again. (sudo:
+            # whoever may change the server may reset its technical fields.)
+            tracked = self.sudo().filtered(lambda s: s.microsoft365_graph_delta_link or s.microsoft365_graph_listed_at)
+            tracked.write({"microsoft365_graph_delta_link": False, "microsoft365_graph_listed_at": False})
+        return result
+
     def _microsoft365_graph_servers(self):
         return self.filtered(lambda s: s._microsoft365_in_use() and s.microsoft365_transport == "graph")
 
@@ -55,31 +110,21 @@ class FetchmailServerGraph(models.Model):
             return super().fetch_mail(raise_exception=raise_exception)
         graph = self._microsoft365_graph_servers()
         for server in graph - graph._microsoft365_without_grant(raise_exception):
-            with server._microsoft365_claimed(raise_exception) as claimed:
-                if claimed:
-                    server._microsoft365_graph_fetch_guarded(raise_exception)
+            server._microsoft365_fetch_now(raise_exception)
         return super(FetchmailServerGraph, self - graph).fetch_mail(raise_exception=raise_exception)
 
     def _microsoft365_fetch_mailbox(self, deadline):
         if self.microsoft365_transport != "graph":
             return super()._microsoft365_fetch_mailbox(deadline)
         # Failures are kept on the server and raised; the lane logs them and goes on with the others.
-        return self._microsoft365_fetch_graph()
+        return self._microsoft365_fetch_graph(deadline)
 
-    def _microsoft365_graph_fetch_guarded(self, raise_exception):
-        try:
-            self._microsoft365_fetch_graph()
-        except Exception as exc:
-            if raise_exception:
-                if self.microsoft365_retry_at and self.microsoft365_retry_at > fields.Datetime.now():
-                    self.env.cr.commit()  # pylint: disable=invalid-commit
-                raise ValidationError(
-                    self.env._(
-                        "Couldn't get your emails. Check out the error message below for more info:\n%s",
-                        exc.args[0] if exc.args else exc,
-                    )
-                ) from exc
-            _logger.info("General failure when trying to fetch mail from Graph server %s.", self.name, exc_info=True)
+    def action_microsoft365_retry_failed_messages(self):
+        """Try again: the given-up messages are offered again by a full listing of the unread messages (a
+        delta round would not name them: they did not change)."""
+        result = super().action_microsoft365_retry_failed_messages()
+        self._microsoft365_graph_servers().sudo().write({"microsoft365_graph_delta_link": False})
+        return result
 
     def _microsoft365_graph_refused(self, exc):
         """A Graph refusal during the fetch: kept on the server (with Microsoft's back-off), then raised."""
@@ -93,11 +138,49 @@ class FetchmailServerGraph(models.Model):
         self.write(values)
         raise UserError(message)
 
-    def _microsoft365_fetch_graph(self):
-        """Unread messages of the folder, oldest first; each one processed in a savepoint and committed, then
-        marked read (or moved). A crash between the two fetches it again next time: Odoo's gateway ignores a
-        Message-ID it already has, so it is processed once. A message Odoo cannot process stays unread and is
-        retried, then listed on the server like the IMAP path's."""
+    def _microsoft365_graph_full_listing_due(self):
+        """Whether this fetch lists every unread message of the folder instead of following the delta link.
+        A delta round names only what changed since the last one; three things it would never name again:
+        a message that failed in Odoo and waits to be tried again (it stays unread and unchanged), one
+        whose mark was lost (handled too: the link only moves on once every message it named is done),
+        and anything a delta round missed (Microsoft warns of replication delays and lost sync states).
+        Hence a full listing while failed messages wait, after Try again (which forgets the link), when
+        there is no link, and once every FULL_LISTING_EVERY as a safety net; delta otherwise."""
+        server = self.sudo()
+        if not server.microsoft365_graph_delta_link or not server.microsoft365_graph_listed_at:
+            return True
+        if any(not _given_up(e) and not e.get("dismissed") for e in (self.microsoft365_failed_messages or {}).values()):
+            return True
+        return server.microsoft365_graph_listed_at < fields.Datetime.now() - FULL_LISTING_EVERY
+
+    def _microsoft365_graph_offered(self, client, folder):
+        """(messages to read, oldest first; whether they are the full unread listing; the delta link to keep
+        once they are all handled)."""
+        if not self._microsoft365_graph_full_listing_due():
+            try:
+                entries, link = client.delta(folder, delta_link=self.sudo().microsoft365_graph_delta_link)
+            except GraphFailed as exc:
+                if not delta_expired(exc):
+                    raise
+                # Graph no longer knows the link: start again with a full listing (GRAPH-17); the gateway's
+                # Message-ID check keeps a message listed twice from being processed twice.
+                _logger.info("Graph server %s: the delta link expired (%s); listing unread mail.", self.name, exc.code)
+            else:
+                return _unread_changes(entries), False, link
+        # A new delta round first, bounded to recent mail (a 50,000-message folder is not enumerated: Graph
+        # keeps the receivedDateTime filter in the links that follow), then the unread listing: whatever
+        # arrives in between is in both, and read by the time the next delta round names it.
+        since = fields.Datetime.now() - DELTA_WINDOW
+        _entries, link = client.delta(folder, since=since)
+        return client.unread(folder), True, link
+
+    def _microsoft365_fetch_graph(self, deadline=None):
+        """Unread messages of the folder, oldest first: those a delta round names, or every unread one
+        (_microsoft365_graph_full_listing_due); each processed in a savepoint and committed, then marked read
+        (or moved). Past `deadline` (time.monotonic()) the rest waits for the next visit. A crash between
+        the two fetches it again next time: Odoo's gateway ignores a Message-ID it already has, so it is
+        processed once. A message Odoo cannot process stays unread and is retried, then listed on the server
+        like the IMAP path's. The delta link moves on only once every message offered was handled."""
         self.ensure_one()
         if self.microsoft365_retry_at and self.microsoft365_retry_at > fields.Datetime.now():
             raise UserError(
@@ -111,13 +194,18 @@ class FetchmailServerGraph(models.Model):
         )
         counts = {"done": 0, "failed": 0, "skipped": 0}
         unread_keys = set()
+        complete = True
         try:
             client = self._microsoft365_graph_client()
-            unread = client.unread(self.microsoft365_graph_folder or "inbox")
+            offered, full, link = self._microsoft365_graph_offered(client, self.microsoft365_graph_folder or "inbox")
         except M365Error as exc:
             self._microsoft365_graph_refused(exc)
         try:
-            for summary in unread:
+            for summary in offered:
+                if deadline and time.monotonic() > deadline:
+                    complete = False  # the time budget is spent: the rest waits for the next visit
+                    counts["skipped"] += 1
+                    continue
                 key = (summary.get("internetMessageId") or "").strip()
                 if key:
                     unread_keys.add(key)
@@ -127,16 +215,20 @@ class FetchmailServerGraph(models.Model):
                 try:
                     outcome = self._microsoft365_graph_fetch_one(client, summary, MailThread, unread_keys)
                 except GraphFailed as exc:
-                    if exc.status != 404:  # throttled, token, mailbox: the session's end, as on IMAP
+                    if not about_one_message(exc):  # throttled, token, mailbox: the session's end, as on IMAP
                         raise
-                    # This message only: deleted or moved in the mailbox since it was listed.
-                    _logger.info("Skipped message on Graph server %s: %s", self.name, exc.code)
-                    outcome = "skipped"
+                    outcome = self._microsoft365_graph_unreadable(summary, exc)
                 counts[outcome] += 1
         except M365Error as exc:
             self._microsoft365_graph_refused(exc)
         else:
-            self._microsoft365_forget_failed_messages(lambda key, _entry: key not in unread_keys)
+            if complete:
+                if full:  # failures of messages no longer unread (read or deleted meanwhile) are forgotten
+                    self._microsoft365_forget_failed_messages(lambda key, _entry: key not in unread_keys)
+                values = {"microsoft365_graph_delta_link": link or False}
+                if full:
+                    values["microsoft365_graph_listed_at"] = fields.Datetime.now()
+                self.sudo().write(values)
         finally:
             _logger.info(
                 "Fetched %d email(s) through Microsoft Graph on server %s; %d failed, %d left unread.",
@@ -149,6 +241,23 @@ class FetchmailServerGraph(models.Model):
         if self.microsoft365_fetch_error:
             values.update(microsoft365_fetch_error=False, microsoft365_fetch_failed_at=False)
         self.write(values)
+
+    def _microsoft365_graph_unreadable(self, summary, exc):
+        """Graph refused to give this message only (GRAPH-18). Gone since it was listed (404): nothing to do.
+        Otherwise (e.g. an S/MIME message Exchange cannot convert): counted as a failure of that message,
+        like one Odoo cannot process, so it is retried, then listed on the server; the others go on."""
+        _logger.info("Skipped message on Graph server %s: %s %s", self.name, exc.status, exc.code)
+        if exc.status == 404:
+            return "skipped"
+        key = (summary.get("internetMessageId") or "").strip() or summary["id"]
+        sender = ((summary.get("from") or {}).get("emailAddress") or {}).get("address") or ""
+        failures = dict(self.microsoft365_failed_messages or {})
+        entry = failures.get(key) or {"failures": 0, "subject": (summary.get("subject") or "")[:200], "sender": sender}
+        detail = getattr(getattr(exc, "diagnosis", None), "detail", "") or f"{exc.status} {exc.code}"
+        failures[key] = dict(entry, failures=entry["failures"] + 1, error=detail[:300])
+        self.microsoft365_failed_messages = failures
+        self.env.cr.commit()  # pylint: disable=invalid-commit
+        return "failed"
 
     def _microsoft365_graph_fetch_one(self, client, summary, MailThread, unread_keys):
         raw = client.mime(summary["id"])

@@ -57,8 +57,9 @@ SETTINGS_DEFAULTS = {
     "graph_replace_message_id": False,  # True: sendMail gives the message a Message-ID of its own (assumed)
     "graph_concurrency_limit": 4,  # concurrent requests per app and mailbox (GRAPH-10)
     "graph_max_message_bytes": 35 * 1024 * 1024,  # the tenant's maximum message size (GRAPH-08)
+    "graph_delta_states": 1000,  # delta sync states kept; older ones evicted: 410 SyncStateNotFound (GRAPH-17)
     # Network: a round-trip time added to every connection and every reply of the identity platform,
-    # IMAP, POP3 and SMTP (Microsoft is 30-150 ms away from most Odoo servers; loopback is 0).
+    # IMAP, POP3, SMTP and Graph (Microsoft is 30-150 ms away from most Odoo servers; loopback is 0).
     "latency_ms": 0,
 }
 

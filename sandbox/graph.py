@@ -10,10 +10,12 @@ What is played, each with its source in sandbox/CONFORMANCE.md (section "Microso
   202; the message is delivered, and saved in the sender's Sent Items; custom `X-` headers (and
   `Auto-Submitted`) dropped unless the setting `graph_keep_custom_headers` says otherwise (GRAPH-06);
 - `GET .../mailFolders[/<id or well-known name>[/childFolders]]`,
-  `GET .../mailFolders/<folder>/messages[?$filter=isRead eq false&$top=&$skip=]`,
+  `GET .../mailFolders/<folder>/messages[?$filter=...&$orderby=receivedDateTime&$top=&$skip=]` (GRAPH-16),
   `GET .../messages/<id>[/$value]`, `PATCH .../messages/<id>` (isRead),
   `POST .../messages/<id>/move` (a new id, as Outlook gives one on move),
-  `GET .../mailFolders/<folder>/messages/delta` (new messages since the delta token);
+  `GET .../mailFolders/<folder>/messages/delta` (added, read-changed and removed messages since the
+  delta token, sync states in a bounded cache: GRAPH-13, GRAPH-17), `$value` refused for opaque S/MIME
+  (GRAPH-18); every connection and answer delayed by the setting `latency_ms` (NET-01);
 - tokens: Graph's audience only, `scp` (delegated) or `roles` (app-only); RBAC for Applications as
   a per-app list of mailboxes (`graph_app_scope`); Graph's error bodies
   `{"error": {"code", "message", "innerError"}}`, 429 / 503 with Retry-After, 4 concurrent requests
@@ -34,6 +36,7 @@ import re
 import socket
 import ssl
 import threading
+import time
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
@@ -75,6 +78,9 @@ MESSAGES = {
     "ErrorInvalidIdMalformed": "Id is malformed.",
     "ErrorInvalidMimeContent": "Invalid base64 string for MIME content.",
     "BadRequest": "Unsupported request.",
+    "InefficientFilter": "The restriction or sort order is too complex for this operation.",
+    "SyncStateNotFound": "The sync state generation is not found.",
+    "ErrorMimeContentConversionFailed": "MIME content conversion failed.",
 }
 
 
@@ -166,6 +172,22 @@ class Store:
         found = re.search(rb"MESSAGES (\d+) UNSEEN (\d+)", data[0] or b"")
         return (int(found[1]), int(found[2])) if found else (0, 0)
 
+    def dates(self, imap, uids, with_seen=False):
+        """{uid: INTERNALDATE (aware UTC)} of the selected folder's `uids` (and {uid: seen} with_seen)."""
+        dates, seen = {}, {}
+        if uids:
+            typ, data = imap.uid("FETCH", ",".join(str(u) for u in uids), "(UID FLAGS INTERNALDATE)")
+            for part in data:
+                meta = (part[0] if isinstance(part, tuple) else part or b"").decode(errors="replace")
+                uid = re.search(r"UID (\d+)", meta)
+                when = re.search(r'INTERNALDATE "([^"]+)"', meta)
+                if uid and when:
+                    moment = datetime.datetime.strptime(when[1], "%d-%b-%Y %H:%M:%S %z")
+                    dates[int(uid[1])] = moment.astimezone(datetime.timezone.utc)
+                    flags = re.search(r"FLAGS \(([^)]*)\)", meta)
+                    seen[int(uid[1])] = bool(flags and "\\Seen" in flags[1])
+        return (dates, seen) if with_seen else dates
+
     def summaries(self, imap, folder, validity, uids):
         """Graph message resources of `uids` in the selected folder."""
         if not uids:
@@ -223,6 +245,8 @@ class GraphServer:
         self._released = threading.Event()
         self._uploads = {}  # upload session token -> what is uploaded so far
         self._attachments = {}  # draft id -> [(name, content type, bytes)] added to it
+        self._delta_states = {}  # delta token -> sync state (oldest first: evicted first)
+        self._delta_pages = {}  # skip token -> the rest of a delta round's pages
 
     def start(self):
         threading.Thread(target=self.httpd.serve_forever, name="sandbox-graph", daemon=True).start()
@@ -506,17 +530,37 @@ class GraphServer:
         }
 
     def list_messages(self, imap, folder, query):
+        """A folder's messages: `$filter` clauses `isRead eq false|true` and `receivedDateTime ge|gt <UTC>`
+        joined by `and`; `$orderby=receivedDateTime [asc|desc]`, refused with `InefficientFilter` when a
+        `$filter` does not name receivedDateTime first (GRAPH-16); `$top`/`$skip` paging."""
         validity, _count = self.store.select(imap, folder, readonly=True)
-        criteria = "ALL"
-        flt = (query.get("$filter") or "").replace(" ", "").lower()
-        if flt in ("isreadeqfalse",):
-            criteria = "UNSEEN"
-        elif flt in ("isreadeqtrue",):
-            criteria = "SEEN"
-        elif flt:
-            raise GraphError(400, "BadRequest", f"Invalid filter clause: {query['$filter']}")
+        criteria, after, named = "ALL", None, []
+        raw_filter = (query.get("$filter") or "").strip()
+        for clause in [c.strip() for c in re.split(r"\s+and\s+", raw_filter, flags=re.I) if c.strip()]:
+            compact = clause.replace(" ", "").lower()
+            if compact in ("isreadeqfalse", "isreadeqtrue"):
+                criteria = "UNSEEN" if compact == "isreadeqfalse" else "SEEN"
+                named.append("isread")
+                continue
+            after = _received_clause(clause)
+            if after is None:
+                raise GraphError(400, "BadRequest", f"Invalid filter clause: {query['$filter']}")
+            named.append("receiveddatetime")
+        order = (query.get("$orderby") or "").strip()
+        descending = False
+        if order:
+            match = re.fullmatch(r"receivedDateTime(?:\s+(asc|desc))?", order, flags=re.I)
+            if not match:
+                raise GraphError(400, "BadRequest", f"This sandbox orders by receivedDateTime only: {order}")
+            if named and named[0] != "receiveddatetime":
+                raise GraphError(400, "InefficientFilter", MESSAGES["InefficientFilter"])
+            descending = (match[1] or "asc").lower() == "desc"
         typ, data = imap.uid("SEARCH", None, criteria)
         uids = [int(u) for u in (data[0] or b"").split()]
+        if after or order:
+            dates = self.store.dates(imap, uids)
+            uids = [u for u in uids if u in dates and _after(dates[u], after)]
+            uids.sort(key=lambda u: (dates[u], u), reverse=descending)
         top, skip = min(int(query.get("$top", 10)), 1000), int(query.get("$skip", 0))
         page = uids[skip : skip + top]
         return self.store.summaries(imap, folder, validity, page), (skip + top if skip + top < len(uids) else None)
@@ -537,7 +581,12 @@ class GraphServer:
     def raw(self, imap, value):
         folder, validity, uid = self.locate(imap, value)
         typ, data = imap.uid("FETCH", str(uid), "(BODY.PEEK[])")
-        return next(part[1] for part in data if isinstance(part, tuple))
+        raw = next(part[1] for part in data if isinstance(part, tuple))
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+        if message.get_content_type() in ("application/pkcs7-mime", "application/x-pkcs7-mime"):
+            # Opaque-signed or encrypted S/MIME: Exchange cannot give its MIME, every time (GRAPH-18).
+            raise GraphError(500, "ErrorMimeContentConversionFailed")
+        return raw
 
     def set_read(self, imap, value, is_read):
         folder, validity, uid = self.locate(imap, value)
@@ -557,20 +606,98 @@ class GraphServer:
             return {"id": None, "parentFolderId": folder_id(target)}
         return self.store.summaries(imap, target, target_validity, [new_uid])[0]
 
-    def delta(self, imap, folder, token):
+    def delta(self, imap, mailbox, folder, query, page_size):
+        """One request of a delta round (GRAPH-13, GRAPH-17). Returns (entries, query of the next link):
+        `$skiptoken` while the round has pages left, else `$deltatoken`. Sync states are kept here, as
+        Exchange keeps them in a cache of limited size: an old delta link goes on working until it is
+        evicted (or dropped with the `graph_fault` kind `delta_expired`); then 410 SyncStateNotFound."""
+        if "$skiptoken" in query:
+            with self._lock:
+                pages = self._delta_pages.pop(query["$skiptoken"], None)
+            if pages is None:
+                raise GraphError(410, "SyncStateNotFound", MESSAGES["SyncStateNotFound"])
+            return self._delta_page(pages)
         validity, _count = self.store.select(imap, folder, readonly=True)
-        since = 0
-        if token:
-            try:
-                token_validity, since = (int(v) for v in _unb64url(token).split(":"))
-            except (ValueError, UnicodeDecodeError, binascii.Error):
-                raise GraphError(400, "BadRequest", "Invalid delta token.") from None
-            if token_validity != validity:
-                raise GraphError(410, "SyncStateNotFound", "The sync state generation is not found.")
-        typ, data = imap.uid("SEARCH", None, f"UID {since + 1}:*")
-        uids = [int(u) for u in (data[0] or b"").split() if int(u) > since]
-        last = max(uids + [since])
-        return self.store.summaries(imap, folder, validity, uids), _b64url(f"{validity}:{last}")
+        if "$deltatoken" in query:
+            with self._lock:
+                state = self._delta_states.get(query["$deltatoken"])
+            if state is None or (state["mailbox"], state["folder"], state["validity"]) != (mailbox, folder, validity):
+                raise GraphError(410, "SyncStateNotFound", MESSAGES["SyncStateNotFound"])
+            after, before = state["after"], state["seen"]
+        else:
+            raw_filter = (query.get("$filter") or "").strip()
+            after = _received_clause(raw_filter) if raw_filter else None
+            if raw_filter and after is None:
+                raise GraphError(400, "BadRequest", f"Invalid filter clause for delta: {raw_filter}")
+            order = (query.get("$orderby") or "").replace(" ", "").lower()
+            if order and order != "receiveddatetimedesc":
+                raise GraphError(400, "BadRequest", f"Unsupported $orderby for delta: {query['$orderby']}")
+            before = None
+        typ, data = imap.uid("SEARCH", None, "ALL")
+        uids = [int(u) for u in (data[0] or b"").split()]
+        dates, seen = self.store.dates(imap, uids, with_seen=True)
+        current = {u: seen[u] for u in uids if u in dates and _after(dates[u], after)}
+        if before is None:
+            changed, removed = list(current), []
+        else:
+            changed = [u for u in current if u not in before or before[u] != current[u]]
+            removed = [u for u in before if u not in current]
+        # "If you do not include an $orderby expression, the return order is not guaranteed": newest first
+        # here, so that a client relying on arrival order is caught.
+        changed.sort(key=lambda u: (dates[u], u), reverse=True)
+        entries = self.store.summaries(imap, folder, validity, changed) + [
+            {"id": message_id(folder, validity, u), "@removed": {"reason": "deleted"}} for u in removed
+        ]
+        token = uuid.uuid4().hex
+        limit = int(self.directory.settings.get("graph_delta_states", 1000))
+        with self._lock:
+            self._delta_states[token] = {
+                "mailbox": mailbox,
+                "folder": folder,
+                "validity": validity,
+                "after": after,
+                "seen": current,
+            }
+            while len(self._delta_states) > limit:
+                self._delta_states.pop(next(iter(self._delta_states)))
+        size = max(1, page_size)
+        pages = [entries[i : i + size] for i in range(0, len(entries), size)] or [[]]
+        return self._delta_page({"pages": pages, "token": token})
+
+    def _delta_page(self, pending):
+        page, rest = pending["pages"][0], pending["pages"][1:]
+        if not rest:
+            return page, {"$deltatoken": pending["token"]}
+        skip = uuid.uuid4().hex
+        with self._lock:
+            self._delta_pages[skip] = {"pages": rest, "token": pending["token"]}
+        return page, {"$skiptoken": skip}
+
+    def forget_delta_states(self):
+        with self._lock:
+            self._delta_states.clear()
+            self._delta_pages.clear()
+
+
+def _received_clause(clause):
+    """`receivedDateTime ge|gt <UTC time>` -> (operator, datetime), else None."""
+    match = re.fullmatch(r"receivedDateTime\s+(ge|gt)\s+(\S+)", clause.strip(), flags=re.I)
+    if not match:
+        return None
+    try:
+        moment = datetime.datetime.fromisoformat(match[2].replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.timezone.utc)
+    return match[1].lower(), moment
+
+
+def _after(moment, after):
+    if after is None:
+        return True
+    operator, bound = after
+    return moment >= bound if operator == "ge" else moment > bound
 
 
 _ROUTE = re.compile(r"^/v1\.0/(?:users/(?P<user>[^/]+)|(?P<me>me))(?P<rest>/.*)?$")
@@ -583,10 +710,20 @@ class _Handler(BaseHTTPRequestHandler):
     sys_version = ""
 
     def setup(self):
+        self._round_trip()  # the connection's handshake crosses the network (setting latency_ms)
         super().setup()
         # Headers and body leave in separate writes: without this, Nagle's algorithm and the client's
         # delayed ACK hold the body back for about 40 ms per answer.
         self.request.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def send_response(self, code, message=None):
+        self._round_trip()  # every answer crosses the network
+        super().send_response(code, message)
+
+    def _round_trip(self):
+        seconds = self.graph.directory.latency()
+        if seconds:
+            time.sleep(seconds)
 
     def log_message(self, format, *args):
         _logger.debug("graph: " + format, *args)
@@ -707,10 +844,11 @@ class _Handler(BaseHTTPRequestHandler):
                     answer["@odata.nextLink"] = self._link(segments, following)
                 return self._send(200, answer)
             if rest == ["messages", "delta"] and method == "GET":
-                value, token = graph.delta(imap, folder, query.get("$deltatoken"))
-                return self._send(
-                    200, {"value": value, "@odata.deltaLink": self._link(segments, {"$deltatoken": token})}
-                )
+                prefer = re.search(r"odata\.maxpagesize=(\d+)", self.headers.get("Prefer") or "")
+                page_size = int(prefer[1]) if prefer else int(query.get("$top", 10))
+                value, following = graph.delta(imap, mailbox, folder, query, page_size)
+                kind = "@odata.nextLink" if "$skiptoken" in following else "@odata.deltaLink"
+                return self._send(200, {"value": value, kind: self._link(segments, following)})
         return self._messages(method, imap, mailbox, segments, body)
 
     def _messages(self, method, imap, mailbox, segments, body):
@@ -763,8 +901,13 @@ class _Handler(BaseHTTPRequestHandler):
 
 def set_graph_fault(directory, body, graph=None):
     kind = str(body.get("kind", "none"))
-    if kind not in ("429", "503", "hold", "release", "none"):
-        raise KeyError(f"kind={kind!r} (429, 503, hold, release or none)")
+    if kind not in ("429", "503", "hold", "release", "delta_expired", "none"):
+        raise KeyError(f"kind={kind!r} (429, 503, hold, release, delta_expired or none)")
+    if kind == "delta_expired":  # Exchange's cache of sync states lost them: every delta link is stale
+        if graph is None:
+            raise KeyError("the Graph server is not running")
+        graph.forget_delta_states()
+        return
     if kind in ("hold", "release"):
         if graph is None:
             raise KeyError("the Graph server is not running")

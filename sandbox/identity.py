@@ -1158,7 +1158,16 @@ def _deliver(identity, body):
     message["Subject"] = body.get("subject", "Hello")
     message["Date"] = email.utils.formatdate(localtime=False)
     message["Message-ID"] = email.utils.make_msgid(domain="sandbox.invalid")
-    message.set_content(body.get("body", ""))
+    if body.get("content_type") == "application/pkcs7-mime":  # opaque S/MIME (encrypted or signed)
+        message.set_content(
+            b"0\x80\x06\x09*\x86H\x86\xf7\r\x01\x07\x03\xa0\x80",
+            maintype="application",
+            subtype="pkcs7-mime",
+            params={"smime-type": "enveloped-data", "name": "smime.p7m"},
+            filename="smime.p7m",
+        )
+    else:
+        message.set_content(body.get("body", ""))
     identity.deliver(body["mailbox"], message.as_bytes())
     return {"message_id": message["Message-ID"]}
 

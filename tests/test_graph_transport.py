@@ -5,6 +5,7 @@ safety net, each Graph refusal in plain words, and a reply that finds its record
 import email
 import email.policy
 import os
+import time
 from unittest.mock import patch
 from urllib.parse import parse_qsl, urlsplit
 
@@ -310,6 +311,174 @@ class TestGraphTransport(FetchCase):
         self.cron_fetch()
         self.assertEqual(self.partners("Graph crash"), 1)  # Odoo ignored the known Message-ID
         self.assertEqual(self.unread(account, "Graph crash"), [])
+
+    # incremental fetch (delta per folder) ------------------------------------------------------
+
+    LISTED = "graph:GET:mailFolders/inbox/messages"  # the full unread listing
+    DELTA = "graph:GET:mailFolders/inbox/messages/delta"
+    MIME = "graph:GET:messages/*/$value"
+
+    def test_new_mail_is_fetched_once_through_delta(self):
+        account = self.connect(self.new_account())
+        server = self.graph_incoming(account)
+        self.deliver_unread("alice@contoso.com", "Graph before delta")
+        self.cron_fetch()  # the first fetch lists the unread mail and keeps the folder's delta link
+        self.assertEqual(self.partners("Graph before delta"), 1)
+        self.assertTrue(server.microsoft365_graph_delta_link)
+        listed, deltas = self.sandbox.counter(self.LISTED), self.sandbox.counter(self.DELTA)
+        self.sandbox.control("deliver", mailbox="alice@contoso.com", subject="Graph through delta")
+        self.cron_fetch()
+        self.assertEqual(self.partners("Graph through delta"), 1)
+        self.assertEqual(self.sandbox.counter(self.LISTED), listed)  # no full listing: delta named it
+        self.assertGreater(self.sandbox.counter(self.DELTA), deltas)
+        self.assertEqual(self.unread(account, "Graph through delta"), [])
+        read = self.sandbox.counter(self.MIME)
+        self.cron_fetch()  # the delta round names it again (its isRead changed): read, so not read again
+        self.assertEqual(self.sandbox.counter(self.MIME), read)
+        self.assertEqual(self.partners("Graph through delta"), 1)
+
+    @mute_logger(*QUIET)
+    def test_a_stale_delta_link_starts_again_with_a_full_listing(self):
+        account = self.connect(self.new_account())
+        server = self.graph_incoming(account)
+        self.deliver_unread("alice@contoso.com", "Graph before the link expired")
+        self.cron_fetch()
+        stale = server.microsoft365_graph_delta_link
+        self.sandbox.control("deliver", mailbox="alice@contoso.com", subject="Graph after the link expired")
+        self.sandbox.control("graph_fault", kind="delta_expired")  # Exchange's cache dropped the sync state
+        listed = self.sandbox.counter(self.LISTED)
+        self.cron_fetch()
+        self.assertFalse(server.microsoft365_fetch_error)
+        self.assertGreater(self.sandbox.counter(self.LISTED), listed)  # recovered with a full listing
+        self.assertEqual(self.partners("Graph after the link expired"), 1)
+        self.assertEqual(self.partners("Graph before the link expired"), 1)  # nothing processed twice
+        self.assertTrue(server.microsoft365_graph_delta_link)
+        self.assertNotEqual(server.microsoft365_graph_delta_link, stale)
+
+    @mute_logger(*QUIET)
+    def test_a_crash_between_fetch_and_mark_in_a_delta_round_processes_the_message_once(self):
+        account = self.connect(self.new_account())
+        server = self.graph_incoming(account)
+        self.clear_unread("alice@contoso.com")
+        self.cron_fetch()
+        link = server.microsoft365_graph_delta_link
+        self.sandbox.control("deliver", mailbox="alice@contoso.com", subject="Graph delta crash")
+        Server = type(server)
+        crash = patch.object(Server, "_microsoft365_graph_done", side_effect=ZeroDivisionError)
+        with patch.object(self.env.cr, "commit", lambda: None), crash:
+            crashed = False
+            try:  # not assertRaises: its savepoint would undo what the fetch kept
+                server._microsoft365_fetch_graph()
+            except ZeroDivisionError:
+                crashed = True
+            self.assertTrue(crashed, "the crash did not happen")
+        self.assertEqual(self.partners("Graph delta crash"), 1)
+        self.assertEqual(server.microsoft365_graph_delta_link, link)  # not moved on: the round is offered again
+        listed = self.sandbox.counter(self.LISTED)
+        self.cron_fetch()
+        self.assertEqual(self.sandbox.counter(self.LISTED), listed)  # through delta
+        self.assertEqual(self.partners("Graph delta crash"), 1)  # Odoo ignored the known Message-ID
+        self.assertEqual(self.unread(account, "Graph delta crash"), [])
+
+    def test_a_failed_message_is_offered_again_on_try_again_though_delta_names_it_no_more(self):
+        account = self.connect(self.new_account())
+        server = self.graph_incoming(account)
+        self.deliver_unread("alice@contoso.com", "Graph poison under delta")
+        MailThread = type(self.env["mail.thread"])
+        original = MailThread.message_process
+
+        def message_process(thread, model, message, *args, **kwargs):
+            if b"Subject: Graph poison under delta" in message:
+                raise ValueError("cannot route this message")
+            return original(thread, model, message, *args, **kwargs)
+
+        with patch.object(MailThread, "message_process", message_process):
+            for _run in range(3):  # failed, retried by full listings while it waits, then given up
+                self.cron_fetch()
+        self.assertIn("Graph poison under delta", server.microsoft365_failed_summary)
+        listed, read = self.sandbox.counter(self.LISTED), self.sandbox.counter(self.MIME)
+        self.cron_fetch()  # given up: delta from now on, and the message is not read again
+        self.assertEqual(self.sandbox.counter(self.LISTED), listed)
+        self.assertEqual(self.sandbox.counter(self.MIME), read)
+        server.action_microsoft365_retry_failed_messages()
+        self.cron_fetch()
+        self.assertEqual(self.partners("Graph poison under delta"), 1)
+        self.assertFalse(server.microsoft365_failed_messages)
+        self.assertEqual(self.unread(account, "Graph poison under delta"), [])
+
+    def test_changing_the_folder_forgets_the_delta_link(self):
+        account = self.connect(self.new_account())
+        server = self.graph_incoming(account)
+        self.clear_unread("alice@contoso.com")
+        self.cron_fetch()
+        self.assertTrue(server.microsoft365_graph_delta_link)
+        server.microsoft365_graph_folder = "archive"
+        self.assertFalse(server.microsoft365_graph_delta_link)
+        self.assertFalse(server.microsoft365_graph_listed_at)
+
+    def test_messages_are_fetched_oldest_first_through_delta(self):
+        account = self.connect(self.new_account())
+        self.graph_incoming(account)
+        self.clear_unread("alice@contoso.com")
+        self.cron_fetch()
+        self.sandbox.control("deliver", mailbox="alice@contoso.com", subject="Graph older")
+        time.sleep(1.1)  # receivedDateTime has whole seconds
+        self.sandbox.control("deliver", mailbox="alice@contoso.com", subject="Graph newer")
+        self.cron_fetch()  # the sandbox's delta names the newest first, as Graph may
+        older = self.env["res.partner"].search([("name", "=", "Graph older")])
+        newer = self.env["res.partner"].search([("name", "=", "Graph newer")])
+        self.assertTrue(older and newer)
+        self.assertLess(older.id, newer.id)
+
+    # the fetch's time budget and per-message refusals ------------------------------------------
+
+    def test_a_fetch_stops_between_messages_when_its_time_is_up(self):
+        account = self.connect(self.new_account())
+        server = self.graph_incoming(account)
+        self.deliver_unread("alice@contoso.com", "Graph within the budget")
+        self.sandbox.control("deliver", mailbox="alice@contoso.com", subject="Graph beyond the budget")
+        Server = type(server)
+        fetch_one = Server._microsoft365_graph_fetch_one
+        clock = {"now": 0.0}
+
+        def fetch_one_then_time_is_up(*args, **kwargs):
+            outcome = fetch_one(*args, **kwargs)
+            clock["now"] = 1000.0  # the mailbox's budget is spent after the first message
+            return outcome
+
+        module = "odoo.addons.mail_microsoft365_oauth.models.fetchmail_server_graph.time.monotonic"
+        with (
+            patch.object(self.env.cr, "commit", lambda: None),
+            patch.object(Server, "_microsoft365_graph_fetch_one", fetch_one_then_time_is_up),
+            patch(module, lambda: clock["now"]),
+        ):
+            server._microsoft365_fetch_mailbox(10.0)  # the lanes' deadline (time.monotonic())
+        self.assertEqual(self.partners("Graph within the budget"), 1)
+        self.assertEqual(self.partners("Graph beyond the budget"), 0)  # left for the next visit
+        self.assertEqual(len(self.unread(account, "Graph beyond the budget")), 1)
+        self.assertFalse(server.microsoft365_graph_delta_link)  # the round is not done: offered again
+        self.cron_fetch()
+        self.assertEqual(self.partners("Graph beyond the budget"), 1)
+
+    @mute_logger(*QUIET)
+    def test_a_message_graph_cannot_give_does_not_stop_the_others(self):
+        """Exchange answers 500 ErrorMimeContentConversionFailed for the MIME of an opaque S/MIME message,
+        every time: that message is counted as failed (then listed on the server), the others are fetched."""
+        account = self.connect(self.new_account())
+        server = self.graph_incoming(account)
+        self.clear_unread("alice@contoso.com")
+        self.sandbox.control(
+            "deliver", mailbox="alice@contoso.com", subject="Graph opaque", content_type="application/pkcs7-mime"
+        )
+        self.sandbox.control("deliver", mailbox="alice@contoso.com", subject="Graph readable")
+        self.cron_fetch()
+        self.assertEqual(self.partners("Graph readable"), 1)
+        self.assertFalse(server.microsoft365_fetch_error)
+        for _run in range(2):
+            self.cron_fetch()
+        self.assertIn("Graph opaque", server.microsoft365_failed_summary)
+        self.assertIn("MIME content conversion failed", server.microsoft365_failed_summary)
+        self.assertEqual(len(self.unread(account, "Graph opaque")), 1)  # left in the mailbox
 
     @mute_logger(*QUIET)
     def test_throttling_is_honoured_and_a_long_back_off_kept(self):

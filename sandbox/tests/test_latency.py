@@ -11,6 +11,7 @@ import tempfile
 import time
 
 import pytest
+import requests
 from bare_client import BareClient
 from test_mail_logins import tls, user_token, xoauth2
 
@@ -94,6 +95,18 @@ def test_smtp_greeting_and_every_reply_take_a_round_trip(box):
         seconds, (code, _text) = took(smtp.noop)
         assert code == 250 and seconds >= rtt
         smtp.quit()
+
+
+def test_graph_connection_and_every_reply_take_a_round_trip(box):
+    url = f"{box.description['graph_url']}/v1.0/users/alice@contoso.com/mailFolders/inbox"
+    with latency(box, RTT * 1000) as rtt, requests.Session() as session:
+        session.trust_env = False  # REQUESTS_CA_BUNDLE must not replace the sandbox's CA
+        session.verify = box.ca_file
+        # A new connection (handshake) and its reply: Graph refuses the missing token, a reply all the same.
+        seconds, response = took(lambda: session.get(url, timeout=10))
+        assert response.status_code == 401 and seconds >= 2 * rtt
+        seconds, response = took(lambda: session.get(url, timeout=10))  # the same connection: one reply
+        assert response.status_code == 401 and seconds >= rtt
 
 
 def test_latency_given_at_start_survives_a_reset():
