@@ -4,8 +4,6 @@ import time
 from collections import defaultdict
 from urllib.parse import urlsplit
 
-import psycopg2
-
 from odoo import api, fields, models
 from odoo.exceptions import AccessError, UserError, ValidationError
 from odoo.tools import SQL
@@ -20,7 +18,7 @@ from ..m365.errors import (
     TransientFailure,
 )
 from ..m365.identity import http_session, unverified_claims
-from .microsoft365_app import _TOKEN_MEMO, REFRESH_MARGIN, _remember
+from .microsoft365_app import _TOKEN_MEMO, REFRESH_MARGIN, _own_connection_lost_is_passing, _remember
 
 _logger = logging.getLogger(__name__)
 
@@ -722,18 +720,10 @@ class Microsoft365Account(models.Model):
     def _refresh_serialised(self, force_refresh=False, scopes=None):
         self.flush_recordset()  # the SQL below must see what this transaction wrote
         if not self.env.registry.in_test_mode():
-            try:
-                with self.env.registry.cursor() as cr:
-                    # READ COMMITTED: after waiting for the lock, read what the other worker committed.
-                    cr.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
-                    token, written = self._refresh_locked(
-                        cr, committed=True, force_refresh=force_refresh, scopes=scopes
-                    )
-            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
-                # This transaction's own connection was lost (cut, restarted database): the caller's one is
-                # not concerned, and its cron run or mail must not fail for it. Passing, as Microsoft away.
-                _logger.warning("Microsoft 365 account %s: token refresh lost its database connection", self.id)
-                raise TransientFailure(diagnosis.diagnose_lost_database(exc)) from None
+            with _own_connection_lost_is_passing(self), self.env.registry.cursor() as cr:
+                # READ COMMITTED: after waiting for the lock, read what the other worker committed.
+                cr.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+                token, written = self._refresh_locked(cr, committed=True, force_refresh=force_refresh, scopes=scopes)
             if written:
                 self._show_committed(written)
             if token is not None:
