@@ -27,6 +27,28 @@ UTC = datetime.timezone.utc
 SINK = "sink@fabrikam.example"  # outside the sandbox's domains: kept in outbound/, never delivered
 MAIL_BY_SUBJECT = "SELECT 1 FROM mail_mail mm JOIN mail_message m ON m.id = mm.mail_message_id"
 
+# Log records of a cron worker that fail a run outside the job's own logging (Odoo's ir_cron / server.py).
+CRON_WORKER_ERRORS = ("Exception in cron:", "encountered an Exception:")
+# A lost database connection (pg_terminate_backend, a restart): the run fails whatever code was running.
+LOST_CONNECTION = (
+    "terminating connection due to administrator command",
+    "server closed the connection unexpectedly",
+    "connection already closed",
+    "SSL connection has been closed unexpectedly",
+)
+TWICE_WINDOW = 30.0  # seconds between a copy's acceptance and the interruption that kept Odoo from knowing
+
+
+def cron_failure_cause(block):
+    """Why a cron run failed, from its log record: the cut (its own connection lost), the addon (a traceback
+    through it for anything else), or other."""
+    if any(marker in block for marker in LOST_CONNECTION):
+        return "PostgreSQL connection cut"
+    if "mail_microsoft365_oauth" in block:
+        return "the addon"
+    return "other"
+
+
 SETUP = r"""
 import os, sys
 sys.path.insert(0, os.environ["M365_REPOSITORY"])
@@ -100,6 +122,8 @@ class Soak:
         self.delivered = {}  # subject -> (mailbox, delivered at, UTC)
         self.queued = {}  # subject -> (mailbox, queued at)
         self.faults = []  # (name, injected at, probe kind, probe subject, recovered at)
+        self.fired = {}  # fault function name -> what happened ("fired ..." or "not fired: why")
+        self.interruptions = []  # (what, wall-clock time): a sender killed or its database connection cut
         self.errors = collections.Counter()
         self.revoked = []
         self.lock = threading.Lock()
@@ -193,6 +217,7 @@ class Soak:
         """After a fault: a message (or a mail) whose arrival tells that this path works again."""
         subject = self.deliver(mailbox) if kind == "in" else self.queue_mail(mailbox)
         self.faults.append({"name": name, "at": time.monotonic(), "kind": kind, "subject": subject})
+        return name
 
     def kill(self, pid):
         with contextlib.suppress(OSError):
@@ -210,6 +235,7 @@ class Soak:
         return None
 
     def fault_schedule(self):
+        """The faults, each returning what it did (None: not fired, with the reason in `self.fired`)."""
         sandbox, production = self.sandbox, self.production
         ports = sandbox.ports
         victims = iter(random.sample(self.all_mailboxes, 20))
@@ -217,44 +243,47 @@ class Soak:
 
         def token_503():
             sandbox.control("token_fault", kind="503", count=3, retry_after=1)
-            self.probe("token endpoint 503 (x3, Retry-After 1)")
+            return self.probe("token endpoint 503 (x3, Retry-After 1)")
 
         def token_429():
             sandbox.control("token_fault", kind="429", count=3, retry_after=2)
-            self.probe("token endpoint 429 (x3, Retry-After 2)")
+            return self.probe("token endpoint 429 (x3, Retry-After 2)")
 
         def revoked_grant():
             user = next(delegated)
             self.revoked.append(user)
             sandbox.control("revoke_sessions", user=user)  # noticed at its next refresh
-            self.probe("revoked grant (one account)")
+            return self.probe("revoked grant (one account)")
 
         def imap_throttling():
             mailbox = next(victims)
             sandbox.control("mail_throttle", mailbox=mailbox, backoff_ms=20000, count=1)
-            self.probe("IMAP throttling (20 s back-off)", mailbox=mailbox)
+            return self.probe("IMAP throttling (20 s back-off)", mailbox=mailbox)
 
         def smtp_432():
             sandbox.control("settings", smtp_concurrency_limit=0)  # every DATA answered 432 4.3.2
-            time.sleep(70)  # the mail queue runs every minute: at least one run meets it
+            self.poke_crons()
+            self.stop.wait(70)  # the mail queue runs every minute: at least one run meets it (the end of the load too)
             sandbox.control("settings", smtp_concurrency_limit=3)
-            self.probe("SMTP 432 4.3.2 for 70 s", kind="out")
+            return self.probe("SMTP 432 4.3.2 for 70 s", kind="out")
 
         def secret_expiring():
             app = sandbox.app()
             expired = [dict(s, expires=time.time() - 60) if s["name"] == "current" else s for s in app["secrets"]]
             sandbox.control("app", client_id=self.app_client_id, secrets=expired)
-            time.sleep(60)  # token requests meanwhile are refused (AADSTS7000222)
+            self.stop.wait(60)  # token requests meanwhile are refused (AADSTS7000222)
             sandbox.control("app", client_id=self.app_client_id, secrets=app["secrets"])  # a new secret entered
-            self.probe("client secret expired for 60 s", mailbox=random.choice(self.mailboxes["app_only"]))
+            return self.probe("client secret expired for 60 s", mailbox=random.choice(self.mailboxes["app_only"]))
 
         def kill_http_worker():
             pids = production.workers("WorkerHTTP")
             if pids and self.kill(random.choice(pids)):
-                self.probe("kill -9 of an HTTP worker", kind="out")
+                return self.probe("kill -9 of an HTTP worker", kind="out")
+            return None
 
         def kill_cron_mid_fetch():
-            # The next fetch cycle may be minutes away (core's fetch cron runs every 5 minutes).
+            # The next fetch cycle may be minutes away (core's fetch cron runs every 5 minutes): due now.
+            self.poke_crons()
             pid = self.wait_for_pid(
                 lambda: [
                     p for p in production.pids_connected_to(ports["imaps"]) if p in production.workers("WorkerCron")
@@ -262,11 +291,13 @@ class Soak:
                 seconds=330,
             )
             if pid and self.kill(pid):
-                self.probe("kill -9 of a cron worker mid-fetch")
+                return self.probe("kill -9 of a cron worker mid-fetch")
+            return None
 
         def kill_cron_mid_send():
             for _ in range(10):  # something to send
                 self.queue_mail()
+            self.poke_crons()
             pid = self.wait_for_pid(
                 lambda: [
                     p for p in production.pids_connected_to(ports["smtp"]) if p in production.workers("WorkerCron")
@@ -274,7 +305,9 @@ class Soak:
                 seconds=90,
             )
             if pid and self.kill(pid):
-                self.probe("kill -9 of a cron worker mid-send", kind="out")
+                self.interruptions.append(("kill -9 of a cron worker mid-send", time.time()))
+                return self.probe("kill -9 of a cron worker mid-send", kind="out")
+            return None
 
         def pg_cut():
             rows = production.query(
@@ -286,7 +319,8 @@ class Soak:
                     "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a WHERE a.datname = current_database() "
                     "AND a.pid <> pg_backend_pid() AND a.application_name LIKE 'odoo-%%' AND a.state <> 'idle'"
                 )
-            self.probe(f"PostgreSQL connections cut ({len(rows or [])})")
+            self.interruptions.append(("PostgreSQL connections cut", time.time()))
+            return self.probe(f"PostgreSQL connections cut ({len(rows or [])})")
 
         return [
             token_503,
@@ -302,17 +336,36 @@ class Soak:
         ]
 
     def inject_faults(self, started):
+        """Every fault at its slot, spread over the run whatever its length, each in a thread of its own: one
+        that lasts (432 for 70 s, an expired secret for 60 s, waiting for a cron worker to kill) never delays
+        the next, so every fault fires in any run of two minutes or more."""
         schedule = self.fault_schedule()
         spacing = self.args.duration / (len(schedule) + 1)
+        threads = []
+        for fault in schedule:
+            self.fired[fault.__name__] = "not fired: the load ended before its turn"
         for index, fault in enumerate(schedule, 1):
             if self.stop.wait(max(0, started + spacing * index - time.monotonic())):
-                return
-            self.log(f"fault: {fault.__name__}")
-            try:
-                fault()
-            except Exception:  # noqa: BLE001 - reported, the run goes on
-                self.errors[f"fault {fault.__name__}"] += 1
-                traceback.print_exc()
+                break
+            thread = threading.Thread(target=self.fire, args=(fault,), daemon=True)
+            thread.start()
+            threads.append(thread)
+        for thread in threads:
+            thread.join(self.args.drain)
+
+    def fire(self, fault):
+        self.log(f"fault: {fault.__name__}")
+        try:
+            what = fault()
+        except Exception as exc:  # noqa: BLE001 - reported, the run goes on
+            self.errors[f"fault {fault.__name__}"] += 1
+            self.fired[fault.__name__] = f"not fired: {type(exc).__name__}: {exc}"
+            traceback.print_exc()
+            return
+        if what is None and fault.__name__.startswith("kill"):
+            self.fired[fault.__name__] = "not fired: no such worker was seen busy before the load ended"
+        else:
+            self.fired[fault.__name__] = f"fired at {time.strftime('%H:%M:%S')}: {what or fault.__name__}"
 
     # run ----------------------------------------------------------------------------------------
 
@@ -352,7 +405,7 @@ class Soak:
             subject = str(message.get("Subject", ""))
             if subject.startswith("soak-out-"):
                 seen[subject] += 1
-                first.setdefault(subject, path.stat().st_mtime)
+                first[subject] = min(first.get(subject, float("inf")), path.stat().st_mtime)
         return seen, first
 
     def update_recoveries(self):
@@ -416,15 +469,16 @@ class Soak:
             for k in ("token_requests", "token:refresh_token", "token:client_credentials")
         }
         log = production.log.read_text(errors="replace")
-        failed_jobs = collections.Counter()
-        for line in log.splitlines():
-            if "server action #" in line and "failed" in line:
-                failed_jobs[line.split("Job ", 1)[1].split(" (", 1)[0]] += 1
-        addon_failures = log.count("mail_microsoft365_oauth") and sum(
-            1
-            for block in log.split("\n20")
-            if "server action #" in block and "failed" in block and "mail_microsoft365_oauth" in block
-        )
+        failed_jobs, failed_by = collections.Counter(), collections.Counter()
+        for block in log.split("\n20"):  # one log record each (a traceback included)
+            first_line = block.split("\n", 1)[0]
+            if "server action #" in first_line and "failed" in first_line:
+                failed_jobs[first_line.split("Job ", 1)[1].split(" (", 1)[0]] += 1
+            elif not any(marker in first_line for marker in CRON_WORKER_ERRORS):
+                continue
+            failed_by[cron_failure_cause(block)] += 1
+        addon_failures = failed_by["the addon"]
+        twice = self.sent_twice(out_twice, first_accepted)
         watchdog = log.count("timeout after") + log.count("WorkerCron") * 0
         killed_by_limit = log.count("virtual real time limit") + log.count("CPU time limit")
 
@@ -443,6 +497,8 @@ class Soak:
             f"| arrival-to-record latency p50 / p95 | {pct(latencies, 0.5):.1f} s / {pct(latencies, 0.95):.1f} s |",
             f"| mails queued / accepted by the sandbox | {len(self.queued)} / {len(accepted)} |",
             f"| mails lost / sent twice | {len(out_lost)} / {sum(c - 1 for c in out_twice.values())} |",
+            f"| mails sent twice where SMTP cannot know (sender killed or cut after the server's 250) / otherwise "
+            f"| {len(twice['smtp cannot know'])} / {len(twice['otherwise'])} |",
             f"| mail.mail states at the end | {', '.join(f'{k} {v}' for k, v in sorted(states.items()))} |",
             f"| refresh tokens lost (delegated accounts checked) | {len(tokens['lost'])} ({tokens['checked']}) |",
             f"| token requests (refresh / client credentials) | {token_requests['token_requests']} "
@@ -450,6 +506,8 @@ class Soak:
             f"| accounts flagged at the end that need no action | {len(tokens['flagged'])} |",
             f"| accounts flagged that do need action (revoked) | {len(self.revoked)} |",
             f"| cron runs failed (all / by the addon) | {sum(failed_jobs.values())} / {addon_failures} |",
+            f"| cron failures by cause (runs and cron worker errors) | "
+            f"{', '.join(f'{k}: {v}' for k, v in sorted(failed_by.items())) or 'none'} |",
             f"| cron workers killed by Odoo's time limits | {killed_by_limit + watchdog} |",
             f"| harness errors (RPC retried, ...) | {dict(self.errors) or 0} |",
             "",
@@ -460,6 +518,18 @@ class Soak:
             recovered = fault.get("recovered")
             took = f"{recovered - fault['at']:.0f} s" if recovered else "not recovered"
             lines.append(f"| {fault['name']} | {took} |")
+        fired = sum(1 for what in self.fired.values() if what.startswith("fired"))
+        lines += ["", f"Faults fired: {fired} of {len(self.fired)}"]
+        lines += [f"- {name}: {what}" for name, what in self.fired.items()]
+        if out_twice:
+            lines += [
+                "",
+                "Mails sent twice: SMTP cannot know when the sender dies (or loses its database) between the "
+                "server's 250 for DATA and Odoo's commit of 'sent' (RFC 5321 section 4.1.1.4 gives no way to ask "
+                "whether a message was accepted): the next run sends it again. Attributed by time (first copy "
+                f"accepted at most {TWICE_WINDOW:g} s before such an interruption): {twice['smtp cannot know']}; "
+                f"otherwise (a defect): {twice['otherwise']}",
+            ]
         if failed_jobs:
             lines += ["", "Failed cron runs: " + ", ".join(f"{k} x{v}" for k, v in failed_jobs.items())]
         if in_lost:
@@ -476,6 +546,15 @@ class Soak:
         print("\n".join(lines), flush=True)
         (self.work / "report.md").write_text("\n".join(lines) + "\n")
         return lines
+
+    def sent_twice(self, out_twice, first_accepted):
+        """Subjects accepted more than once, split by whether a sender was interrupted just after the first."""
+        split = {"smtp cannot know": [], "otherwise": []}
+        for subject in sorted(out_twice):
+            accepted_at = first_accepted.get(subject, 0.0)
+            interrupted = any(0 <= at - accepted_at <= TWICE_WINDOW for _what, at in self.interruptions)
+            split["smtp cannot know" if interrupted else "otherwise"].append(subject)
+        return split
 
     def close(self):
         self.production.stop()

@@ -197,6 +197,18 @@ _UNAVAILABLE = (
 )
 
 
+def diagnose_lost_database(detail):
+    """Diagnosis of a token refresh whose own database connection was lost (PostgreSQL restarted, the
+    connection cut): nothing was stored, the caller's transaction goes on; the next use tries again."""
+    return Diagnosis(
+        "DATABASE",
+        TRANSIENT,
+        _lt("Odoo lost its database connection while renewing the access token."),
+        _UNAVAILABLE[1],
+        str(detail).strip().splitlines()[0][:200] if str(detail).strip() else "",
+    )
+
+
 def diagnose_unavailable(detail):
     """Diagnosis of a 5xx or throttling answer that outlasted the retries."""
     return Diagnosis("UNAVAILABLE", TRANSIENT, *_UNAVAILABLE, str(detail)[:300])

@@ -9,9 +9,9 @@ from odoo.tools import formataddr
 from odoo.addons.base.models.ir_mail_server import MailDeliveryException, extract_rfc2822_addresses
 
 from ..m365.diagnosis import diagnose_smtp
-from ..m365.errors import M365Error
+from ..m365.errors import M365Error, TransientFailure
 from ..m365.mailcheck import smtp_authenticate
-from .microsoft365_account import explain
+from .microsoft365_account import Microsoft365Unavailable, explain
 
 _logger = logging.getLogger(__name__)
 
@@ -24,6 +24,24 @@ class GraphSession:
         self._microsoft365_server_id = server.id
         self.from_filter = server.from_filter
         self.smtp_from = smtp_from
+
+    def quit(self):
+        pass
+
+    close = quit
+
+
+# Context key of Odoo's mail queue (mail.mail.send/_send): the set of Message-Ids of the mails Microsoft 365
+# refused only for now, which the queue keeps queued for its next run instead of failing them.
+LATER = "microsoft365_later"
+
+
+class LaterSession:
+    """What connect() hands Odoo's mail queue when Microsoft's sign-in service is away for now (no token):
+    every mail of the batch is then refused for now, keeps its place in the queue and shows the reason."""
+
+    def __init__(self, reason):
+        self.reason = reason
 
     def quit(self):
         pass
@@ -173,19 +191,24 @@ class IrMailServer(models.Model):
     ):
         server = self._microsoft365_graph_server(mail_server_id, host, smtp_from)
         if not server:
-            return super().connect(
-                host=host,
-                port=port,
-                user=user,
-                password=password,
-                encryption=encryption,
-                smtp_from=smtp_from,
-                ssl_certificate=ssl_certificate,
-                ssl_private_key=ssl_private_key,
-                smtp_debug=smtp_debug,
-                mail_server_id=mail_server_id,
-                allow_archived=allow_archived,
-            )
+            try:
+                return super().connect(
+                    host=host,
+                    port=port,
+                    user=user,
+                    password=password,
+                    encryption=encryption,
+                    smtp_from=smtp_from,
+                    ssl_certificate=ssl_certificate,
+                    ssl_private_key=ssl_private_key,
+                    smtp_debug=smtp_debug,
+                    mail_server_id=mail_server_id,
+                    allow_archived=allow_archived,
+                )
+            except Microsoft365Unavailable as exc:
+                if self.env.context.get(LATER) is None:  # Test Connection and other callers: the error
+                    raise
+                return LaterSession(exc.args[0])
         if not allow_archived and not server.active:
             raise UserError(self.env._('The server "%s" cannot be used because it is archived.', server.display_name))
         return GraphSession(server, smtp_from)
@@ -256,6 +279,8 @@ class IrMailServer(models.Model):
     def send_email(self, message, *args, **kwargs):
         session = kwargs.get("smtp_session")
         mail_server_id = kwargs.get("mail_server_id", args[0] if args else None)
+        if isinstance(session, LaterSession):
+            self._microsoft365_later(message, session.reason)
         if isinstance(session, GraphSession):
             return self._microsoft365_send_graph(message, self.sudo().browse(session._microsoft365_server_id), session)
         if session is None and not kwargs.get("smtp_server") and not args[1:2]:
@@ -283,9 +308,20 @@ class IrMailServer(models.Model):
             if found.code not in ("SMTP SendAsDenied", "SMTP 5.7.139", "SMTP 4.3.2"):
                 raise
             text = explain(self.env, found)
+            if found.code == "SMTP 4.3.2":  # too many connections at once: Exchange asks to come back later
+                self._microsoft365_later(message, text, exc.args[0])
             if found.code == "SMTP 5.7.139":
                 text += "\n" + self._microsoft365_graph_hint()
             raise MailDeliveryException(exc.args[0], text) from exc
+
+    def _microsoft365_later(self, message, reason, title=None):
+        """Refuse this send for now (Microsoft asked to come back later, or no token could be had): Odoo's mail
+        queue keeps the mail queued with `reason` shown and sends it at its next run (mail.mail._send); any
+        other caller gets the MailDeliveryException as for any refusal. SMTP and Graph both call this."""
+        later = self.env.context.get(LATER)
+        if later is not None and message["Message-Id"]:
+            later.add(str(message["Message-Id"]))
+        raise MailDeliveryException(title or self.env._("Mail Delivery Failed"), reason)
 
     def _microsoft365_graph_hint(self):
         return self.env._(
@@ -315,6 +351,8 @@ class IrMailServer(models.Model):
         except M365Error as exc:
             found = getattr(exc, "diagnosis", None)
             text = explain(self.env, found) if found else str(exc)
+            if isinstance(exc, TransientFailure):  # no token for now: nothing was sent, the queue keeps the mail
+                self._microsoft365_later(message, text)
             _logger.info("Microsoft Graph refused a message of server %s: %s", server.name, found and found.code)
             raise MailDeliveryException(self.env._("Mail Delivery Failed"), text) from None
         except UserError as exc:
@@ -359,7 +397,11 @@ class IrMailServer(models.Model):
         account = self._microsoft365_account().sudo()
         # Odoo's SMTPConnection wrapper exposes only some of smtplib's attributes.
         raw = getattr(connection, "__obj__", connection)
-        token = self._microsoft365_token()
+        try:
+            token = self._microsoft365_token()
+        except UserError:
+            raw.close()  # Odoo's connect() leaves a failed login's connection open
+            raise
         try:
             # Exchange's SMTP AUTH takes only the signed-in user; a shared address is the From.
             smtp_authenticate(raw, account._smtp_login_user(), token)

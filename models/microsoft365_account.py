@@ -18,9 +18,22 @@ from ..m365.errors import (
     TransientFailure,
 )
 from ..m365.identity import http_session, unverified_claims
-from .microsoft365_app import _TOKEN_MEMO, REFRESH_MARGIN, _remember
+from .microsoft365_app import _TOKEN_MEMO, REFRESH_MARGIN, _own_connection_lost_is_passing, _remember
 
 _logger = logging.getLogger(__name__)
+
+
+class Microsoft365Unavailable(UserError):
+    """Microsoft's sign-in service (or the way to it) is away for now: busy (429), down (5xx), silent or
+    unreachable. Nothing to change: a UserError in plain words for buttons, and the typed sign by which Odoo's
+    mail queue keeps a mail for its next run instead of failing it (ir_mail_server, mail_mail)."""
+
+
+def _for_use(env, exc):
+    """The UserError in plain words for a token refusal; a passing one is a Microsoft365Unavailable."""
+    found = getattr(exc, "diagnosis", None)
+    text = explain(env, found) if found else str(exc)
+    return Microsoft365Unavailable(text) if isinstance(exc, TransientFailure) else UserError(text)
 
 
 class Microsoft365Account(models.Model):
@@ -707,7 +720,7 @@ class Microsoft365Account(models.Model):
     def _refresh_serialised(self, force_refresh=False, scopes=None):
         self.flush_recordset()  # the SQL below must see what this transaction wrote
         if not self.env.registry.in_test_mode():
-            with self.env.registry.cursor() as cr:
+            with _own_connection_lost_is_passing(self), self.env.registry.cursor() as cr:
                 # READ COMMITTED: after waiting for the lock, read what the other worker committed.
                 cr.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
                 token, written = self._refresh_locked(cr, committed=True, force_refresh=force_refresh, scopes=scopes)
@@ -795,8 +808,7 @@ class Microsoft365Account(models.Model):
         try:
             return self._graph_token()
         except M365Error as exc:
-            found = getattr(exc, "diagnosis", None)
-            raise UserError(explain(self.env, found) if found else str(exc)) from None
+            raise _for_use(self.env, exc) from None
 
     def _access_token_for_use(self):
         """_access_token() for buttons and mail servers: Microsoft's refusal as a UserError in plain
@@ -804,8 +816,7 @@ class Microsoft365Account(models.Model):
         try:
             return self._access_token()
         except M365Error as exc:
-            found = getattr(exc, "diagnosis", None)
-            raise UserError(explain(self.env, found) if found else str(exc)) from None
+            raise _for_use(self.env, exc) from None
 
     def _record_failure(self, status, exc, own_cursor=None):
         _logger.warning("Microsoft 365 account %s: %s", self.id, exc.diagnosis.code)

@@ -1,17 +1,22 @@
 import base64
+import contextlib
 import datetime
 import hashlib
 import json
+import logging
 import os
 import time
 import uuid
+
+import psycopg2
 
 from odoo import api, fields, models, tools
 from odoo.exceptions import AccessError, UserError, ValidationError
 
 from ..m365 import certificates, identifiers
 from ..m365.clouds import CLOUDS
-from ..m365.errors import InvalidInput
+from ..m365.diagnosis import diagnose_lost_database
+from ..m365.errors import InvalidInput, TransientFailure
 from ..m365.identity import MIN_LIFE, AppCredentials, IdentityClient
 
 CALLBACK_PATH = "/microsoft365/oauth/callback"
@@ -27,6 +32,21 @@ REFRESH_MARGIN = MIN_LIFE + 30
 # refresh (by any worker) misses it.
 _TOKEN_MEMO = {}
 _TOKEN_MEMO_SIZE = 10000
+
+
+_logger = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _own_connection_lost_is_passing(record):
+    """Around a token request's own transaction (a connection of its own): that connection lost (cut,
+    database restarted) is a passing failure like Microsoft being away, never the caller's error: its
+    transaction is not concerned, and its cron run or mail must not fail for it."""
+    try:
+        yield
+    except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+        _logger.warning("%s %s: token request lost its database connection", record._name, record.id)
+        raise TransientFailure(diagnose_lost_database(exc)) from None
 
 
 def _remember(key, token):
@@ -384,11 +404,11 @@ class Microsoft365App(models.Model):
                 return token
         app.flush_recordset()
         if not self.env.registry.in_test_mode():
-            with self.env.registry.cursor() as cr:
+            with _own_connection_lost_is_passing(app), self.env.registry.cursor() as cr:
                 cr.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
                 found = app._app_token_locked(cr)
-                if found is not None:
-                    return found
+            if found is not None:
+                return found
         found = app._app_token_locked(self.env.cr)
         self.invalidate_recordset(["app_token_cache_sealed", "app_token_expires_at"])
         return found
@@ -406,11 +426,11 @@ class Microsoft365App(models.Model):
                 return cached
         app.flush_recordset()
         if not self.env.registry.in_test_mode():
-            with self.env.registry.cursor() as cr:
+            with _own_connection_lost_is_passing(app), self.env.registry.cursor() as cr:
                 cr.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
                 found = app._app_token_locked(cr, scopes)
-                if found is not None:
-                    return found
+            if found is not None:
+                return found
         found = app._app_token_locked(self.env.cr, scopes)
         self.invalidate_recordset(["app_token_cache_sealed", "app_token_expires_at"])
         return found
