@@ -401,7 +401,7 @@ class Microsoft365App(models.Model):
         scopes = app._cloud().graph_app_scopes()
         if app.app_token_cache_sealed:
             client = app._identity_client(self.env["microsoft365.vault"]._decrypt(app.app_token_cache_sealed))
-            cached = client.cached_access_token(scopes)
+            cached = client.cached_access_token(scopes, margin=REFRESH_MARGIN)  # as _app_access_token
             if cached:
                 return cached
         app.flush_recordset()
