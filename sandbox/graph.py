@@ -32,13 +32,13 @@ import json
 import logging
 import re
 import socket
-import ssl
 import threading
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from .front import MASTER_USER
+from .service import https_server, serve, shut
 
 _logger = logging.getLogger(__name__)
 
@@ -210,11 +210,7 @@ class GraphServer:
         self.mail = mail  # sandbox.mail.MailServers: deliver / store_outbound / Dovecot
         self.store = Store(host, mail.ports["imap_backend"], mail.master_password)
         handler = type("GraphHandler", (_Handler,), {"graph": self})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(tls.server_cert, tls.server_key)
-        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.httpd = https_server(handler, tls, host, port)
         self.port = self.httpd.server_address[1]
         self.base_url = f"https://{host}:{self.port}"
         self._in_flight = {}
@@ -225,12 +221,11 @@ class GraphServer:
         self._attachments = {}  # draft id -> [(name, content type, bytes)] added to it
 
     def start(self):
-        threading.Thread(target=self.httpd.serve_forever, name="sandbox-graph", daemon=True).start()
+        serve(self.httpd, "sandbox-graph")
         return self
 
     def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        shut(self.httpd)
 
     # who may do what ---------------------------------------------------------------------------
 
