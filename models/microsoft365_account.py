@@ -684,10 +684,21 @@ class Microsoft365Account(models.Model):
             return account._app_only_token(account.app_id._app_graph_token)
         account._check_connected()
         scopes = account.app_id._cloud().graph_scopes()
+        # Served while it has REFRESH_MARGIN left, as the Exchange token is (also from the per-process memo of
+        # this very cache state); under it, the refresh under the lock.
+        memo_key = (
+            self.env.cr.dbname,
+            "graph",
+            account.id,
+            hashlib.sha256(account.token_cache_sealed.encode()).digest(),
+        )
+        remembered = _TOKEN_MEMO.get(memo_key)
+        if remembered and remembered.expires_at - time.time() > REFRESH_MARGIN:
+            return remembered.token
         client = account._identity_client_from(account.token_cache_sealed)
-        # Served while it has REFRESH_MARGIN left, as the Exchange token is; under it, the refresh under the lock.
         cached = client.cached_access_token(scopes, account.home_account_id, margin=REFRESH_MARGIN)
         if cached:
+            _remember(memo_key, cached)
             return cached.token
         return account._refresh_serialised(scopes=scopes)
 
