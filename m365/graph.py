@@ -10,6 +10,7 @@ Retry-After, within bounds, and what outlasts them is reported as transient with
 import base64
 import email
 import email.policy
+import email.utils
 import logging
 import time
 from urllib.parse import quote
@@ -29,6 +30,9 @@ DELEGATED_PERMISSIONS = ("Mail.ReadWrite", "Mail.Send")
 SHARED_PERMISSIONS = ("Mail.ReadWrite.Shared", "Mail.Send.Shared")
 APP_PERMISSIONS = ("Mail.ReadWrite", "Mail.Send")
 RETRY_STATUSES = frozenset({429, 503, 504})
+# A send is retried only where Graph says it did nothing (429, 503): a 504 (gateway timeout) may come after
+# Exchange took the message, and sending it again would deliver it twice (GRAPH-20).
+SEND_RETRY_STATUSES = frozenset({429, 503})
 # Attachments from 3 MB go through an upload session, in ranges of at most 4 MB (GRAPH-15); 150 MB at most.
 SMALL_ATTACHMENT = 3 * 1024 * 1024
 UPLOAD_CHUNK = 10 * 320 * 1024  # a multiple of 320 KiB, under 4 MB
@@ -86,6 +90,7 @@ class GraphClient:
             "send",
             data=base64.b64encode(raw),
             headers={"Content-Type": "text/plain"},
+            diagnose=_sender_of(raw),
         )
 
     def _send_large(self, raw):
@@ -123,7 +128,7 @@ class GraphClient:
         try:
             for name, content_type, content in attachments:
                 self._attach(draft, name, content_type, content)
-            self._call("POST", f"{self._user}/messages/{quote(draft, safe='')}/send", "send")
+            self._call("POST", f"{self._user}/messages/{quote(draft, safe='')}/send", "send", diagnose=_sender_of(raw))
         except GraphFailed:
             try:  # no half-built draft left behind in the mailbox
                 self._call("DELETE", f"{self._user}/messages/{quote(draft, safe='')}", "read")
@@ -230,8 +235,9 @@ class GraphClient:
 
     # ------------------------------------------------------------------------------------------
 
-    def _call(self, method, url, action, authorize=True, **kwargs):
+    def _call(self, method, url, action, authorize=True, diagnose=None, **kwargs):
         headers = {"Authorization": f"Bearer {self.token}"} if authorize else {}
+        retried = SEND_RETRY_STATUSES if action == "send" else RETRY_STATUSES
         headers.update(kwargs.pop("headers", {}))
         for attempt in range(1, self.ATTEMPTS + 1):
             self.requests += 1
@@ -242,7 +248,7 @@ class GraphClient:
             if response.status_code < 400:
                 return response
             wait = _retry_after(response)
-            if response.status_code in RETRY_STATUSES and attempt < self.ATTEMPTS and wait <= self.MAX_WAIT:
+            if response.status_code in retried and attempt < self.ATTEMPTS and wait <= self.MAX_WAIT:
                 _logger.info("Microsoft Graph answered %s; retrying in %.1f s", response.status_code, wait)
                 self.sleep(wait)
                 continue
@@ -254,7 +260,7 @@ class GraphClient:
                 mailbox=self.mailbox,
                 action=action,
                 retry_after=wait,
-                **self.context,
+                **dict(self.context, **(diagnose or {})),
             )
             raise GraphFailed(found, response.status_code, code, wait)
         raise AssertionError("unreachable")
@@ -284,6 +290,14 @@ def about_one_message(exc):
     if not isinstance(exc, GraphFailed) or exc.status is None:
         return False
     return exc.status not in (401, 403) and exc.status not in RETRY_STATUSES and exc.code not in SESSION_ENDING_CODES
+
+
+def _sender_of(raw):
+    """{"sender": the From address of a MIME message}, for the diagnosis of a refused send."""
+    head = raw.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+    parsed = email.message_from_bytes(head, policy=email.policy.default)
+    address = email.utils.parseaddr(str(parsed.get("From", "")))[1]
+    return {"sender": address} if address else {}
 
 
 def _detach(message):
@@ -354,12 +368,16 @@ RBAC_LINES = (
 )
 
 
-def diagnose_graph(status, code, message, *, mailbox, action="read", app_only=False, retry_after=0, **context):
-    """A Graph refusal (HTTP status, Graph's error code and message) in plain words with the fix."""
+def diagnose_graph(
+    status, code, message, *, mailbox, action="read", app_only=False, retry_after=0, on_behalf=False, **context
+):
+    """A Graph refusal (HTTP status, Graph's error code and message) in plain words with the fix.
+    ``on_behalf``: the outgoing server sends on behalf of the mailbox (Send on Behalf, not Send As)."""
     params = dict(context, mailbox=mailbox, action=action, retry_after=int(retry_after or 0))
     params.setdefault("app_id", "<application (client) ID>")
     params.setdefault("app_name", "Odoo")
     params.setdefault("login", mailbox)
+    params.setdefault("sender", mailbox)
     params["rbac_lines"] = RBAC_LINES % params
     detail = _first_line(f"{status} {code}: {message}")
     if status in (429, 503, 504) or code in ("ApplicationThrottled", "ErrorTooManyObjectsOpened"):
@@ -399,6 +417,27 @@ def diagnose_graph(status, code, message, *, mailbox, action="read", app_only=Fa
                 "Check the address, that the mailbox exists in Exchange Online with a licence (a shared mailbox "
                 "needs none), and that it is not on an on-premises Exchange server (Graph reaches Exchange Online "
                 "mailboxes only; use Transport: Exchange protocols there)."
+            ),
+            detail,
+            **params,
+        )
+    if code == "ErrorSendAsDenied" and on_behalf and not app_only:
+        return send_on_behalf_denied(detail, **params)
+    if code == "ErrorSendAsDenied" and not app_only and params["login"].lower() != params["sender"].lower():
+        # A delegate (GRAPH-19): Send As, or Send on Behalf with the server's option; never the mailbox itself.
+        return _diagnosis(
+            "GRAPH SEND AS",
+            CONFIGURATION,
+            _lt(
+                "Exchange Online refused to send as %(sender)s: %(login)s has neither Send As nor Send on Behalf on it."
+            ),
+            _lt(
+                "Grant Send As in Exchange Online PowerShell (the recipients see %(sender)s only):\n"
+                'Add-RecipientPermission -Identity "%(sender)s" -Trustee "%(login)s" -AccessRights SendAs\n'
+                "or grant Send on Behalf and tick Send on behalf on the outgoing server (the recipients see "
+                '"%(login)s on behalf of %(sender)s"):\n'
+                'Set-Mailbox -Identity "%(sender)s" -GrantSendOnBehalfTo @{Add="%(login)s"}\n'
+                "A new permission can take up to an hour to apply."
             ),
             detail,
             **params,
@@ -467,6 +506,21 @@ def diagnose_graph(status, code, message, *, mailbox, action="read", app_only=Fa
                 detail,
                 **params,
             )
+        if params["login"].lower() != mailbox.lower() and on_behalf:
+            return _diagnosis(
+                "GRAPH SHARED MAILBOX",
+                CONFIGURATION,
+                _lt("%(login)s may not use the mailbox %(mailbox)s through Microsoft Graph."),
+                _lt(
+                    "The app registration needs the delegated Microsoft Graph permissions Mail.ReadWrite.Shared and "
+                    "Mail.Send.Shared (then Authorize again), and %(login)s needs Full Access and Send on Behalf on "
+                    "%(mailbox)s, in Exchange Online PowerShell:\n"
+                    'Add-MailboxPermission -Identity "%(mailbox)s" -User "%(login)s" -AccessRights FullAccess\n'
+                    'Set-Mailbox -Identity "%(mailbox)s" -GrantSendOnBehalfTo @{Add="%(login)s"}'
+                ),
+                detail,
+                **params,
+            )
         if params["login"].lower() != mailbox.lower():
             return _diagnosis(
                 "GRAPH SHARED MAILBOX",
@@ -509,6 +563,27 @@ def diagnose_graph(status, code, message, *, mailbox, action="read", app_only=Fa
         _lt("Read Microsoft's message below; Odoo tries again at the next fetch or send."),
         detail,
         **dict(params, status=status, code=code or "?"),
+    )
+
+
+def send_on_behalf_denied(detail, **params):
+    """Exchange refused a message From another address sent on behalf of it (Graph's ErrorSendAsDenied or
+    SMTP's SendAsDenied): the signed-in user lacks Send on Behalf on the From address (GRAPH-19)."""
+    return _diagnosis(
+        "SEND ON BEHALF DENIED",
+        CONFIGURATION,
+        _lt(
+            "Exchange Online refused to send on behalf of %(sender)s: %(login)s has no Send on Behalf permission on it."
+        ),
+        _lt(
+            "Grant it in Exchange Online PowerShell:\n"
+            'Set-Mailbox -Identity "%(sender)s" -GrantSendOnBehalfTo @{Add="%(login)s"}\n'
+            "(or grant Send As and untick Send on behalf on the outgoing server: "
+            'Add-RecipientPermission -Identity "%(sender)s" -Trustee "%(login)s" -AccessRights SendAs). '
+            "A new permission can take up to an hour to apply."
+        ),
+        detail,
+        **params,
     )
 
 

@@ -2,7 +2,7 @@ import email.utils
 import logging
 import smtplib
 
-from odoo import api, fields, models
+from odoo import api, fields, http, models
 from odoo.exceptions import RedirectWarning, UserError, ValidationError
 from odoo.tools import formataddr
 
@@ -10,6 +10,7 @@ from odoo.addons.base.models.ir_mail_server import MailDeliveryException, extrac
 
 from ..m365.diagnosis import diagnose_smtp
 from ..m365.errors import M365Error, TransientFailure
+from ..m365.graph import send_on_behalf_denied
 from ..m365.mailcheck import smtp_authenticate
 from .microsoft365_account import Microsoft365Unavailable, explain
 
@@ -57,6 +58,13 @@ class IrMailServer(models.Model):
         selection_add=[("microsoft365", "Microsoft 365 (OAuth)")], ondelete={"microsoft365": "set default"}
     )
 
+    microsoft365_send_on_behalf = fields.Boolean(
+        string="Send on behalf",
+        help="For a shared mailbox signed in by a user: mail goes From the shared mailbox with the signed-in user as "
+        'Sender (recipients see "<user> on behalf of <shared mailbox>"). Needs Send on Behalf in Exchange Online '
+        '(Set-Mailbox -Identity <shared mailbox> -GrantSendOnBehalfTo @{Add="<user>"}) instead of Send As.',
+    )
+
     _microsoft365_link_fields = {"smtp_authentication", "smtp_user", "from_filter", "microsoft365_account_id"}
 
     def _microsoft365_in_use(self):
@@ -95,11 +103,14 @@ class IrMailServer(models.Model):
             server._microsoft365_test_graph()
         if not self - graph:
             graph._microsoft365_after_successful_test()
+            message = self.env._("Connection Test Successful! Microsoft Graph accepts the token to send.")
+            for server in graph:
+                message += server._microsoft365_delegate_note()
             return {
                 "type": "ir.actions.client",
                 "tag": "display_notification",
                 "params": {
-                    "message": self.env._("Connection Test Successful! Microsoft Graph accepts the token to send."),
+                    "message": message,
                     "type": "success",
                     "sticky": False,
                     "next": {"type": "ir.actions.act_window_close"},
@@ -122,7 +133,7 @@ class IrMailServer(models.Model):
         text = exc.args[0] if exc.args else ""
         # Only the form's Test Connection button asks for it (a RedirectWarning is no UserError: other callers,
         # such as the connect wizard's confirmation, keep receiving the UserError they handle).
-        if not self.env.context.get("microsoft365_offer_graph") or "5.7.139" not in text or len(self) != 1:
+        if not self._microsoft365_test_button() or "5.7.139" not in text or len(self) != 1:
             return None
         if not (self.microsoft365_switchable or self._microsoft365_in_use()):
             return None
@@ -142,6 +153,45 @@ class IrMailServer(models.Model):
             action.id,
             self.env._("Use Microsoft Graph"),
             {"active_id": self.id, "active_ids": self.ids, "active_model": self._name},
+        )
+
+    def _microsoft365_test_button(self):
+        """True when the web client's Test Connection button of a mail server made this call (the stock button,
+        left untouched: core's JavaScript posts it to /web/dataset/call_button/ir.mail_server/
+        test_smtp_connection), or when the caller asks with the context key microsoft365_offer_graph."""
+        if self.env.context.get("microsoft365_offer_graph"):
+            return True
+        if not http.request or not http.request.httprequest.path.startswith("/web/dataset/call_button"):
+            return False
+        try:
+            params = (http.request.get_json_data() or {}).get("params") or {}
+        except ValueError:
+            return False
+        return params.get("model") == self._name and params.get("method") == "test_smtp_connection"
+
+    def _microsoft365_delegate_note(self):
+        """For a shared mailbox signed in by a user: what Exchange checks only at the first send, and the grant
+        it needs (Send on Behalf or Send As, as the server sends); empty for a mailbox that sends as itself."""
+        self.ensure_one()
+        account = self.microsoft365_account_id.sudo()
+        login = account._smtp_login_user() if account else False
+        if not login or login == account.email:
+            return ""
+        if self.microsoft365_send_on_behalf:
+            return "\n" + self.env._(
+                "Nothing was sent: Exchange checks that %(login)s may send on behalf of %(mailbox)s at the first send "
+                "only. If that send is refused, grant it in Exchange Online PowerShell: "
+                'Set-Mailbox -Identity "%(mailbox)s" -GrantSendOnBehalfTo @{Add="%(login)s"}',
+                login=login,
+                mailbox=account.email,
+            )
+        return "\n" + self.env._(
+            "Nothing was sent: Exchange checks Send As for %(mailbox)s at the first send only. If that send is "
+            'refused, grant it in Exchange Online PowerShell: Add-RecipientPermission -Identity "%(mailbox)s" '
+            '-Trustee "%(login)s" -AccessRights SendAs (or, to send on behalf of it, tick Send on behalf and run '
+            'Set-Mailbox -Identity "%(mailbox)s" -GrantSendOnBehalfTo @{Add="%(login)s"})',
+            login=login,
+            mailbox=account.email,
         )
 
     def _microsoft365_test_graph(self):
@@ -164,16 +214,18 @@ class IrMailServer(models.Model):
             )
 
     def _microsoft365_graph_server(self, mail_server_id=None, host=None, smtp_from=None):
-        """The server of ours that sends through Microsoft Graph for this connect/send, if any."""
+        """(server, smtp_from): the server of ours that sends through Microsoft Graph for this connect/send, if
+        any, and the envelope sender core's connect() would use with it: picked by its FROM filter, core's
+        _find_mail_server may hand back the notification address instead of an address no server may send."""
         if mail_server_id:
             server = self.sudo().browse(mail_server_id).exists()
-        elif not host:
-            server = self.sudo()._find_mail_server(smtp_from)[0] if smtp_from else self.browse()
+        elif not host and smtp_from:
+            server, smtp_from = self.sudo()._find_mail_server(smtp_from)
         else:
             server = self.browse()
         if server and server._microsoft365_in_use() and server.microsoft365_transport == "graph":
-            return server
-        return self.browse()
+            return server, smtp_from
+        return self.browse(), smtp_from
 
     def connect(
         self,
@@ -189,7 +241,7 @@ class IrMailServer(models.Model):
         mail_server_id=None,
         allow_archived=False,
     ):
-        server = self._microsoft365_graph_server(mail_server_id, host, smtp_from)
+        server, graph_from = self._microsoft365_graph_server(mail_server_id, host, smtp_from)
         if not server:
             try:
                 return super().connect(
@@ -211,7 +263,7 @@ class IrMailServer(models.Model):
                 return LaterSession(exc.args[0])
         if not allow_archived and not server.active:
             raise UserError(self.env._('The server "%s" cannot be used because it is archived.', server.display_name))
-        return GraphSession(server, smtp_from)
+        return GraphSession(server, graph_from)
 
     def _microsoft365_link_accounts(self, changed=None):
         result = super()._microsoft365_link_accounts(changed)
@@ -284,9 +336,9 @@ class IrMailServer(models.Model):
         if isinstance(session, GraphSession):
             return self._microsoft365_send_graph(message, self.sudo().browse(session._microsoft365_server_id), session)
         if session is None and not kwargs.get("smtp_server") and not args[1:2]:
-            server = self._microsoft365_graph_server(mail_server_id, None, message["From"])
+            server, smtp_from = self._microsoft365_graph_server(mail_server_id, None, message["From"])
             if server:
-                return self._microsoft365_send_graph(message, server, GraphSession(server, message["From"]))
+                return self._microsoft365_send_graph(message, server, GraphSession(server, smtp_from))
         try:
             return super().send_email(message, *args, **kwargs)
         except MailDeliveryException as exc:
@@ -307,6 +359,8 @@ class IrMailServer(models.Model):
             )
             if found.code not in ("SMTP SendAsDenied", "SMTP 5.7.139", "SMTP 4.3.2"):
                 raise
+            if found.code == "SMTP SendAsDenied" and server.microsoft365_send_on_behalf:
+                found = send_on_behalf_denied(found.detail, **found.params)
             text = explain(self.env, found)
             if found.code == "SMTP 4.3.2":  # too many connections at once: Exchange asks to come back later
                 self._microsoft365_later(message, text, exc.args[0])
@@ -347,7 +401,8 @@ class IrMailServer(models.Model):
             message["References"] = f"{references} {message_id}".strip()
         account = server._microsoft365_account().sudo()
         try:
-            account._graph_client(account._graph_token()).send_mime(message.as_bytes())
+            client = account._graph_client(account._graph_token(), on_behalf=server.microsoft365_send_on_behalf)
+            client.send_mime(message.as_bytes())
         except M365Error as exc:
             found = getattr(exc, "diagnosis", None)
             text = explain(self.env, found) if found else str(exc)
@@ -388,7 +443,20 @@ class IrMailServer(models.Model):
             if account:
                 del message["From"]
                 message["From"] = formataddr((account.sender_name, account.email))
+        self._microsoft365_set_sender(message, smtp_session)
         return smtp_from, smtp_to_list, message
+
+    def _microsoft365_set_sender(self, message, smtp_session):
+        """Send on behalf: From the shared mailbox, Sender the signed-in user (GRAPH-19)."""
+        tagged = getattr(getattr(smtp_session, "__obj__", smtp_session), "_microsoft365_server_id", None)
+        server = self.sudo().browse(tagged).exists() if tagged else self.browse()
+        if not server or not server.microsoft365_send_on_behalf or not server._microsoft365_in_use():
+            return
+        account = server.microsoft365_account_id
+        login = account._smtp_login_user() if account and account.app_id.flow != "app_only" else False
+        if login and email.utils.parseaddr(message["From"] or "")[1].lower() != login.lower():
+            del message["Sender"]
+            message["Sender"] = login
 
     def _smtp_login(self, connection, smtp_user, smtp_password):
         # Odoo calls this on an empty recordset when no server record is involved.

@@ -582,15 +582,8 @@ class Microsoft365Account(models.Model):
         self.ensure_one()
         account = self.sudo()
         if account.app_id.flow == "app_only":
-            try:
-                return account.app_id._app_access_token().token
-            except (ReconnectRequired, AuthorizationFailed) as exc:
-                account._record_failure(account.status, exc)
-                raise
-        if account.status in ("not_connected", "app_only") or not account.token_cache_sealed:
-            raise UserError(
-                self.env._("The mailbox %s is not connected to Microsoft 365 yet: click Authorize.", account.email)
-            )
+            return account._app_only_token(account.app_id._app_access_token)
+        account._check_connected()
         fresh = account.token_expires_at and account.token_expires_at.timestamp() - time.time() > REFRESH_MARGIN
         if fresh and not force_refresh:
             memo_key = (self.env.cr.dbname, account.id, hashlib.sha256(account.token_cache_sealed.encode()).digest())
@@ -701,21 +694,41 @@ class Microsoft365Account(models.Model):
         self.ensure_one()
         account = self.sudo()
         if account.app_id.flow == "app_only":
-            try:
-                return account.app_id._app_graph_token().token
-            except (ReconnectRequired, AuthorizationFailed) as exc:
-                account._record_failure(account.status, exc)
-                raise
-        if account.status in ("not_connected", "app_only") or not account.token_cache_sealed:
-            raise UserError(
-                self.env._("The mailbox %s is not connected to Microsoft 365 yet: click Authorize.", account.email)
-            )
+            return account._app_only_token(account.app_id._app_graph_token)
+        account._check_connected()
         scopes = account.app_id._cloud().graph_scopes()
+        # Served while it has REFRESH_MARGIN left, as the Exchange token is (also from the per-process memo of
+        # this very cache state); under it, the refresh under the lock.
+        memo_key = (
+            self.env.cr.dbname,
+            "graph",
+            account.id,
+            hashlib.sha256(account.token_cache_sealed.encode()).digest(),
+        )
+        remembered = _TOKEN_MEMO.get(memo_key)
+        if remembered and remembered.expires_at - time.time() > REFRESH_MARGIN:
+            return remembered.token
         client = account._identity_client_from(account.token_cache_sealed)
-        cached = client.cached_access_token(scopes, account.home_account_id)
+        cached = client.cached_access_token(scopes, account.home_account_id, margin=REFRESH_MARGIN)
         if cached:
+            _remember(memo_key, cached)
             return cached.token
         return account._refresh_serialised(scopes=scopes)
+
+    def _app_only_token(self, get_token):
+        """App-only, Exchange or Graph: the app registration's token (`get_token`, one of its token methods);
+        a refusal is recorded on this account too."""
+        try:
+            return get_token().token
+        except (ReconnectRequired, AuthorizationFailed) as exc:
+            self._record_failure(self.status, exc)
+            raise
+
+    def _check_connected(self):
+        if self.status in ("not_connected", "app_only") or not self.token_cache_sealed:
+            raise UserError(
+                self.env._("The mailbox %s is not connected to Microsoft 365 yet: click Authorize.", self.email)
+            )
 
     def _refresh_serialised(self, force_refresh=False, scopes=None):
         self.flush_recordset()  # the SQL below must see what this transaction wrote

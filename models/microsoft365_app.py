@@ -420,9 +420,20 @@ class Microsoft365App(models.Model):
         app = self.sudo()
         scopes = app._cloud().graph_app_scopes()
         if app.app_token_cache_sealed:
+            # As _app_access_token: this very cache state's token without decryption or an MSAL object.
+            memo_key = (
+                self.env.cr.dbname,
+                "app-graph",
+                app.id,
+                hashlib.sha256(app.app_token_cache_sealed.encode()).digest(),
+            )
+            remembered = _TOKEN_MEMO.get(memo_key)
+            if remembered and remembered.expires_at - time.time() > REFRESH_MARGIN:
+                return remembered
             client = app._identity_client(self.env["microsoft365.vault"]._decrypt(app.app_token_cache_sealed))
-            cached = client.cached_access_token(scopes)
+            cached = client.cached_access_token(scopes, margin=REFRESH_MARGIN)
             if cached:
+                _remember(memo_key, cached)
                 return cached
         app.flush_recordset()
         if not self.env.registry.in_test_mode():

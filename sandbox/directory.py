@@ -445,6 +445,10 @@ class Directory:
     def has_send_as(self, identity, address):
         return self._granted("send_as", identity, address)
 
+    def has_send_on_behalf(self, identity, address):
+        """Set-Mailbox -Identity <address> -GrantSendOnBehalfTo @{Add=<identity>} (GRAPH-19)."""
+        return self._granted("send_on_behalf", identity, address)
+
     # refresh tokens (opaque, stored by hash) -------------------------------------------------
 
     @staticmethod

@@ -34,14 +34,14 @@ import json
 import logging
 import re
 import socket
-import ssl
 import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit
 
 from .front import MASTER_USER
+from .service import https_server, serve, shut
 
 _logger = logging.getLogger(__name__)
 
@@ -232,11 +232,7 @@ class GraphServer:
         self.mail = mail  # sandbox.mail.MailServers: deliver / store_outbound / Dovecot
         self.store = Store(host, mail.ports["imap_backend"], mail.master_password)
         handler = type("GraphHandler", (_Handler,), {"graph": self})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(tls.server_cert, tls.server_key)
-        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.httpd = https_server(handler, tls, host, port)
         self.port = self.httpd.server_address[1]
         self.base_url = f"https://{host}:{self.port}"
         self._in_flight = {}
@@ -249,12 +245,11 @@ class GraphServer:
         self._delta_pages = {}  # skip token -> the rest of a delta round's pages
 
     def start(self):
-        threading.Thread(target=self.httpd.serve_forever, name="sandbox-graph", daemon=True).start()
+        serve(self.httpd, "sandbox-graph")
         return self
 
     def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        shut(self.httpd)
 
     # who may do what ---------------------------------------------------------------------------
 
@@ -299,8 +294,9 @@ class GraphServer:
                 return mailbox
             if f"{needed}.Shared" not in granted:
                 raise GraphError(403, "ErrorAccessDenied")
-            right = directory.has_full_access(upn, mailbox) if action == "read" else directory.has_send_as(upn, mailbox)
-            if not right:
+            # Reading needs Full Access; so does sending through /users/{the other mailbox}, "in addition to
+            # either the Send on Behalf or Send As permission" (GRAPH-19), which _submit checks on the From.
+            if not directory.has_full_access(upn, mailbox):
                 raise GraphError(403, "ErrorAccessDenied")
             return mailbox
         app = claims.get("appid", "")
@@ -316,7 +312,7 @@ class GraphServer:
         directory = self.directory
         with directory.lock:
             fault = directory.data.get("graph_fault_live")
-            if fault and fault["remaining"] > 0:
+            if fault and fault["remaining"] > 0 and fault["kind"] != "504":
                 fault["remaining"] -= 1
                 directory.count(f"graph_fault:{fault['kind']}")
                 retry = {"Retry-After": str(fault.get("retry_after", 1))}
@@ -337,6 +333,18 @@ class GraphServer:
             directory.count("graph_held")
             self._released.wait(30)
         return key
+
+    def gateway_timeout(self):
+        """graph_fault kind "504": the request is carried out, then answered 504 Gateway Timeout, as when the
+        gateway gave up waiting for Exchange that went on (GRAPH-20)."""
+        directory = self.directory
+        with directory.lock:
+            fault = directory.data.get("graph_fault_live")
+            if fault and fault["kind"] == "504" and fault["remaining"] > 0:
+                fault["remaining"] -= 1
+                directory.count("graph_fault:504")
+                return True
+        return False
 
     def leave(self, key):
         with self._lock:
@@ -461,11 +469,28 @@ class GraphServer:
             raise GraphError(400, "ErrorMessageSizeExceeded")
         message = email.message_from_bytes(raw, policy=email.policy.SMTP)
         sender = email.utils.parseaddr(str(message.get("From", "")))[1].lower() or mailbox
-        identity = claims.get("upn", "").lower() if "scp" in claims else f"app:{claims.get('appid', '')}"
-        if sender != mailbox and not (
-            directory.has_send_as(mailbox, sender) or directory.has_send_as(identity, sender)
+        delegate = claims.get("upn", "").lower() if "scp" in claims else None
+        identity = delegate or f"app:{claims.get('appid', '')}"
+        # GRAPH-19: a delegate sending From another mailbox needs Send As or Send on Behalf on it, Send As
+        # winning when both are granted; Graph sets the sender itself: the delegate on behalf, else the From.
+        on_behalf = False
+        if delegate and sender != delegate:
+            if directory.has_send_as(delegate, sender):
+                pass
+            elif directory.has_send_on_behalf(delegate, sender):
+                on_behalf = True
+            elif not (sender != mailbox and directory.has_send_as(mailbox, sender)):
+                raise GraphError(403, "ErrorSendAsDenied")
+        elif (
+            not delegate
+            and sender != mailbox
+            and not (directory.has_send_as(mailbox, sender) or directory.has_send_as(identity, sender))
         ):
             raise GraphError(403, "ErrorSendAsDenied")
+        del message["Sender"]
+        if on_behalf:
+            user = directory.user(delegate) or {}
+            message["Sender"] = email.utils.formataddr((user.get("name") or "", delegate))
         recipients = [
             address.lower()
             for _name, address in email.utils.getaddresses(
@@ -729,6 +754,10 @@ class _Handler(BaseHTTPRequestHandler):
         _logger.debug("graph: " + format, *args)
 
     def _send(self, status, body=None, content_type="application/json; charset=utf-8", headers=None):
+        if status < 400 and getattr(self, "_gateway_timeout", False):
+            self._gateway_timeout = False
+            status, content_type, headers = 504, "application/json; charset=utf-8", None
+            body = GraphError(504, "UnknownError", "").body(str(uuid.uuid4()))
         if body is None:
             payload = b""
         elif isinstance(body, bytes):
@@ -777,6 +806,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _dispatch(self, method):
         graph = self.graph
+        self._gateway_timeout = False
         parts = urlsplit(self.path)
         body = self._body()
         match = _ROUTE.match(parts.path)
@@ -793,6 +823,7 @@ class _Handler(BaseHTTPRequestHandler):
             mailbox = graph.authorize(claims, match["user"] or "me", action)
             self._claims = claims
             key = graph.enter(claims, mailbox)
+            self._gateway_timeout = graph.gateway_timeout()
             graph.directory.count("graph_requests")
             graph.directory.count(f"graph:{method}:{'/'.join(s if not s.startswith('AA') else '*' for s in segments)}")
             return self._operate(method, claims, mailbox, segments, query, body)
@@ -901,8 +932,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 def set_graph_fault(directory, body, graph=None):
     kind = str(body.get("kind", "none"))
-    if kind not in ("429", "503", "hold", "release", "delta_expired", "none"):
-        raise KeyError(f"kind={kind!r} (429, 503, hold, release, delta_expired or none)")
+    if kind not in ("429", "503", "504", "hold", "release", "delta_expired", "none"):
+        raise KeyError(f"kind={kind!r} (429, 503, 504, hold, release, delta_expired or none)")
     if kind == "delta_expired":  # Exchange's cache of sync states lost them: every delta link is stale
         if graph is None:
             raise KeyError("the Graph server is not running")

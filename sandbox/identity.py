@@ -14,12 +14,10 @@ import html
 import json
 import logging
 import secrets
-import ssl
-import threading
 import time
 import uuid
 from http import cookies
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from urllib.parse import parse_qsl, urlencode, urlsplit
 
 import jwt
@@ -162,12 +160,10 @@ class IdentityServer:
     def __init__(self, directory, tls, host="127.0.0.1", port=0):
         self.directory = directory
         self.tls = tls
+        from .service import https_server  # service.py imports this module
+
         handler = type("Handler", (_Handler,), {"identity": self})
-        self.httpd = ThreadingHTTPServer((host, port), handler)
-        self.httpd.daemon_threads = True
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(tls.server_cert, tls.server_key)
-        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.httpd = https_server(handler, tls, host, port)
         self.port = self.httpd.server_address[1]
         self.base_url = f"https://{host}:{self.port}"
         self._thread = None
@@ -175,12 +171,14 @@ class IdentityServer:
         self.graph = None  # the Graph server, once it runs (its "hold" faults)
 
     def start(self):
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="sandbox-identity", daemon=True)
-        self._thread.start()
+        from .service import serve
+
+        self._thread = serve(self.httpd, "sandbox-identity")
 
     def stop(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        from .service import shut
+
+        shut(self.httpd)
 
     # helpers -------------------------------------------------------------------------------
 

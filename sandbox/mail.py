@@ -254,16 +254,22 @@ class _SubmissionHandler:
             )
         message = email.message_from_bytes(envelope.content, policy=email.policy.SMTP)
         sender = email.utils.parseaddr(message.get("From", ""))[1] or envelope.mail_from
-        if not self.servers.may_send_as(login, sender):
+        allowed = self.servers.may_send_as(login, sender)
+        if not allowed:
             return SMTP_SEND_AS_DENIED[settings.get("smtp_send_as_denied", "5.2.252")].format(
                 mailbox=login.mailbox, sender=sender, host=SMTP_GREETING_NAME
             )
+        content = envelope.content
+        if allowed == "on_behalf":  # Send on Behalf only: the signed-in user is the Sender (GRAPH-19, assumed)
+            del message["Sender"]
+            message["Sender"] = login.identity
+            content = message.as_bytes()
         internal_id = f"<{uuid.uuid4()}@SANDBOX.PROD.OUTLOOK.COM>"
         for recipient in envelope.rcpt_tos:
             if self.servers.is_mailbox(recipient):
-                self.servers.deliver(recipient, envelope.content)
+                self.servers.deliver(recipient, content)
             else:
-                self.servers.store_outbound(recipient, envelope.content)
+                self.servers.store_outbound(recipient, content)
         self.servers.sent_count += 1
         return f"250 2.0.0 OK {internal_id} [Hostname={SMTP_GREETING_NAME}]"
 

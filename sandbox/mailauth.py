@@ -129,8 +129,17 @@ def check_mail_login(directory, mailbox, protocol, secret, mechanism):
 
 
 def may_send_as(directory, login, from_address):
-    """Exchange's Send As rule: the mailbox's own address, or an address one was granted Send As on."""
+    """Exchange's Send As rule: the mailbox's own address, or an address one was granted Send As on;
+    "on_behalf" (truthy) when the signed-in user may only send on behalf of it (GRAPH-19, SMTP assumed)."""
     address = (from_address or "").strip().lower()
+    if (
+        login.identity
+        and not login.identity.startswith("app:")
+        and address != login.identity
+        and not directory.has_send_as(login.identity, address)
+        and directory.has_send_on_behalf(login.identity, address)
+    ):
+        return "on_behalf"
     if address == login.mailbox:
         # An app's FullAccess covers sending from that mailbox; a delegate also needs Send As.
         return (

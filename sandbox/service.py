@@ -3,7 +3,10 @@
 import json
 import os
 import socket
+import ssl
+import threading
 import time
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 from . import mailauth
@@ -23,6 +26,28 @@ FIXED_PORTS = {
     "pop3_backend": 9110,  # Dovecot's POP3 behind the Exchange front (internal)
 }
 HOST = "127.0.0.1"
+
+
+def https_server(handler, tls, host, port):
+    """A threaded HTTPS server with the sandbox's certificate (the identity platform, Graph)."""
+    httpd = ThreadingHTTPServer((host, port), handler)
+    httpd.daemon_threads = True
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(tls.server_cert, tls.server_key)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    return httpd
+
+
+def serve(httpd, name):
+    """Serve `httpd` in a daemon thread named `name`; returns the thread."""
+    thread = threading.Thread(target=httpd.serve_forever, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def shut(httpd):
+    httpd.shutdown()
+    httpd.server_close()
 
 
 def free_ports(names):

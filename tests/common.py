@@ -16,34 +16,8 @@ from ..sandbox.client import shared_sandbox
 from .browser import Browser, chromium_executable, screenshot_folder
 
 
-class SandboxCase(TransactionCase):
-    """An app registration of this database pointing at the process's Microsoft 365 sandbox."""
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.sandbox = shared_sandbox()
-        cls.sandbox.reset()
-        cls.env["ir.config_parameter"].sudo().set_param("web.base.url", "http://localhost:8069")
-        cls.app_registration = cls.env["microsoft365.app"].create(cls.sandbox.odoo_app_values())
-
-    def setUp(self):
-        super().setUp()
-        self.sandbox.reset()
-
-    def connect(self, account, upn=None):
-        """Sign in on the sandbox's page as `upn` and store the grant, as the callback does."""
-        client = account.app_id._identity_client()
-        flow = client.start_sign_in(
-            account.app_id.redirect_uri, account.app_id._cloud().delegated_scopes(), login_hint=account.email
-        )
-        params = self.sandbox.sign_in(flow["auth_uri"], upn or account.email)
-        sign_in = client.finish_sign_in(flow, params)
-        account._store_sign_in(client, sign_in)
-        return account
-
-    def new_account(self, email="alice@contoso.com", **values):
-        return self.env["microsoft365.account"].create({"email": email, "app_id": self.app_registration.id, **values})
+class MailServers:
+    """Incoming and outgoing servers on the process's sandbox, for the transaction and HTTP cases."""
 
     def incoming(self, account, **values):
         """An IMAP incoming server on the sandbox that signs in as `account`; `values` add or override."""
@@ -76,6 +50,36 @@ class SandboxCase(TransactionCase):
                 **values,
             }
         )
+
+
+class SandboxCase(MailServers, TransactionCase):
+    """An app registration of this database pointing at the process's Microsoft 365 sandbox."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.sandbox = shared_sandbox()
+        cls.sandbox.reset()
+        cls.env["ir.config_parameter"].sudo().set_param("web.base.url", "http://localhost:8069")
+        cls.app_registration = cls.env["microsoft365.app"].create(cls.sandbox.odoo_app_values())
+
+    def setUp(self):
+        super().setUp()
+        self.sandbox.reset()
+
+    def connect(self, account, upn=None):
+        """Sign in on the sandbox's page as `upn` and store the grant, as the callback does."""
+        client = account.app_id._identity_client()
+        flow = client.start_sign_in(
+            account.app_id.redirect_uri, account.app_id._cloud().delegated_scopes(), login_hint=account.email
+        )
+        params = self.sandbox.sign_in(flow["auth_uri"], upn or account.email)
+        sign_in = client.finish_sign_in(flow, params)
+        account._store_sign_in(client, sign_in)
+        return account
+
+    def new_account(self, email="alice@contoso.com", **values):
+        return self.env["microsoft365.account"].create({"email": email, "app_id": self.app_registration.id, **values})
 
     def imap(self):
         """An IMAPS connection to the sandbox (not logged in), trusting its CA."""
@@ -122,7 +126,7 @@ class FetchCase(SandboxCase):
             return imap.search(None, "UNSEEN", "SUBJECT", f'"{subject}"')[1][0].split()
 
 
-class SandboxHttpCase(HttpCase):
+class SandboxHttpCase(MailServers, HttpCase):
     """Odoo's HTTP server with an app registration whose redirect URI the process's sandbox accepts."""
 
     @classmethod

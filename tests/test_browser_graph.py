@@ -13,18 +13,7 @@ class TestBrowserGraph(BrowserCase):
     def test_a_5_7_139_server_is_switched_to_graph_from_the_error_and_sends(self):
         self.app_registration.flow = "app_only"
         account = self.new_account(email="info@contoso.com")
-        server = self.env["ir.mail_server"].create(
-            {
-                "name": "Info (SMTP AUTH off)",
-                "smtp_authentication": "microsoft365",
-                "microsoft365_account_id": account.id,
-                "smtp_host": self.sandbox.host,
-                "smtp_port": self.sandbox.ports["smtp"],
-                "smtp_encryption": "starttls",
-                "smtp_user": account.email,
-                "from_filter": account.email,
-            }
-        )
+        server = self.outgoing(account, name="Info (SMTP AUTH off)")
         self.sandbox.control("smtp_auth", mailbox="info@contoso.com", enabled=False)
         self.env.flush_all()
         browser = self.open_browser()

@@ -9,6 +9,8 @@ import time
 from unittest.mock import patch
 from urllib.parse import parse_qsl, urlsplit
 
+from lxml import etree
+
 from odoo.exceptions import RedirectWarning, UserError
 from odoo.tests import tagged
 from odoo.tools import mute_logger
@@ -160,9 +162,92 @@ class TestGraphTransport(FetchCase):
         with self.assertRaises(MailDeliveryException) as refused:
             self.send(server, "info@contoso.com", "bob@contoso.com", "Refused through Graph")
         text = refused.exception.args[1]
-        self.assertIn("alice@contoso.com may not use the mailbox info@contoso.com through Microsoft Graph", text)
+        self.assertIn(
+            "Exchange Online refused to send as info@contoso.com: alice@contoso.com has neither Send As nor Send on "
+            "Behalf on it.",
+            text,
+        )
         self.assertIn('Add-RecipientPermission -Identity "info@contoso.com" -Trustee "alice@contoso.com"', text)
+        self.assertIn('Set-Mailbox -Identity "info@contoso.com" -GrantSendOnBehalfTo @{Add="alice@contoso.com"}', text)
         self.assertFalse(any(raw in text for raw in RAW), text)
+
+    @mute_logger(*QUIET)
+    def test_send_on_behalf_of_a_shared_mailbox_shows_the_signed_in_user_as_sender(self):
+        """Send on behalf (Set-Mailbox -GrantSendOnBehalfTo): From the shared mailbox, Sender the signed-in
+        user; not granted, the refusal says so in plain words with the exact grant (GRAPH-19)."""
+        self.sandbox.control(
+            "grant", right="send_as", identity="alice@contoso.com", mailbox="info@contoso.com", granted=False
+        )
+        self.sandbox.control("grant", right="send_on_behalf", identity="alice@contoso.com", mailbox="info@contoso.com")
+        info = self.connect(self.new_account(email="info@contoso.com"), upn="alice@contoso.com")
+        server = self.graph_outgoing(info, microsoft365_send_on_behalf=True)
+        message = server.build_email("info@contoso.com", ["bob@contoso.com"], "On behalf through Graph", "Hello")
+        server.send_email(message, mail_server_id=server.id)
+        [received] = self.arrived("bob@contoso.com", "On behalf through Graph")
+        self.assertEqual(received["From"].addresses[0].addr_spec, "info@contoso.com")
+        self.assertEqual(received["Sender"].addresses[0].addr_spec, "alice@contoso.com")
+        self.sandbox.control(
+            "grant", right="send_on_behalf", identity="alice@contoso.com", mailbox="info@contoso.com", granted=False
+        )
+        with self.assertRaises(MailDeliveryException) as refused:
+            self.send(server, "info@contoso.com", "bob@contoso.com", "Refused on behalf through Graph")
+        text = refused.exception.args[1]
+        self.assertIn(
+            "Exchange Online refused to send on behalf of info@contoso.com: alice@contoso.com has no Send on Behalf "
+            "permission on it.",
+            text,
+        )
+        self.assertIn('Set-Mailbox -Identity "info@contoso.com" -GrantSendOnBehalfTo @{Add="alice@contoso.com"}', text)
+        self.assertFalse(any(raw in text for raw in RAW), text)
+        self.assertEqual(self.arrived("bob@contoso.com", "Refused on behalf through Graph"), [])
+
+    def test_a_send_without_a_server_rewrites_from_as_the_smtp_path_does(self):
+        """send_email without a server: Odoo picks one by its FROM filter and, where none matches, sends from
+        the notification address with the author's name (encapsulated), as for SMTP; Exchange would refuse
+        the author's own address (ErrorSendAsDenied)."""
+        account = self.connect(self.new_account())
+        self.graph_outgoing(account)
+        mail_servers = self.env["ir.mail_server"].with_context(domain_notifications_email="alice@contoso.com")
+        message = mail_servers.build_email(
+            '"Someone Else" <someone@fabrikam.example>', ["bob@contoso.com"], "Picked by its filter", "Hello"
+        )
+        mail_servers.send_email(message)
+        [received] = self.arrived("bob@contoso.com", "Picked by its filter")
+        self.assertEqual(received["From"].addresses[0].addr_spec, "alice@contoso.com")
+        self.assertEqual(received["From"].addresses[0].display_name, "Someone Else")
+
+    def test_the_stock_test_button_keeps_the_context_other_modules_give_it(self):
+        """The 5.7.139 offer no longer replaces the Test Connection button's context: another module's stays."""
+        self.env["ir.ui.view"].create(
+            {
+                "name": "another module's Test Connection context",
+                "model": "ir.mail_server",
+                "inherit_id": self.env.ref("base.ir_mail_server_form").id,
+                "priority": 1,
+                "arch": '<xpath expr="//button[@name=\'test_smtp_connection\']" position="attributes">'
+                "<attribute name=\"context\">{'another_module': True}</attribute></xpath>",
+            }
+        )
+        arch = self.env["ir.mail_server"].get_views([(False, "form")])["views"]["form"]["arch"]
+        [button] = etree.fromstring(arch).xpath("//button[@name='test_smtp_connection']")
+        self.assertEqual(button.get("context"), "{'another_module': True}")
+
+    def test_graph_tokens_are_used_while_they_have_the_refresh_margin_left(self):
+        """A Graph token with more than REFRESH_MARGIN left is served from the cache, delegated and app-only,
+        as the Exchange token is: one token request per lifetime, not one per use of a short-lived token."""
+        self.sandbox.control("settings", access_token_lifetime=300)  # more than the margin, under 5.5 minutes
+        account = self.connect(self.new_account())  # draws the first Graph token
+        account_model, app_model = type(self.env["microsoft365.account"]), type(self.env["microsoft365.app"])
+        # Neither the account's nor the app's row lock is taken (another worker refreshing would be waited for).
+        with patch.object(account_model, "_refresh_serialised", side_effect=AssertionError("row lock taken")):
+            account._graph_token()
+        self.app_registration.write({"flow": "app_only"})
+        info = self.new_account(email="info@contoso.com")
+        info._graph_token()
+        requests = self.sandbox.counter("token:client_credentials")
+        with patch.object(app_model, "_app_token_locked", side_effect=AssertionError("row lock taken")):
+            info._graph_token()
+        self.assertEqual(self.sandbox.counter("token:client_credentials"), requests)
 
     @mute_logger(*QUIET)
     def test_5_7_139_at_test_connection_offers_graph_and_the_switch_sends(self):

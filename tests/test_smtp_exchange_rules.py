@@ -73,6 +73,39 @@ class TestSmtpExchangeRules(SandboxCase):
                 self.assertNotIn("SMTP server 'None'", text)
 
     @mute_logger(*QUIET)
+    def test_send_on_behalf_sets_the_signed_in_user_as_sender_and_a_refusal_names_the_grant(self):
+        """Send on behalf on an SMTP server: the message goes From the shared mailbox with the signed-in user as
+        Sender; Exchange's SendAsDenied then names Set-Mailbox -GrantSendOnBehalfTo (GRAPH-19, assumed for SMTP)."""
+        self.sandbox.control(
+            "grant", right="send_as", identity="alice@contoso.com", mailbox="info@contoso.com", granted=False
+        )
+        self.sandbox.control("grant", right="send_on_behalf", identity="alice@contoso.com", mailbox="info@contoso.com")
+        info = self.connect(self.new_account(email="info@contoso.com"), upn="alice@contoso.com")
+        server = self.outgoing(info, microsoft365_send_on_behalf=True)
+        self.send(server, "info@contoso.com", "On behalf over SMTP")
+        token = self.app_token()
+        with self.imap() as imap:
+            imap.authenticate("XOAUTH2", lambda _: f"user=sales@contoso.com\x01auth=Bearer {token}\x01\x01")
+            imap.select("INBOX")
+            [number] = imap.search(None, "SUBJECT", '"On behalf over SMTP"')[1][0].split()
+            headers = imap.fetch(number, "(BODY.PEEK[HEADER.FIELDS (FROM SENDER)])")[1][0][1].decode()
+        self.assertIn("From: info@contoso.com", headers)
+        self.assertIn("Sender: alice@contoso.com", headers)
+        self.sandbox.control(
+            "grant", right="send_on_behalf", identity="alice@contoso.com", mailbox="info@contoso.com", granted=False
+        )
+        # A session of the test's own, closed after it: a refused send leaves core's connection open, and the
+        # sandbox counts open connections against Exchange's limit of three (SMTP-11) in the next tests.
+        connection = server.connect(mail_server_id=server.id)
+        self.addCleanup(connection.quit)
+        message = server.build_email("info@contoso.com", ["sales@contoso.com"], "Refused on behalf over SMTP", "Hello")
+        with self.assertRaises(MailDeliveryException) as refused:
+            server.send_email(message, mail_server_id=server.id, smtp_session=connection)
+        text = str(refused.exception.args[1])
+        self.assertIn("alice@contoso.com has no Send on Behalf permission on it", text)
+        self.assertIn('Set-Mailbox -Identity "info@contoso.com" -GrantSendOnBehalfTo @{Add="alice@contoso.com"}', text)
+
+    @mute_logger(*QUIET)
     def test_concurrent_connection_limit_is_told_in_plain_words(self):
         alice = self.connect(self.new_account())
         server = self.outgoing(alice)

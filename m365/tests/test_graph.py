@@ -323,12 +323,60 @@ def test_a_delegate_sends_for_a_shared_mailbox_only_with_send_as(box):
     token = client.access_token(CLOUD.graph_scopes(), sign_in.home_account_id).token
     shared = graph(box, token, "info@contoso.com", login="alice@contoso.com")
     shared.send_mime(mime("info@contoso.com", "bob@contoso.com", "From info").as_bytes())
-    assert len(imap_messages(box, "bob@contoso.com", subject="From info")) == 1
+    [received] = imap_messages(box, "bob@contoso.com", subject="From info")
+    assert received["Sender"] is None  # Send As: nothing shows the delegate (GRAPH-19)
     box.control("grant", right="send_as", identity="alice@contoso.com", mailbox="info@contoso.com", granted=False)
     with pytest.raises(GraphFailed) as refused:
         shared.send_mime(mime("info@contoso.com", "bob@contoso.com", "Again").as_bytes())
-    assert refused.value.diagnosis.code == "GRAPH SHARED MAILBOX"
-    assert "Add-RecipientPermission" in refused.value.diagnosis.fix
+    found = refused.value.diagnosis
+    # Microsoft's example: neither Send As nor Send on Behalf is 403 ErrorSendAsDenied (GRAPH-19).
+    assert (refused.value.code, found.code) == ("ErrorSendAsDenied", "GRAPH SEND AS")
+    assert found.params["sender"] == "info@contoso.com"
+    assert 'Add-RecipientPermission -Identity "%(sender)s" -Trustee "%(login)s" -AccessRights SendAs' in found.fix
+    assert 'Set-Mailbox -Identity "%(sender)s" -GrantSendOnBehalfTo @{Add="%(login)s"}' in found.fix
+    box.control("grant", right="full_access", identity="alice@contoso.com", mailbox="info@contoso.com", granted=False)
+    with pytest.raises(GraphFailed) as no_access:  # /users/{shared}/sendMail needs Full Access too
+        shared.send_mime(mime("info@contoso.com", "bob@contoso.com", "Again").as_bytes())
+    assert no_access.value.diagnosis.code == "GRAPH SHARED MAILBOX"
+
+
+def test_a_delegate_with_send_on_behalf_only_sends_with_herself_as_sender(box):
+    """Set-Mailbox -GrantSendOnBehalfTo: the message leaves From the shared mailbox with the delegate as
+    Sender ("alice on behalf of info"); without the right, the refusal names that very grant (GRAPH-19)."""
+    box.control("grant", right="send_as", identity="alice@contoso.com", mailbox="info@contoso.com", granted=False)
+    box.control("grant", right="send_on_behalf", identity="alice@contoso.com", mailbox="info@contoso.com")
+    client, sign_in = signed_in(box)
+    token = client.access_token(CLOUD.graph_scopes(), sign_in.home_account_id).token
+    shared = graph(box, token, "info@contoso.com", login="alice@contoso.com", on_behalf=True)
+    message = mime("info@contoso.com", "bob@contoso.com", "On behalf of info", Sender="alice@contoso.com")
+    shared.send_mime(message.as_bytes())
+    [received] = imap_messages(box, "bob@contoso.com", subject="On behalf of info")
+    assert received["From"].addresses[0].addr_spec == "info@contoso.com"
+    assert received["Sender"].addresses[0].addr_spec == "alice@contoso.com"
+    box.control(
+        "grant", right="send_on_behalf", identity="alice@contoso.com", mailbox="info@contoso.com", granted=False
+    )
+    with pytest.raises(GraphFailed) as refused:
+        shared.send_mime(mime("info@contoso.com", "bob@contoso.com", "Refused on behalf").as_bytes())
+    found = refused.value.diagnosis
+    assert (refused.value.code, found.code) == ("ErrorSendAsDenied", "SEND ON BEHALF DENIED")
+    assert found.params["sender"] == "info@contoso.com" and found.params["login"] == "alice@contoso.com"
+    assert 'Set-Mailbox -Identity "%(sender)s" -GrantSendOnBehalfTo @{Add="%(login)s"}' in found.fix
+    assert imap_messages(box, "bob@contoso.com", subject="Refused on behalf") == []
+
+
+def test_a_504_on_a_send_is_not_sent_again_but_a_read_is_retried(box):
+    """504 Gateway Timeout may come after Exchange took the message: a send is not repeated (it would be
+    delivered twice); a read is (GRAPH-20)."""
+    client = app_graph(box, "info@contoso.com")
+    box.control("graph_fault", kind="504", count=1)
+    with pytest.raises(GraphFailed) as timed_out:
+        client.send_mime(mime("info@contoso.com", "bob@contoso.com", "Sent once despite a 504").as_bytes())
+    assert timed_out.value.status == 504 and timed_out.value.diagnosis.transient
+    assert len(imap_messages(box, "bob@contoso.com", subject="Sent once despite a 504")) == 1
+    box.control("graph_fault", kind="504", count=1)
+    assert client.folder("inbox")["displayName"] == "Inbox"
+    assert box.counter("graph_fault:504") == 2
 
 
 def test_an_unscoped_app_is_warned_about_with_the_rbac_lines(box):
