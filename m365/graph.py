@@ -59,9 +59,15 @@ class GraphClient:
     ATTEMPTS = 3
     MAX_WAIT = 30.0  # seconds one request may wait for Graph's Retry-After; longer: transient failure
 
-    def __init__(self, base_url, token, mailbox, session=None, timeout=60.0, sleep=time.sleep, **context):
+    def __init__(
+        self, base_url, token, mailbox, session=None, timeout=60.0, sleep=time.sleep, renew_token=None, **context
+    ):
         self.base_url = base_url.rstrip("/")
         self.token = token
+        # A token Graph refuses (401) though it has not expired here: revoked on Microsoft's side (a
+        # password reset, sessions revoked) or a clock apart. One new token from the identity platform
+        # tells which: it works, or its refusal names the real cause (reconnect) instead of "the token".
+        self.renew_token = renew_token
         self.mailbox = mailbox
         self.session = session or requests.Session()
         self.timeout = timeout
@@ -239,7 +245,10 @@ class GraphClient:
         headers = {"Authorization": f"Bearer {self.token}"} if authorize else {}
         retried = SEND_RETRY_STATUSES if action == "send" else RETRY_STATUSES
         headers.update(kwargs.pop("headers", {}))
-        for attempt in range(1, self.ATTEMPTS + 1):
+        renew = authorize and self.renew_token is not None
+        attempt = 0
+        while attempt < self.ATTEMPTS:
+            attempt += 1
             self.requests += 1
             try:
                 response = self.session.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
@@ -247,6 +256,11 @@ class GraphClient:
                 raise GraphFailed(diagnose_graph_transport(exc, self.base_url)) from None
             if response.status_code < 400:
                 return response
+            if response.status_code == 401 and renew:  # refused before anything was done: safe to repeat
+                renew, attempt = False, attempt - 1
+                self.token = self.renew_token()
+                headers["Authorization"] = f"Bearer {self.token}"
+                continue
             wait = _retry_after(response)
             if response.status_code in retried and attempt < self.ATTEMPTS and wait <= self.MAX_WAIT:
                 _logger.info("Microsoft Graph answered %s; retrying in %.1f s", response.status_code, wait)
@@ -263,7 +277,7 @@ class GraphClient:
                 **dict(self.context, **(diagnose or {})),
             )
             raise GraphFailed(found, response.status_code, code, wait)
-        raise AssertionError("unreachable")
+        raise AssertionError("unreachable")  # the last attempt returns or raises
 
 
 def delta_expired(exc):

@@ -616,11 +616,13 @@ class Microsoft365Account(models.Model):
         """A Graph client on this mailbox, with what its diagnoses name (app, signed-in user)."""
         self.ensure_one()
         app = self.app_id.sudo()
+        delegated = app.flow != "app_only"
         return graph.GraphClient(
             app._cloud().graph_url,
             token,
             self.email,
             session=http_session(app._mail_ca_file()),
+            renew_token=(lambda: self._graph_token(force_refresh=True)) if delegated else None,
             app_only=app.flow == "app_only",
             app_id=app.client_id,
             app_name=app.name,
@@ -687,16 +689,19 @@ class Microsoft365Account(models.Model):
         cloud = self.app_id._cloud()
         return cloud.graph_scopes() if self._uses_graph() else cloud.delegated_scopes()
 
-    def _graph_token(self):
+    def _graph_token(self, force_refresh=False):
         """A Microsoft Graph access token for this mailbox: the second resource of the account's MSAL
         cache (no second sign-in), app-only from the app's cache. Served from the cache while fresh, a
-        refresh happens under the row lock as for Exchange. Raises M365Error with a diagnosis."""
+        refresh happens under the row lock as for Exchange (always with `force_refresh`: Graph refused the
+        cached one). Raises M365Error with a diagnosis."""
         self.ensure_one()
         account = self.sudo()
         if account.app_id.flow == "app_only":
             return account._app_only_token(account.app_id._app_graph_token)
         account._check_connected()
         scopes = account.app_id._cloud().graph_scopes()
+        if force_refresh:
+            return account._refresh_serialised(force_refresh=True, scopes=scopes)
         # Served while it has REFRESH_MARGIN left, as the Exchange token is (also from the per-process memo of
         # this very cache state); under it, the refresh under the lock.
         memo_key = (

@@ -287,6 +287,26 @@ class TestGraphTransport(FetchCase):
         self.assertIn("Use Microsoft Graph on the outgoing server", mail.failure_reason)
 
     @mute_logger(*QUIET)
+    def test_a_token_graph_revoked_is_renewed_and_a_revoked_grant_named_as_such(self):
+        """Graph refuses a cached token Microsoft revoked (continuous access evaluation): one new token and
+        the mail goes; when the grant itself is revoked, the failure says reconnect, not "the token"."""
+        account = self.connect(self.new_account())
+        server = self.graph_outgoing(account)
+        self.send(server, "alice@contoso.com", "bob@contoso.com", "Before the revocation")
+        refreshes = self.sandbox.counter("token:refresh_token")
+        self.sandbox.control("expire_access_tokens", subject="alice@contoso.com")
+        time.sleep(1.1)  # tokens issued in the revocation's second count as revoked: the new one comes after
+        self.send(server, "alice@contoso.com", "bob@contoso.com", "After the revocation")
+        self.assertEqual(len(self.arrived("bob@contoso.com", "After the revocation")), 1)
+        self.assertEqual(self.sandbox.counter("token:refresh_token"), refreshes + 1)
+
+        self.sandbox.control("revoke_sessions", user="alice@contoso.com")
+        self.sandbox.control("expire_access_tokens", subject="alice@contoso.com")
+        with self.assertRaises(MailDeliveryException) as revoked:
+            self.send(server, "alice@contoso.com", "bob@contoso.com", "After the grant was revoked")
+        self.assertIn("Authorize", revoked.exception.args[1])
+        self.assertNotIn("Microsoft Graph rejected the access token", revoked.exception.args[1])
+
     def test_graph_refusals_of_a_send_are_named_with_their_fix(self):
         account = self.connect(self.new_account())
         server = self.graph_outgoing(account)

@@ -413,3 +413,25 @@ def test_a_fifth_concurrent_request_of_an_app_on_a_mailbox_is_throttled(box):
     for thread in threads:
         thread.join(30)
     assert results == ["Inbox"] * 4
+
+
+def test_a_token_graph_refuses_is_renewed_once_then_the_refusal_is_reported(box):
+    """Graph refuses a token that has not expired here (revoked on Microsoft's side: a password reset,
+    continuous access evaluation): one new token is asked for; a second refusal is reported, no loop."""
+    client, sign_in = signed_in(box)
+    token = client.access_token(CLOUD.graph_scopes(), sign_in.home_account_id).token
+    box.control("expire_access_tokens", subject="alice@contoso.com")
+    time.sleep(1.1)  # tokens issued in the revocation's second count as revoked: the new one comes after
+    renewed = []
+
+    def renew_token():
+        renewed.append(True)
+        return client.access_token(CLOUD.graph_scopes(), sign_in.home_account_id, force_refresh=True).token
+
+    assert graph(box, token, "alice@contoso.com", renew_token=renew_token).folder()["id"]
+    assert len(renewed) == 1
+    refused_twice = graph(box, token, "alice@contoso.com", renew_token=lambda: token)
+    with pytest.raises(GraphFailed) as refused:
+        refused_twice.folder()
+    assert refused.value.status == 401 and refused.value.diagnosis.code == "GRAPH TOKEN"
+    assert refused_twice.requests == 2
