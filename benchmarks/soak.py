@@ -14,6 +14,7 @@ import email.policy
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 import threading
@@ -47,6 +48,23 @@ def cron_failure_cause(block):
     if "mail_microsoft365_oauth" in block:
         return "the addon"
     return "other"
+
+
+KILLED = re.compile(r"^\S+ \S+ \d+ \w+ \S+ odoo\.service\.server: WorkerCron \((\d+)\) timeout after", re.M)
+STARTING = re.compile(
+    r"^\S+ \S+ (\d+) \w+ \S+ odoo\.addons\.base\.models\.ir_cron: Job '([^']*)' \(\d+\) starting", re.M
+)
+
+
+def killed_cron_jobs(log):
+    """The job each cron worker killed by Odoo's watchdog (limit_time_real_cron) was running: the last
+    "Job ... starting" that worker logged before the kill."""
+    running = []
+    for kill in KILLED.finditer(log):
+        pid, before = kill.group(1), log[: kill.start()]
+        jobs = [m.group(2) for m in STARTING.finditer(before) if m.group(1) == pid]
+        running.append(jobs[-1] if jobs else "unknown")
+    return running
 
 
 SETUP = r"""
@@ -234,6 +252,21 @@ class Soak:
             time.sleep(0.05)
         return None
 
+    def cut_a_fetching_worker(self):
+        """pg_terminate_backend of the connections of a worker fetching a mailbox (it holds the lane's advisory
+        lock), waited for as the kills wait for their victim, so that the cut hits work in progress."""
+        self.poke_crons()
+        deadline = time.monotonic() + 330
+        while time.monotonic() < deadline and not self.stop.is_set():
+            rows = self.production.query(
+                "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a WHERE a.datname = current_database() "
+                "AND a.pid <> pg_backend_pid() AND a.pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory')"
+            )
+            if rows:
+                return rows
+            time.sleep(0.05)
+        return []
+
     def fault_schedule(self):
         """The faults, each returning what it did (None: not fired, with the reason in `self.fired`)."""
         sandbox, production = self.sandbox, self.production
@@ -310,15 +343,9 @@ class Soak:
             return None
 
         def pg_cut():
-            rows = production.query(
-                "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a WHERE a.datname = current_database() "
-                "AND a.pid <> pg_backend_pid() AND a.pid IN (SELECT pid FROM pg_locks WHERE locktype = 'advisory')"
-            )
+            rows = self.cut_a_fetching_worker()
             if not rows:
-                rows = production.query(
-                    "SELECT pg_terminate_backend(a.pid) FROM pg_stat_activity a WHERE a.datname = current_database() "
-                    "AND a.pid <> pg_backend_pid() AND a.application_name LIKE 'odoo-%%' AND a.state <> 'idle'"
-                )
+                return None
             self.interruptions.append(("PostgreSQL connections cut", time.time()))
             return self.probe(f"PostgreSQL connections cut ({len(rows or [])})")
 
@@ -448,7 +475,10 @@ class Soak:
         production, sandbox = self.production, self.sandbox
         recorded = self.recorded()
         accepted, first_accepted = self.accepted()
-        in_lost = [s for s in self.delivered if s not in recorded]
+        missing = [s for s in self.delivered if s not in recorded]
+        # Unread in a mailbox whose grant was revoked on purpose: fetched once someone authorizes it again.
+        in_waiting = [s for s in missing if self.delivered[s][0] in self.revoked]
+        in_lost = [s for s in missing if s not in in_waiting]
         in_twice = {s: c for s, (c, _created) in recorded.items() if c > 1}
         latencies = sorted(
             (recorded[s][1] - at).total_seconds() for s, (_m, at) in self.delivered.items() if s in recorded
@@ -479,8 +509,8 @@ class Soak:
             failed_by[cron_failure_cause(block)] += 1
         addon_failures = failed_by["the addon"]
         twice = self.sent_twice(out_twice, first_accepted)
-        watchdog = log.count("timeout after") + log.count("WorkerCron") * 0
-        killed_by_limit = log.count("virtual real time limit") + log.count("CPU time limit")
+        killed_running = killed_cron_jobs(log)
+        killed_summary = ", ".join(f"{job} x{n}" for job, n in collections.Counter(killed_running).items())
 
         def pct(values, q):
             return values[min(len(values) - 1, int(q * len(values)))] if values else float("nan")
@@ -494,6 +524,7 @@ class Soak:
             "|---|---|",
             f"| messages delivered / records created | {len(self.delivered)} / {len(recorded)} |",
             f"| messages lost / processed twice | {len(in_lost)} / {len(in_twice)} |",
+            f"| messages waiting unread in the revoked mailbox (fetched once authorized again) | {len(in_waiting)} |",
             f"| arrival-to-record latency p50 / p95 | {pct(latencies, 0.5):.1f} s / {pct(latencies, 0.95):.1f} s |",
             f"| mails queued / accepted by the sandbox | {len(self.queued)} / {len(accepted)} |",
             f"| mails lost / sent twice | {len(out_lost)} / {sum(c - 1 for c in out_twice.values())} |",
@@ -508,7 +539,8 @@ class Soak:
             f"| cron runs failed (all / by the addon) | {sum(failed_jobs.values())} / {addon_failures} |",
             f"| cron failures by cause (runs and cron worker errors) | "
             f"{', '.join(f'{k}: {v}' for k, v in sorted(failed_by.items())) or 'none'} |",
-            f"| cron workers killed by Odoo's time limits | {killed_by_limit + watchdog} |",
+            f"| cron workers killed by Odoo's time limits (the job each was running) | {len(killed_running)} "
+            f"{killed_summary} |",
             f"| harness errors (RPC retried, ...) | {dict(self.errors) or 0} |",
             "",
             "| fault | time to recover |",
