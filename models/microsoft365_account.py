@@ -1,4 +1,3 @@
-import hashlib
 import logging
 import time
 from collections import defaultdict
@@ -18,7 +17,7 @@ from ..m365.errors import (
     TransientFailure,
 )
 from ..m365.identity import http_session, unverified_claims
-from .microsoft365_app import _TOKEN_MEMO, REFRESH_MARGIN, _own_connection_lost_is_passing, _remember
+from .microsoft365_app import REFRESH_MARGIN, _memo_key, _own_connection_lost_is_passing, _remember, _remembered
 
 _logger = logging.getLogger(__name__)
 
@@ -586,9 +585,9 @@ class Microsoft365Account(models.Model):
         account._check_connected()
         fresh = account.token_expires_at and account.token_expires_at.timestamp() - time.time() > REFRESH_MARGIN
         if fresh and not force_refresh:
-            memo_key = (self.env.cr.dbname, account.id, hashlib.sha256(account.token_cache_sealed.encode()).digest())
-            remembered = _TOKEN_MEMO.get(memo_key)
-            if remembered and remembered.expires_at - time.time() > REFRESH_MARGIN:
+            memo_key = _memo_key(account, "exchange", account.token_cache_sealed)
+            remembered = _remembered(memo_key)
+            if remembered:
                 return remembered.token  # no decryption, no MSAL object: this very cache state's token
             client = account._identity_client_from(account.token_cache_sealed)
             token = account._token_from(client, self.env.cr, committed=False)
@@ -704,14 +703,9 @@ class Microsoft365Account(models.Model):
             return account._refresh_serialised(force_refresh=True, scopes=scopes)
         # Served while it has REFRESH_MARGIN left, as the Exchange token is (also from the per-process memo of
         # this very cache state); under it, the refresh under the lock.
-        memo_key = (
-            self.env.cr.dbname,
-            "graph",
-            account.id,
-            hashlib.sha256(account.token_cache_sealed.encode()).digest(),
-        )
-        remembered = _TOKEN_MEMO.get(memo_key)
-        if remembered and remembered.expires_at - time.time() > REFRESH_MARGIN:
+        memo_key = _memo_key(account, "graph", account.token_cache_sealed)
+        remembered = _remembered(memo_key)
+        if remembered:
             return remembered.token
         client = account._identity_client_from(account.token_cache_sealed)
         cached = client.cached_access_token(scopes, account.home_account_id, margin=REFRESH_MARGIN)

@@ -49,6 +49,17 @@ def _own_connection_lost_is_passing(record):
         raise TransientFailure(diagnose_lost_database(exc)) from None
 
 
+def _memo_key(record, resource, sealed):
+    """The memo's key for the token of `resource` ("exchange", "graph") read from this stored cache state."""
+    return (record.env.cr.dbname, record._name, record.id, resource, hashlib.sha256(sealed.encode()).digest())
+
+
+def _remembered(key):
+    """The remembered token while it has REFRESH_MARGIN left, else None."""
+    token = _TOKEN_MEMO.get(key)
+    return token if token and token.expires_at - time.time() > REFRESH_MARGIN else None
+
+
 def _remember(key, token):
     if len(_TOKEN_MEMO) >= _TOKEN_MEMO_SIZE:
         _TOKEN_MEMO.clear()
@@ -393,9 +404,9 @@ class Microsoft365App(models.Model):
             and app.app_token_expires_at
             and app.app_token_expires_at.timestamp() - time.time() > REFRESH_MARGIN
         ):
-            memo_key = (self.env.cr.dbname, "app", app.id, hashlib.sha256(app.app_token_cache_sealed.encode()).digest())
-            remembered = _TOKEN_MEMO.get(memo_key)
-            if remembered and remembered.expires_at - time.time() > REFRESH_MARGIN:
+            memo_key = _memo_key(app, "exchange", app.app_token_cache_sealed)
+            remembered = _remembered(memo_key)
+            if remembered:
                 return remembered
             client = app._identity_client(self.env["microsoft365.vault"]._decrypt(app.app_token_cache_sealed))
             token = client.app_access_token(app._cloud().app_scopes())
@@ -421,14 +432,9 @@ class Microsoft365App(models.Model):
         scopes = app._cloud().graph_app_scopes()
         if app.app_token_cache_sealed:
             # As _app_access_token: this very cache state's token without decryption or an MSAL object.
-            memo_key = (
-                self.env.cr.dbname,
-                "app-graph",
-                app.id,
-                hashlib.sha256(app.app_token_cache_sealed.encode()).digest(),
-            )
-            remembered = _TOKEN_MEMO.get(memo_key)
-            if remembered and remembered.expires_at - time.time() > REFRESH_MARGIN:
+            memo_key = _memo_key(app, "graph", app.app_token_cache_sealed)
+            remembered = _remembered(memo_key)
+            if remembered:
                 return remembered
             client = app._identity_client(self.env["microsoft365.vault"]._decrypt(app.app_token_cache_sealed))
             cached = client.cached_access_token(scopes, margin=REFRESH_MARGIN)
