@@ -71,6 +71,8 @@ class GraphClient:
         self.mailbox = mailbox
         self.session = session or requests.Session()
         self.timeout = timeout
+        # time.monotonic() past which no reply is awaited and no Retry-After waited out (a fetch's time budget)
+        self.deadline = None
         self.sleep = sleep
         self.context = context
         self.requests = 0  # for benchmarks and tests
@@ -241,6 +243,16 @@ class GraphClient:
 
     # ------------------------------------------------------------------------------------------
 
+    def _timeout_left(self):
+        if self.deadline is None:
+            return self.timeout
+        return max(1.0, min(self.timeout, self.deadline - time.monotonic()))
+
+    def _wait_allowed(self):
+        if self.deadline is None:
+            return self.MAX_WAIT
+        return min(self.MAX_WAIT, self.deadline - time.monotonic())
+
     def _call(self, method, url, action, authorize=True, diagnose=None, **kwargs):
         headers = {"Authorization": f"Bearer {self.token}"} if authorize else {}
         retried = SEND_RETRY_STATUSES if action == "send" else RETRY_STATUSES
@@ -251,7 +263,7 @@ class GraphClient:
             attempt += 1
             self.requests += 1
             try:
-                response = self.session.request(method, url, headers=headers, timeout=self.timeout, **kwargs)
+                response = self.session.request(method, url, headers=headers, timeout=self._timeout_left(), **kwargs)
             except requests.RequestException as exc:
                 raise GraphFailed(diagnose_graph_transport(exc, self.base_url)) from None
             if response.status_code < 400:
@@ -262,7 +274,7 @@ class GraphClient:
                 headers["Authorization"] = f"Bearer {self.token}"
                 continue
             wait = _retry_after(response)
-            if response.status_code in retried and attempt < self.ATTEMPTS and wait <= self.MAX_WAIT:
+            if response.status_code in retried and attempt < self.ATTEMPTS and wait <= self._wait_allowed():
                 _logger.info("Microsoft Graph answered %s; retrying in %.1f s", response.status_code, wait)
                 self.sleep(wait)
                 continue

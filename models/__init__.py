@@ -13,3 +13,4 @@ from . import microsoft365_health
 from . import microsoft365_app_signin
 from . import res_users
 from . import mail_mail
+from . import ir_cron

@@ -5,19 +5,22 @@ import hashlib
 import logging
 import time
 from datetime import datetime, timedelta
-from imaplib import IMAP4
+from imaplib import IMAP4, IMAP4_SSL
 
 import psycopg2
 
 from odoo import api, fields, models
 from odoo.exceptions import UserError, ValidationError
+from odoo.service.server import SLEEP_INTERVAL
 from odoo.tools import SQL, config
 
-from odoo.addons.mail.models.fetchmail import MAIL_TIMEOUT, POP3Connection
+from odoo.addons.base.models.ir_cron import _intervalTypes
+from odoo.addons.mail.models.fetchmail import MAIL_TIMEOUT, IMAP4Connection, POP3Connection
 
 from ..m365.diagnosis import diagnose_connection
 from ..m365.errors import M365Error, MailCommandFailed
 from ..m365.mailcheck import imap_authenticate, imap_command, pop3_authenticate
+from .ir_cron import cron_pass_started
 from .microsoft365_account import explain
 
 _logger = logging.getLogger(__name__)
@@ -34,8 +37,19 @@ SESSION_ENDING = ("IMAP THROTTLED", "IMAP NOT CONNECTED")
 # would not), and it dies with the connection (kill -9, a cut connection) so no mailbox stays claimed.
 FETCH_LOCK_CLASS = 0x4D333635  # "M365": the first key of the advisory locks, the server id the second
 MAILBOX_SECONDS = 30  # default time budget of one mailbox per visit; the rest waits for the next visit
-RUN_SECONDS = 60  # default time budget of one cron run (Odoo runs a job up to 10 times in a row)
-MAX_CRON_BATCHES = 10  # odoo.addons.base.models.ir_cron.MAX_BATCH_PER_CRON_JOB
+RUN_SECONDS = 60  # default time budget of the fetching in one pass of a cron worker over its ready jobs
+MIN_VISIT_SECONDS = 5  # no mailbox is claimed with less time left in the pass than this (or its own budget)
+# Odoo's watchdog kills a prefork cron worker (WorkerCron) limit_time_real_cron seconds after its last
+# ping, and the worker pings *before* it sleeps up to SLEEP_INTERVAL + 9 s: the sleep counts against the
+# pass that follows it. (A cron thread without --workers is timed from the pass's start.)
+PREFORK_CRON_SLEEP = SLEEP_INTERVAL + 10
+
+
+class _IMAP4ConnectionWithTimeout(IMAP4Connection):
+    """Odoo's IMAP connection wrapper, with a timeout from the first byte on."""
+
+    def __init__(self, server, port, is_ssl, timeout):  # pylint: disable=super-init-not-called
+        self.__obj__ = IMAP4_SSL(server, port, timeout=timeout) if is_ssl else IMAP4(server, port, timeout=timeout)
 
 
 def _given_up(entry):
@@ -199,6 +213,11 @@ class FetchmailServer(models.Model):
         self.ensure_one()
         if not self._microsoft365_in_use():
             return super().connect(allow_archived=allow_archived)
+        return self._microsoft365_open(allow_archived)
+
+    def _microsoft365_open(self, allow_archived=False, deadline=None):
+        """connect() of a Microsoft 365 server: logged in with the mailbox's token, no reply awaited past
+        `deadline` (time.monotonic(); else Odoo's MAIL_TIMEOUT), a refusal explained and its back-off kept."""
         if self.microsoft365_retry_at and self.microsoft365_retry_at > fields.Datetime.now():
             raise UserError(
                 self.env._(
@@ -206,12 +225,15 @@ class FetchmailServer(models.Model):
                     fields.Datetime.to_string(self.microsoft365_retry_at),
                 )
             )
+        if not allow_archived and not self.active:
+            raise UserError(self.env._('The server "%s" cannot be used because it is archived.', self.display_name))
+        timeout = MAIL_TIMEOUT if deadline is None else max(1.0, min(MAIL_TIMEOUT, deadline - time.monotonic()))
         try:
             try:
                 if self._get_connection_type() == "pop":
-                    connection = self._microsoft365_connect_pop3(allow_archived)
+                    connection = self._microsoft365_connect_pop3(timeout)
                 else:
-                    connection = super().connect(allow_archived=allow_archived)
+                    connection = self._microsoft365_connect_imap(timeout)
             except M365Error as exc:
                 found = self._microsoft365_mail_diagnosis(exc.diagnosis)
                 self._microsoft365_honour_backoff(found)
@@ -229,11 +251,22 @@ class FetchmailServer(models.Model):
             self.write({"microsoft365_fetch_error": False, "microsoft365_fetch_failed_at": False})
         return connection
 
-    def _microsoft365_connect_pop3(self, allow_archived):
+    def _microsoft365_connect_imap(self, timeout):
+        # Odoo's IMAP connection waits without limit for the TLS handshake and the greeting (its
+        # MAIL_TIMEOUT default never reaches imaplib, which passes timeout=None on): a server that accepts
+        # the connection and says nothing would hold a cron worker until Odoo kills it.
+        connection = _IMAP4ConnectionWithTimeout(self.server, int(self.port), self.is_ssl, timeout)
+        try:
+            self._imap_login(connection)
+        except Exception:
+            with contextlib.suppress(OSError, IMAP4.error):
+                connection.shutdown()
+            raise
+        return connection
+
+    def _microsoft365_connect_pop3(self, timeout):
         # Odoo's POP branch logs in with USER/PASS and offers no hook.
-        if not allow_archived and not self.active:
-            raise UserError(self.env._('The server "%s" cannot be used because it is archived.', self.display_name))
-        connection = POP3Connection(self.server, int(self.port), self.is_ssl)
+        connection = POP3Connection(self.server, int(self.port), self.is_ssl, timeout=timeout)
         try:
             # Odoo's wrapper exposes only POP3's public commands; SASL needs the raw client.
             pop3_authenticate(connection.__obj__, self._microsoft365_account().email, self._microsoft365_token())
@@ -311,10 +344,9 @@ class FetchmailServer(models.Model):
                 lane._trigger()
             self.env.cr.commit()  # pylint: disable=invalid-commit
         result = super(FetchmailServer, self.with_context(microsoft365_fetched_by_lanes=True))._fetch_mails()
-        # Core's cron runs once per interval (a rerun would repeat core's loop too): no progress report,
-        # and half a lane's share, since the same cron worker may go on with a lane and the mail queue
-        # in one pass, which Odoo's cron time limit (limit_time_real_cron) bounds as a whole.
-        self._microsoft365_fetch_lane(report_progress=False, share=2)
+        # Core's cron runs once per interval (a rerun would repeat core's loop too): no progress report.
+        # It fetches within the same budget of the pass as the lanes (_microsoft365_fetch_deadline).
+        self._microsoft365_fetch_lane(report_progress=False)
         return result
 
     @api.model
@@ -327,33 +359,50 @@ class FetchmailServer(models.Model):
         )
 
     @api.model
-    def _microsoft365_fetch_lane(self, report_progress=True, share=1):
+    def _microsoft365_fetch_lane(self, report_progress=True):
         """One run of a fetch lane (and the end of core's fetch cron): claims the mailboxes that are
         due one by one, least recently attempted first, each under its own time budget, until none is
-        left or the run's budget is spent. Mailboxes another worker holds are skipped; so are those
-        Microsoft asked to back off. The rest of a busy cycle is reported to Odoo's cron progress API,
-        which runs the job again at once (or another worker does)."""
-        run_seconds = self._microsoft365_run_seconds(batches=MAX_CRON_BATCHES if report_progress else share)
-        started = time.monotonic()
-        cycle_start = self._microsoft365_cycle_start()
+        left or the pass's budget is spent (_microsoft365_fetch_deadline). Mailboxes another worker holds
+        are skipped; so are those Microsoft asked to back off. The rest of a busy cycle is reported to
+        Odoo's cron progress API, which runs the job again (in the next pass when this one's budget is
+        spent), here or in another worker."""
+        # As core's own fetch loop says with it: no server written here should switch the fetch cron on or
+        # off (fetchmail.server._update_cron): that would lock and update core's cron row on every write, which
+        # the cron workers running or acquiring that job meet as a locked row or a serialization failure.
+        lane = self.with_context(fetchmail_cron_running=True)
+        deadline = lane._microsoft365_fetch_deadline()
+        cycle_start = lane._microsoft365_cycle_start()
         fetched = []
-        while time.monotonic() - started < run_seconds:
-            server = self._microsoft365_claim_next(cycle_start, exclude=fetched)
+        while lane._microsoft365_time_for_a_visit(deadline):
+            server = lane._microsoft365_claim_next(cycle_start, exclude=fetched)
             if server is None:
                 break
             fetched.append(server.id)
             try:
-                server._microsoft365_fetch_claimed(time.monotonic() + server._microsoft365_mailbox_seconds())
+                server._microsoft365_fetch_claimed(
+                    min(time.monotonic() + server._microsoft365_mailbox_seconds(), deadline)
+                )
             finally:
                 server._microsoft365_release()
         if report_progress:
-            remaining = len(self._microsoft365_due(cycle_start, exclude=fetched)) if fetched else 0
+            remaining = len(lane._microsoft365_due(cycle_start, exclude=fetched))
             self.env["ir.cron"]._notify_progress(done=len(fetched), remaining=remaining)
+            if remaining and not fetched and self.env.context.get("cron_id"):
+                # The pass's budget was spent before this job's turn: Odoo takes a job that did nothing as
+                # done and waits for its next interval. A trigger keeps it due for the next pass. (Stamped
+                # to the microsecond: Odoo drops the triggers older than the job's start when it reschedules.)
+                self.env["ir.cron"].sudo().browse(self.env.context["cron_id"])._trigger(at=datetime.utcnow())
             if remaining:
                 # Odoo leaves a partly done job ready but wakes no worker for it (unless the server runs
                 # with ODOO_NOTIFY_CRON_CHANGES): without this, the cycle would pause a minute per run.
                 self.env.cr.postcommit.add(self.env["ir.cron"]._notifydb)
         return len(fetched)
+
+    @api.model
+    def _microsoft365_time_for_a_visit(self, deadline):
+        """Whether another mailbox may be claimed before the pass's `deadline` (time.monotonic())."""
+        needed = min(self._microsoft365_mailbox_seconds(), MIN_VISIT_SECONDS)
+        return deadline - time.monotonic() >= needed
 
     def _microsoft365_fetch_mailbox(self, deadline):
         """One claimed mailbox, through its transport (a hook: Microsoft Graph overrides it)."""
@@ -371,6 +420,8 @@ class FetchmailServer(models.Model):
                 self._microsoft365_fetch_mailbox(deadline)
         except (psycopg2.OperationalError, psycopg2.InterfaceError):
             raise
+        except UserError as exc:  # Microsoft's refusal in plain words, already kept on the server: no traceback
+            _logger.info("Could not fetch mail from %s server %s: %s", self.server_type, self.name, exc.args[0])
         except Exception:  # noqa: BLE001 - as core's cron loop: logged, the next server goes on
             _logger.info(
                 "General failure when trying to fetch mail from %s server %s.",
@@ -475,15 +526,21 @@ class FetchmailServer(models.Model):
 
     @api.model
     def _microsoft365_cycle_start(self):
-        """The moment the current fetch cycle began: the running cron's scheduled call (it stays put
-        while Odoo runs a partly done job again), else now. Mailboxes attempted since are not due."""
+        """The moment the current fetch cycle began, the same for every lane, run and pass of the cycle: the
+        last scheduled call of core's fetch cron (its interval is the administrator's fetch interval; while it
+        runs, its nextcall stays put). Mailboxes attempted since are not due. Outside the cron, now."""
         now = fields.Datetime.now()
-        cron_id = self.env.context.get("cron_id")
-        if cron_id:
-            nextcall = self.env["ir.cron"].sudo().browse(cron_id).nextcall
-            if nextcall and nextcall < now:
-                return nextcall
-        return now
+        if not self.env.context.get("cron_id"):
+            return now
+        core = self.env.ref("mail.ir_cron_mail_gateway_action", raise_if_not_found=False)
+        core = core and core.sudo()
+        if not (core and core.active and core.nextcall):
+            # No fetch cron of core's to keep time: the running job's own scheduled call.
+            nextcall = self.env["ir.cron"].sudo().browse(self.env.context["cron_id"]).nextcall
+            return nextcall if nextcall and nextcall < now else now
+        if core.nextcall <= now:
+            return core.nextcall
+        return min(now, core.nextcall - _intervalTypes[core.interval_type](core.interval_number))
 
     @api.model
     def _microsoft365_mailbox_seconds(self):
@@ -491,17 +548,22 @@ class FetchmailServer(models.Model):
         return max(1.0, float(parameter or MAILBOX_SECONDS))
 
     @api.model
-    def _microsoft365_run_seconds(self, batches=1):
-        """One cron run's budget: the configured one (default 60 s), kept under the cron time limit so
-        that no worker is killed for it, and split over the `batches` runs Odoo makes of a job in a row."""
+    def _microsoft365_fetch_deadline(self):
+        """When (time.monotonic()) the fetching of this pass of the cron worker ends: at most
+        `mail_microsoft365_oauth.fetch_run_seconds` (default 60 s), and at most half of what Odoo's cron time
+        limit leaves the pass, so that neither a lane nor a job after it in the same pass (the mail queue)
+        is killed. Every job of the pass that fetches shares it (ir_cron.py tells when the pass began).
+        Outside Odoo's cron (a shell, a test), from now."""
         parameter = self.env["ir.config_parameter"].sudo().get_param("mail_microsoft365_oauth.fetch_run_seconds")
         seconds = float(parameter or RUN_SECONDS)
+        started = cron_pass_started() if self.env.context.get("cron_id") else None
         limit = config.get("limit_time_real_cron") or 0
         if limit < 0:
             limit = config.get("limit_time_real") or 0
-        if limit > 0:
-            seconds = min(seconds, limit / 2 - self._microsoft365_mailbox_seconds())
-        return max(0.0, seconds / batches if self.env.context.get("cron_id") else seconds)
+        if started is not None and limit > 0:
+            window = limit - (PREFORK_CRON_SLEEP if config.get("workers") else 0)
+            seconds = min(seconds, window / 2)
+        return (started if started is not None else time.monotonic()) + max(0.0, seconds)
 
     def _microsoft365_without_grant(self, raise_exception):
         """Servers whose mailbox has no usable sign-in: nothing to connect with. Said in plain words
@@ -536,7 +598,7 @@ class FetchmailServer(models.Model):
         MailThread = self.env["mail.thread"].with_context(
             fetchmail_cron_running=True, default_fetchmail_server_id=self.id
         )
-        imap = self.connect()  # logged in, INBOX selected; a refusal is explained and its back-off kept
+        imap = self._microsoft365_open(deadline=deadline)  # logged in; a refusal is explained, its back-off kept
         counts = {"done": 0, "failed": 0, "skipped": 0}
         unread = set()  # the keys of every unread message, to forget failures of messages gone meanwhile
         complete = True

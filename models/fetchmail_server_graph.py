@@ -197,6 +197,7 @@ class FetchmailServerGraph(models.Model):
         complete = True
         try:
             client = self._microsoft365_graph_client()
+            client.deadline = deadline
             offered, full, link = self._microsoft365_graph_offered(client, self.microsoft365_graph_folder or "inbox")
         except M365Error as exc:
             self._microsoft365_graph_refused(exc)

@@ -7,10 +7,12 @@ cron thread or a cron worker process) over the scheduled actions that fetch mail
 """
 
 import imaplib
+import socket
 import ssl
 import threading
 import time
 from datetime import timedelta
+from unittest.mock import patch
 
 import odoo
 from odoo import SUPERUSER_ID, api, fields
@@ -269,3 +271,123 @@ class TestFetchAcrossWorkers(BaseCase):
         self.assertEqual(
             {mailbox: self.unread(mailbox, subjects[mailbox]) for mailbox in MAILBOXES}, dict.fromkeys(MAILBOXES, 0)
         )
+
+    # the budget of a cron worker's pass ----------------------------------------------------------
+
+    def fetch_jobs_due_now(self):
+        """The fetch jobs due, as fetch_jobs(), and whether each lane is due (its nextcall or a trigger)."""
+        job_ids = self.fetch_jobs()
+        with self.registry.cursor() as cr:
+            cr.execute("DELETE FROM ir_cron_trigger WHERE cron_id IN %s", [tuple(job_ids)])
+        return job_ids
+
+    def lanes_due(self):
+        with self.registry.cursor() as cr:
+            env = api.Environment(cr, SUPERUSER_ID, {})
+            lanes = env["fetchmail.server"]._microsoft365_fetch_lanes()
+            cr.execute(
+                "SELECT id FROM ir_cron WHERE id IN %s AND (nextcall <= (now() at time zone 'UTC') OR id IN "
+                "(SELECT cron_id FROM ir_cron_trigger WHERE call_at <= (now() at time zone 'UTC')))",
+                [tuple(lanes.ids)],
+            )
+            return len(cr.fetchall())
+
+    def mailbox_seconds(self, seconds):
+        with self.registry.cursor() as cr:
+            api.Environment(cr, SUPERUSER_ID, {})["ir.config_parameter"].set_param(
+                "mail_microsoft365_oauth.fetch_mailbox_seconds", str(seconds)
+            )
+
+        def reset():
+            with self.registry.cursor() as cr:
+                api.Environment(cr, SUPERUSER_ID, {})["ir.config_parameter"].set_param(
+                    "mail_microsoft365_oauth.fetch_mailbox_seconds", False
+                )
+
+        self.addCleanup(reset)
+
+    @mute_logger(*QUIET)
+    def test_a_cron_pass_fetches_within_its_share_of_odoo_time_limit(self):
+        """Odoo's time limit on a cron worker bounds a whole pass over the ready jobs (core's fetch cron, both
+        lanes, the mail queue...), not each job: the fetching of a pass ends by half of it, however many
+        fetch jobs the pass runs and however long their mailboxes hang; the lanes stay due, and the next pass
+        goes on with the mailboxes this one did not reach."""
+        subjects = {mailbox: self.deliver(mailbox) for mailbox in MAILBOXES}
+        self.mailbox_seconds(3)
+        for mailbox in MAILBOXES:
+            self.sandbox.control("mail_stall", mailbox=mailbox)  # every mailbox hangs after login
+        jobs = self.fetch_jobs_due_now()
+        deadlines = []
+        Servers = self.registry["fetchmail.server"]
+        fetch_claimed = Servers._microsoft365_fetch_claimed
+
+        def spy(server, deadline):
+            deadlines.append(deadline)
+            return fetch_claimed(server, deadline)
+
+        # limit_time_real_cron 10 s (without --workers, a pass is timed from its start): 5 s of fetching.
+        with patch.dict(odoo.tools.config.options, {"limit_time_real_cron": 10, "workers": 0}):
+            with patch.object(Servers, "_microsoft365_fetch_claimed", spy):
+                before = time.monotonic()
+                worker = self.worker(lambda: self.cron_worker(jobs), "cron worker")
+                self.addCleanup(self.sandbox.reset)  # before the worker is joined: releases a stalled session
+                self.wait_for(lambda: not worker.is_alive(), "the cron worker ends its pass", seconds=60)
+        self.assertEqual(worker.errors, [])
+        sessions = {mailbox: self.sandbox.counter(f"imap_sessions:{mailbox}") for mailbox in MAILBOXES}
+        self.assertEqual(sum(sessions.values()), 1, f"one hung mailbox of 3 s fits a pass of 5 s: {sessions}")
+        self.assertTrue(all(deadline <= before + 5 for deadline in deadlines), "no visit outlasts the pass's budget")
+        self.assertEqual(self.lanes_due(), 2, "the lanes stay due for the next pass")
+
+        for mailbox in MAILBOXES:
+            self.sandbox.control("mail_stall", mailbox=mailbox, stalled=False)
+        with patch.dict(odoo.tools.config.options, {"limit_time_real_cron": 10, "workers": 0}):
+            self.cron_worker(jobs)
+        reached = {mailbox: self.records(subjects[mailbox]) for mailbox in MAILBOXES}
+        first = next(mailbox for mailbox, count in sessions.items() if count)
+        # The mailbox that hung was attempted in this cycle: its message waits for the next cycle.
+        self.assertEqual(reached, {mailbox: int(mailbox != first) for mailbox in MAILBOXES})
+
+    @mute_logger(*QUIET)
+    def test_a_server_that_never_greets_does_not_hold_the_cron_worker(self):
+        """A server that accepts the connection and says nothing (no TLS handshake, no greeting): Odoo's IMAP
+        connection would wait for it without limit, until Odoo kills the cron worker. The mailbox's time budget
+        bounds it; the other mailboxes are fetched."""
+        silent = socket.socket()
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        self.addCleanup(silent.close)
+        with self.registry.cursor() as cr:
+            alice = api.Environment(cr, SUPERUSER_ID, {})["fetchmail.server"].browse(self.server_ids[0])
+            alice.port = silent.getsockname()[1]
+        subjects = {mailbox: self.deliver(mailbox) for mailbox in MAILBOXES[1:]}
+        self.mailbox_seconds(2)
+        jobs = self.fetch_jobs_due_now()
+        worker = self.worker(lambda: self.cron_worker(jobs), "cron worker")
+        self.wait_for(lambda: not worker.is_alive(), "the cron worker ends its pass", seconds=60)
+        self.assertEqual(worker.errors, [])
+        self.assertEqual(
+            {mailbox: self.records(subjects[mailbox]) for mailbox in MAILBOXES[1:]},
+            {"bob@contoso.com": 1, "info@contoso.com": 1},
+        )
+
+    @mute_logger(*QUIET)
+    def test_the_lanes_leave_core_fetch_cron_alone(self):
+        """Core's fetch loop writes its servers with `fetchmail_cron_running` so that a write does not switch its
+        cron on or off (which locks and updates the cron's row). The lanes write theirs the same way: otherwise
+        every mailbox visit would update core's cron row, which the cron workers running or acquiring that job
+        then meet as a locked row (skipped) or a serialization failure."""
+        subjects = {mailbox: self.deliver(mailbox) for mailbox in MAILBOXES}
+        self.fetch_jobs_due_now()
+        with self.registry.cursor() as cr:
+            env = api.Environment(cr, SUPERUSER_ID, {})
+            core = env.ref("mail.ir_cron_mail_gateway_action")
+            lane = env.ref("mail_microsoft365_oauth.ir_cron_microsoft365_fetch_lane_1")
+            cr.execute("SELECT xmin::text FROM ir_cron WHERE id = %s", [core.id])
+            version = cr.fetchone()[0]
+        self.cron_worker([lane.id])
+        self.assertEqual(
+            {mailbox: self.records(subjects[mailbox]) for mailbox in MAILBOXES}, dict.fromkeys(MAILBOXES, 1)
+        )
+        with self.registry.cursor() as cr:
+            cr.execute("SELECT xmin::text FROM ir_cron WHERE id = %s", [core.id])
+            self.assertEqual(cr.fetchone()[0], version, "core's fetch cron row was not written")
