@@ -268,6 +268,41 @@ class TestGraphTransport(FetchCase):
         self.send(server, "alice@contoso.com", "bob@contoso.com", "Graph after the 5.7.139 switch")
         self.assertEqual(len(self.arrived("bob@contoso.com", "Graph after the 5.7.139 switch")), 1)
 
+    def test_use_graph_from_the_lists_switches_many_servers_in_one_click(self):
+        """The list views' action on a selection: each Microsoft 365 server moves to Graph and is named in the
+        report; one already on Graph and one of another provider are left as they were."""
+        account = self.connect(self.new_account())
+        smtp = self.outgoing(account, name="Alice SMTP")
+        already = self.graph_outgoing(account, name="Alice Graph")
+        elsewhere = self.env["ir.mail_server"].create(
+            {
+                "name": "Fabrikam relay",
+                "smtp_host": "smtp.fabrikam.example",
+                "smtp_authentication": "login",
+                "smtp_user": "odoo",
+                "smtp_pass": "secret",
+            }
+        )
+        incoming = self.incoming(account, name="Alice IMAP")
+        selection = smtp | already | elsewhere
+        result = (
+            self.env.ref("mail_microsoft365_oauth.ir_mail_server_action_use_graph")
+            .with_context(active_model="ir.mail_server", active_ids=selection.ids, active_id=smtp.id)
+            .run()
+        )
+        self.assertEqual((smtp.microsoft365_transport, already.microsoft365_transport), ("graph", "graph"))
+        self.assertEqual((elsewhere.smtp_authentication, elsewhere.smtp_host), ("login", "smtp.fabrikam.example"))
+        report = result["params"]["message"]
+        self.assertIn("Alice SMTP: uses Microsoft Graph with alice@contoso.com.", report)
+        self.assertIn("Alice Graph: already uses Microsoft Graph.", report)
+        self.assertIn("Fabrikam relay: not a Microsoft 365 server, left unchanged.", report)
+        self.env.ref("mail_microsoft365_oauth.fetchmail_server_action_use_graph").with_context(
+            active_model="fetchmail.server", active_ids=incoming.ids, active_id=incoming.id
+        ).run()
+        self.assertEqual(incoming.microsoft365_transport, "graph")
+        self.send(smtp, "alice@contoso.com", "bob@contoso.com", "Graph after the switch of many")  # SMTP AUTH is off
+        self.assertEqual(len(self.arrived("bob@contoso.com", "Graph after the switch of many")), 1)
+
     @mute_logger(*QUIET, "odoo.addons.mail.models.mail_mail")
     def test_a_queued_mail_refused_with_5_7_139_names_graph_as_the_way_out(self):
         account = self.connect(self.new_account())
