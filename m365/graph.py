@@ -39,6 +39,28 @@ UPLOAD_CHUNK = 10 * 320 * 1024  # a multiple of 320 KiB, under 4 MB
 ATTACHMENT_LIMIT = 150 * 1024 * 1024
 SUMMARY_FIELDS = "id,internetMessageId,subject,from,receivedDateTime,isRead"
 EVER = "1900-01-01T00:00:00Z"  # a receivedDateTime clause that excludes nothing (GRAPH-16)
+# Graph's well-known folder names, usable wherever a folder id is (GRAPH-22).
+WELL_KNOWN_FOLDERS = frozenset(
+    {
+        "archive",
+        "clutter",
+        "conflicts",
+        "conversationhistory",
+        "deleteditems",
+        "drafts",
+        "inbox",
+        "junkemail",
+        "localfailures",
+        "msgfolderroot",
+        "outbox",
+        "recoverableitemsdeletions",
+        "scheduled",
+        "searchfolders",
+        "sentitems",
+        "serverfailures",
+        "syncissues",
+    }
+)
 # A delta link Graph no longer knows (GRAPH-17): 410 Gone, or a 40x with one of these codes.
 DELTA_EXPIRED_CODES = frozenset({"syncstatenotfound", "syncstateinvalid", "resyncrequired"})
 
@@ -76,6 +98,7 @@ class GraphClient:
         self.sleep = sleep
         self.context = context
         self.requests = 0  # for benchmarks and tests
+        self._found_folders = {}
 
     def __repr__(self):  # never the token
         return f"GraphClient({self.base_url!r}, mailbox={self.mailbox!r})"
@@ -177,10 +200,41 @@ class GraphClient:
         return self._call("GET", f"{self._user}/mailFolders/{quote(folder, safe='')}", "read").json()
 
     def folders(self, parent=None):
+        """The root's folders, or `parent`'s child folders (id or well-known name), every page (GRAPH-22)."""
         url = (
             f"{self._user}/mailFolders/{quote(parent, safe='')}/childFolders" if parent else f"{self._user}/mailFolders"
         )
-        return self._call("GET", url, "read").json().get("value", [])
+        params = {"$select": "id,displayName", "$top": "100"}
+        found = []
+        while url:
+            answer = self._call("GET", url, "read", params=params).json()
+            found += answer.get("value", [])
+            url, params = answer.get("@odata.nextLink"), None
+        return found
+
+    def find_folder(self, path):
+        """The id of the folder people know as `path`, names joined by "/" ("Inbox/Support", "Projects"), or
+        None. Graph addresses a folder only by id or well-known name and lists one level at a time
+        (GRAPH-22): the first name may be a well-known one (inbox, archive...: whatever the mailbox's
+        language), each name is looked up among the children of the previous folder, ignoring case."""
+        names = [name.strip() for name in path.split("/") if name.strip()]
+        if not names:
+            return None
+        key = "/".join(names).lower()
+        if key not in self._found_folders:  # one lookup per client (one fetch), however many messages it moves
+            self._found_folders[key] = self._find_folder(names)
+        return self._found_folders[key]
+
+    def _find_folder(self, names):
+        parent, rest = None, names
+        if names[0].lower() in WELL_KNOWN_FOLDERS:
+            parent, rest = names[0].lower(), names[1:]
+        for name in rest:
+            match = [f for f in self.folders(parent) if (f.get("displayName") or "").lower() == name.lower()]
+            if not match:
+                return None
+            parent = match[0]["id"]
+        return parent if rest else self.folder(parent)["id"]
 
     def unread(self, folder="inbox", page_size=50):
         """The folder's unread messages (id, internetMessageId, subject, from), oldest first. Graph sorts a
@@ -573,12 +627,16 @@ def diagnose_graph(
             detail,
             **params,
         )
-    if code == "ErrorItemNotFound" or status == 404:
+    if code in ("ErrorItemNotFound", "ErrorInvalidIdMalformed") or status == 404:
+        # A folder name Graph cannot take as an id is "malformed" to Graph: the same mistake for the person.
         return _diagnosis(
             "GRAPH NOT FOUND",
             CONFIGURATION,
             _lt("Microsoft Graph did not find the folder or message in %(mailbox)s."),
-            _lt("Check the folder chosen on the server (it may have been renamed or deleted)."),
+            _lt(
+                "Check the folder chosen on the server: a well-known name (inbox, archive...), a path of folder "
+                "names such as Inbox/Support, or a folder id. It may have been renamed or deleted."
+            ),
             detail,
             **params,
         )

@@ -10,7 +10,7 @@ from odoo import api, fields, models
 from odoo.exceptions import UserError, ValidationError
 
 from ..m365.errors import M365Error
-from ..m365.graph import GraphFailed, about_one_message, delta_expired
+from ..m365.graph import WELL_KNOWN_FOLDERS, GraphFailed, about_one_message, delta_expired
 from .fetchmail_server import _given_up
 from .microsoft365_account import explain
 
@@ -46,8 +46,8 @@ class FetchmailServerGraph(models.Model):
     microsoft365_graph_folder = fields.Char(
         string="Folder",
         default="inbox",
-        help="The mail folder Odoo reads through Microsoft Graph: a well-known name (inbox, archive...) or a "
-        "folder id. Default: the Inbox.",
+        help="The mail folder Odoo reads through Microsoft Graph: a well-known name (inbox, archive...), a path of "
+        "folder names as Outlook shows them (Inbox/Support), or a folder id. Default: the Inbox.",
     )
     microsoft365_graph_after = fields.Selection(
         [("read", "Mark as read"), ("move", "Move to a folder")],
@@ -59,8 +59,8 @@ class FetchmailServerGraph(models.Model):
     microsoft365_graph_move_to = fields.Char(
         string="Move to",
         default="archive",
-        help="The folder messages are moved to once in Odoo: a well-known name (archive, deleteditems...) or a "
-        "folder id.",
+        help="The folder messages are moved to once in Odoo: a well-known name (archive, deleteditems...), a path "
+        "of folder names (Inbox/Done), or a folder id.",
     )
 
     @api.constrains("microsoft365_graph_after", "microsoft365_graph_move_to")
@@ -153,6 +153,15 @@ class FetchmailServerGraph(models.Model):
             return True
         return server.microsoft365_graph_listed_at < fields.Datetime.now() - FULL_LISTING_EVERY
 
+    @staticmethod
+    def _microsoft365_graph_folder_ref(client, value):
+        """What Graph takes for a folder the server names (GRAPH-22): a well-known name as it is, a path of
+        folder names by the id of the folder found, anything else as a folder id (Graph says if it is none)."""
+        value = (value or "").strip() or "inbox"
+        if value.lower() in WELL_KNOWN_FOLDERS:
+            return value.lower()
+        return client.find_folder(value) or value
+
     def _microsoft365_graph_offered(self, client, folder):
         """(messages to read, oldest first; whether they are the full unread listing; the delta link to keep
         once they are all handled)."""
@@ -198,7 +207,8 @@ class FetchmailServerGraph(models.Model):
         try:
             client = self._microsoft365_graph_client()
             client.deadline = deadline
-            offered, full, link = self._microsoft365_graph_offered(client, self.microsoft365_graph_folder or "inbox")
+            folder = self._microsoft365_graph_folder_ref(client, self.microsoft365_graph_folder)
+            offered, full, link = self._microsoft365_graph_offered(client, folder)
         except M365Error as exc:
             self._microsoft365_graph_refused(exc)
         try:
@@ -288,7 +298,7 @@ class FetchmailServerGraph(models.Model):
 
     def _microsoft365_graph_done(self, client, message_id):
         if self.microsoft365_graph_after == "move":
-            client.move(message_id, self.microsoft365_graph_move_to.strip())
+            client.move(message_id, self._microsoft365_graph_folder_ref(client, self.microsoft365_graph_move_to))
         else:
             client.mark_read(message_id)
 
@@ -297,9 +307,9 @@ class FetchmailServerGraph(models.Model):
         for server in graph:
             try:
                 client = server._microsoft365_graph_client()
-                client.folder(server.microsoft365_graph_folder or "inbox")
+                client.folder(server._microsoft365_graph_folder_ref(client, server.microsoft365_graph_folder))
                 if server.microsoft365_graph_after == "move":
-                    client.folder(server.microsoft365_graph_move_to.strip())
+                    client.folder(server._microsoft365_graph_folder_ref(client, server.microsoft365_graph_move_to))
             except M365Error as exc:
                 found = getattr(exc, "diagnosis", None)
                 raise UserError(

@@ -268,6 +268,41 @@ class TestGraphTransport(FetchCase):
         self.send(server, "alice@contoso.com", "bob@contoso.com", "Graph after the 5.7.139 switch")
         self.assertEqual(len(self.arrived("bob@contoso.com", "Graph after the 5.7.139 switch")), 1)
 
+    def test_use_graph_from_the_lists_switches_many_servers_in_one_click(self):
+        """The list views' action on a selection: each Microsoft 365 server moves to Graph and is named in the
+        report; one already on Graph and one of another provider are left as they were."""
+        account = self.connect(self.new_account())
+        smtp = self.outgoing(account, name="Alice SMTP")
+        already = self.graph_outgoing(account, name="Alice Graph")
+        elsewhere = self.env["ir.mail_server"].create(
+            {
+                "name": "Fabrikam relay",
+                "smtp_host": "smtp.fabrikam.example",
+                "smtp_authentication": "login",
+                "smtp_user": "odoo",
+                "smtp_pass": "secret",
+            }
+        )
+        incoming = self.incoming(account, name="Alice IMAP")
+        selection = smtp | already | elsewhere
+        result = (
+            self.env.ref("mail_microsoft365_oauth.ir_mail_server_action_use_graph")
+            .with_context(active_model="ir.mail_server", active_ids=selection.ids, active_id=smtp.id)
+            .run()
+        )
+        self.assertEqual((smtp.microsoft365_transport, already.microsoft365_transport), ("graph", "graph"))
+        self.assertEqual((elsewhere.smtp_authentication, elsewhere.smtp_host), ("login", "smtp.fabrikam.example"))
+        report = result["params"]["message"]
+        self.assertIn("Alice SMTP: uses Microsoft Graph with alice@contoso.com.", report)
+        self.assertIn("Alice Graph: already uses Microsoft Graph.", report)
+        self.assertIn("Fabrikam relay: not a Microsoft 365 server, left unchanged.", report)
+        self.env.ref("mail_microsoft365_oauth.fetchmail_server_action_use_graph").with_context(
+            active_model="fetchmail.server", active_ids=incoming.ids, active_id=incoming.id
+        ).run()
+        self.assertEqual(incoming.microsoft365_transport, "graph")
+        self.send(smtp, "alice@contoso.com", "bob@contoso.com", "Graph after the switch of many")  # SMTP AUTH is off
+        self.assertEqual(len(self.arrived("bob@contoso.com", "Graph after the switch of many")), 1)
+
     @mute_logger(*QUIET, "odoo.addons.mail.models.mail_mail")
     def test_a_queued_mail_refused_with_5_7_139_names_graph_as_the_way_out(self):
         account = self.connect(self.new_account())
@@ -348,6 +383,50 @@ class TestGraphTransport(FetchCase):
         client = self.app_graph("alice@contoso.com")
         archived = [m for m in client.delta("archive")[0] if m["subject"] == "Graph moved"]
         self.assertEqual(len(archived), 1)
+
+    def append_unread(self, mailbox, folder, subject):
+        """An unread message put in a folder of a mailbox (made if missing) over IMAP, as the app."""
+        app = f"app:{self.sandbox.app()['client_id']}"
+        self.sandbox.control("grant", right="full_access", identity=app, mailbox=mailbox)
+        message = email.message.EmailMessage()
+        message["From"], message["To"], message["Subject"] = "someone@fabrikam.example", mailbox, subject
+        message["Message-ID"] = email.utils.make_msgid(domain="fabrikam.example")
+        message.set_content("Filed by a mail rule.")
+        token = self.app_token()
+        with self.imap() as imap:
+            imap.authenticate("XOAUTH2", lambda _: f"user={mailbox}\x01auth=Bearer {token}\x01\x01")
+            imap.create(folder)
+            imap.append(folder, None, None, message.as_bytes())
+
+    def test_a_folder_of_a_shared_mailbox_is_read_by_the_path_people_know(self):
+        """A shared mailbox read by a delegate, from the folder a mail rule files into (Inbox/Support, as
+        Outlook shows it; Graph itself takes only ids and well-known names: GRAPH-22), moved to another
+        folder given the same way; the Inbox is left alone."""
+        info = self.connect(self.new_account(email="info@contoso.com"), upn="alice@contoso.com")
+        self.deliver_unread("info@contoso.com", "Graph left in the Inbox")
+        self.append_unread("info@contoso.com", "INBOX.Support", "Graph filed in Support")
+        self.append_unread("info@contoso.com", "INBOX.Done", "Graph already done")
+        imap_logins = self.sandbox.counter("mail_login:imap")
+        server = self.graph_incoming(
+            info,
+            state="draft",
+            microsoft365_graph_folder="Inbox/Support",
+            microsoft365_graph_after="move",
+            microsoft365_graph_move_to="Inbox/Done",
+        )
+        server.button_confirm_login()
+        self.cron_fetch()
+        self.assertFalse(server.microsoft365_fetch_error)
+        self.assertEqual(self.partners("Graph filed in Support"), 1)
+        self.assertEqual(self.partners("Graph left in the Inbox"), 0)
+        client = self.app_graph("info@contoso.com")
+        done = client.find_folder("Inbox/Done")
+        self.assertEqual(
+            sorted(m["subject"] for m in client.delta(done)[0]), ["Graph already done", "Graph filed in Support"]
+        )
+        self.assertEqual(client.folder(client.find_folder("Inbox/Support"))["totalItemCount"], 0)
+        self.assertEqual(self.sandbox.counter("mail_login:imap"), imap_logins)  # all through Graph
+        self.clear_unread("info@contoso.com")
 
     @mute_logger(*QUIET)
     def test_a_message_gone_before_it_is_read_does_not_stop_the_others(self):

@@ -155,6 +155,42 @@ def test_mail_delivered_by_smtp_is_read_marked_read_and_moved_through_graph(box)
     assert client.folder("inbox")["unreadItemCount"] == 0
 
 
+def imap_create(sandbox, mailbox, folder):
+    """A folder made in a mailbox over IMAP (the app given Full Access), as a person makes one in Outlook."""
+    sandbox.control("grant", right="full_access", identity=f"app:{sandbox.app()['client_id']}", mailbox=mailbox)
+    context = ssl.create_default_context(cafile=sandbox.ca_file)
+    imap = imaplib.IMAP4_SSL(sandbox.host, sandbox.ports["imaps"], ssl_context=context)
+    imap.authenticate("XOAUTH2", lambda _challenge: xoauth2_string(mailbox, imap_token(sandbox)))
+    imap.create(folder)
+    imap.logout()
+
+
+def test_a_folder_is_found_by_its_path_of_names(box):
+    """Graph takes a folder's id or a well-known name only, and lists one level at a time (GRAPH-22): the
+    path a person sees in Outlook ("Inbox/Support", "Projects") is walked down to the folder's id."""
+    imap_create(box, "sales@contoso.com", "INBOX.Support")
+    imap_create(box, "sales@contoso.com", "Projects")
+    client = app_graph(box, "sales@contoso.com")
+    support = client.find_folder("Inbox/Support")
+    assert support and client.folder(support)["displayName"] == "Support"
+    assert client.find_folder(" inbox / SUPPORT ") == support  # names as Outlook shows them, any case
+    projects = client.find_folder("Projects")
+    assert projects and client.folder(projects)["displayName"] == "Projects"
+    assert client.find_folder("Inbox") == client.folder("inbox")["id"]
+    assert client.find_folder("Support") is None  # not at the top: under the Inbox
+    assert client.find_folder("Inbox/Nowhere") is None
+    requests = client.requests
+    assert client.find_folder("Inbox/Support") == support and client.requests == requests  # once per client
+
+
+def test_a_folder_name_graph_cannot_take_as_an_id_is_named_as_such(box):
+    client = app_graph(box, "sales@contoso.com")
+    with pytest.raises(GraphFailed) as refused:
+        client.folder("Nowhere at all")
+    assert refused.value.diagnosis.code == "GRAPH NOT FOUND"
+    assert "Inbox/Support" in refused.value.diagnosis.fix
+
+
 def test_delta_gives_what_is_new_since_the_last_call(box):
     box.control("deliver", mailbox="admin@contoso.com", subject="Old")
     client = app_graph(box, "admin@contoso.com")

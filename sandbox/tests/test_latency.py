@@ -1,5 +1,5 @@
 """The sandbox's `latency_ms` setting: a round-trip time added to every connection and every reply of
-the identity platform, IMAP, POP3 and SMTP (issue 15). Measured with a monotonic clock as a lower
+the identity platform, IMAP, POP3, SMTP and Microsoft Graph (issue 15). Measured with a monotonic clock as a lower
 bound, which holds on any machine: a reply never comes sooner than the latency says."""
 
 import base64
