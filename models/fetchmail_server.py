@@ -11,8 +11,7 @@ import psycopg2
 
 from odoo import api, fields, models
 from odoo.exceptions import UserError, ValidationError
-from odoo.service.server import SLEEP_INTERVAL
-from odoo.tools import SQL, config
+from odoo.tools import SQL
 
 from odoo.addons.base.models.ir_cron import _intervalTypes
 from odoo.addons.mail.models.fetchmail import MAIL_TIMEOUT, IMAP4Connection, POP3Connection
@@ -20,7 +19,7 @@ from odoo.addons.mail.models.fetchmail import MAIL_TIMEOUT, IMAP4Connection, POP
 from ..m365.diagnosis import diagnose_connection
 from ..m365.errors import M365Error, MailCommandFailed
 from ..m365.mailcheck import imap_authenticate, imap_command, pop3_authenticate
-from .ir_cron import cron_pass_started
+from .ir_cron import cron_pass_deadline, stay_due_for_next_pass
 from .microsoft365_account import explain
 
 _logger = logging.getLogger(__name__)
@@ -39,10 +38,6 @@ FETCH_LOCK_CLASS = 0x4D333635  # "M365": the first key of the advisory locks, th
 MAILBOX_SECONDS = 30  # default time budget of one mailbox per visit; the rest waits for the next visit
 RUN_SECONDS = 60  # default time budget of the fetching in one pass of a cron worker over its ready jobs
 MIN_VISIT_SECONDS = 5  # no mailbox is claimed with less time left in the pass than this (or its own budget)
-# Odoo's watchdog kills a prefork cron worker (WorkerCron) limit_time_real_cron seconds after its last
-# ping, and the worker pings *before* it sleeps up to SLEEP_INTERVAL + 9 s: the sleep counts against the
-# pass that follows it. (A cron thread without --workers is timed from the pass's start.)
-PREFORK_CRON_SLEEP = SLEEP_INTERVAL + 10
 
 
 class _IMAP4ConnectionWithTimeout(IMAP4Connection):
@@ -387,11 +382,8 @@ class FetchmailServer(models.Model):
         if report_progress:
             remaining = len(lane._microsoft365_due(cycle_start, exclude=fetched))
             self.env["ir.cron"]._notify_progress(done=len(fetched), remaining=remaining)
-            if remaining and not fetched and self.env.context.get("cron_id"):
-                # The pass's budget was spent before this job's turn: Odoo takes a job that did nothing as
-                # done and waits for its next interval. A trigger keeps it due for the next pass. (Stamped
-                # to the microsecond: Odoo drops the triggers older than the job's start when it reschedules.)
-                self.env["ir.cron"].sudo().browse(self.env.context["cron_id"])._trigger(at=datetime.utcnow())
+            if remaining and not fetched:  # the pass's budget was spent before this job's turn
+                stay_due_for_next_pass(self.env)
             if remaining:
                 # Odoo leaves a partly done job ready but wakes no worker for it (unless the server runs
                 # with ODOO_NOTIFY_CRON_CHANGES): without this, the cycle would pause a minute per run.
@@ -549,21 +541,11 @@ class FetchmailServer(models.Model):
 
     @api.model
     def _microsoft365_fetch_deadline(self):
-        """When (time.monotonic()) the fetching of this pass of the cron worker ends: at most
-        `mail_microsoft365_oauth.fetch_run_seconds` (default 60 s), and at most half of what Odoo's cron time
-        limit leaves the pass, so that neither a lane nor a job after it in the same pass (the mail queue)
-        is killed. Every job of the pass that fetches shares it (ir_cron.py tells when the pass began).
-        Outside Odoo's cron (a shell, a test), from now."""
+        """When (time.monotonic()) the fetching of this pass of the cron worker ends: after
+        `mail_microsoft365_oauth.fetch_run_seconds` (default 60 s), within the pass's budget (every job of the
+        pass that fetches shares it: ir_cron.cron_pass_deadline)."""
         parameter = self.env["ir.config_parameter"].sudo().get_param("mail_microsoft365_oauth.fetch_run_seconds")
-        seconds = float(parameter or RUN_SECONDS)
-        started = cron_pass_started() if self.env.context.get("cron_id") else None
-        limit = config.get("limit_time_real_cron") or 0
-        if limit < 0:
-            limit = config.get("limit_time_real") or 0
-        if started is not None and limit > 0:
-            window = limit - (PREFORK_CRON_SLEEP if config.get("workers") else 0)
-            seconds = min(seconds, window / 2)
-        return (started if started is not None else time.monotonic()) + max(0.0, seconds)
+        return cron_pass_deadline(self.env, float(parameter or RUN_SECONDS))
 
     def _microsoft365_without_grant(self, raise_exception):
         """Servers whose mailbox has no usable sign-in: nothing to connect with. Said in plain words

@@ -4,6 +4,7 @@ the records, and brought to the responsible people once per problem."""
 import contextlib
 import logging
 import threading
+import time
 from datetime import timedelta
 
 import psycopg2
@@ -14,6 +15,7 @@ from odoo.exceptions import UserError
 from odoo.tools import plaintext2html
 
 from ..m365.errors import M365Error
+from .ir_cron import cron_pass_deadline, stay_due_for_next_pass
 
 _logger = logging.getLogger(__name__)
 
@@ -21,6 +23,7 @@ _logger = logging.getLogger(__name__)
 KEEPALIVE_AFTER = timedelta(days=14)
 SECRET_WARNING = timedelta(days=30)
 HEALTH_BATCH = 100  # accounts per committed batch (those kept alive commit on their own)
+HEALTH_RUN_SECONDS = 60  # at most per run, within the cron pass's budget (ir_cron.cron_pass_deadline)
 HEALTH_PROBLEMS = [
     ("ok", "OK"),
     ("reconnect", "Reconnect needed"),
@@ -51,11 +54,25 @@ class Microsoft365Account(models.Model):
         written, a concurrent change is retried in a new one, and each account's health is written
         under a savepoint: one account's failure is logged and undoes nothing of the others."""
         account_ids = self.search([]).ids  # pylint: disable=no-search-all  # every account, by design
-        for done, account_id in enumerate(account_ids, 1):
+        # Keep-alive refreshes take a round trip each: the run stops within the cron pass's budget, and Odoo
+        # runs the job again for the rest (accounts refreshed meanwhile are quick to check again).
+        deadline = cron_pass_deadline(self.env, HEALTH_RUN_SECONDS)
+        done = 0
+        for account_id in account_ids:
+            if time.monotonic() > deadline:
+                break
             self._check_health_of(account_id)
-            if done % HEALTH_BATCH == 0 or done == len(account_ids):
+            done += 1
+            if done % HEALTH_BATCH == 0:
                 self.env["ir.cron"]._notify_progress(done=done, remaining=len(account_ids) - done)
                 self._health_commit()
+        self.env["ir.cron"]._notify_progress(done=done, remaining=len(account_ids) - done)
+        if done < len(account_ids):
+            if not done:
+                stay_due_for_next_pass(self.env)
+            self._health_commit()
+            return
+        self._health_commit()
         self.env["microsoft365.app"].search([])._update_health()  # pylint: disable=no-search-all
 
     @api.model

@@ -1,13 +1,16 @@
 """What runs in Odoo's real workers, outside test mode: the daily health check as the cron worker runs
 it, while its keep-alive refreshes commit on their own cursors."""
 
+import itertools
 from datetime import timedelta
+from types import SimpleNamespace
 from unittest.mock import patch
 
 from odoo import fields
 from odoo.tests import tagged
 from odoo.tools import mute_logger
 
+from ..models import microsoft365_health as health
 from .common import CommittedCase
 
 HEALTH_CRON = "mail_microsoft365_oauth.ir_cron_microsoft365_health_check"
@@ -88,6 +91,32 @@ class TestHealthCheckInACronWorker(CommittedCase):
             self.assertEqual(bob.health, "secret_expiring")  # committed although alice's check failed
             self.assertGreater(bob.last_refresh, fields.Datetime.now() - timedelta(minutes=5))
             self.assertEqual(alice.health, "ok")
+
+    @mute_logger(*QUIET)
+    def test_a_health_check_longer_than_its_budget_goes_on_in_the_next_pass(self):
+        """Keep-alive refreshes take a round trip each: with many idle accounts the check would outlast Odoo's
+        time limit on the cron worker, which kills it. It stops within the cron pass's budget instead and stays
+        due: the next pass checks the rest. (A clock that moves 200 s per account, a budget of 100 s.)"""
+        clock = itertools.count(0, 200)
+        refreshes = self.sandbox.counter("token:refresh_token")
+        with (
+            patch.object(health, "cron_pass_deadline", lambda env, seconds: 100, create=True),
+            patch.object(health, "time", SimpleNamespace(monotonic=lambda: next(clock)), create=True),
+        ):
+            self.assertEqual(self.run_cron_as_a_worker(HEALTH_CRON), [])
+        self.assertEqual(self.sandbox.counter("token:refresh_token"), refreshes + 1)  # one account in this pass
+        with self.transaction() as env:
+            cron = env.ref(HEALTH_CRON)
+            self.assertTrue(
+                cron.nextcall <= fields.Datetime.now()
+                or env["ir.cron.trigger"].search_count([("cron_id", "=", cron.id)]),
+                "the check stays due for the next pass",
+            )
+        self.assertEqual(self.run_cron_as_a_worker(HEALTH_CRON), [])  # the next pass
+        self.assertEqual(self.sandbox.counter("token:refresh_token"), refreshes + 2)
+        with self.transaction() as env:
+            for account in self.accounts(env):
+                self.assertGreater(account.last_refresh, fields.Datetime.now() - timedelta(minutes=5))
 
 
 @tagged("post_install", "-at_install")
