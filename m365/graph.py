@@ -204,13 +204,16 @@ class GraphClient:
         url = (
             f"{self._user}/mailFolders/{quote(parent, safe='')}/childFolders" if parent else f"{self._user}/mailFolders"
         )
-        params = {"$select": "id,displayName", "$top": "100"}
-        found = []
+        return self._every_page(url, {"$select": "id,displayName", "$top": "100"})
+
+    def _every_page(self, url, params):
+        """Every item of a list Graph pages (@odata.nextLink carries the parameters on)."""
+        items = []
         while url:
             answer = self._call("GET", url, "read", params=params).json()
-            found += answer.get("value", [])
+            items += answer.get("value", [])
             url, params = answer.get("@odata.nextLink"), None
-        return found
+        return items
 
     def find_folder(self, path):
         """The id of the folder people know as `path`, names joined by "/" ("Inbox/Support", "Projects"), or
@@ -247,12 +250,7 @@ class GraphClient:
             "$select": SUMMARY_FIELDS,
             "$top": str(page_size),
         }
-        messages = []
-        while url:
-            answer = self._call("GET", url, "read", params=params).json()
-            messages += answer.get("value", [])
-            url, params = answer.get("@odata.nextLink"), None
-        return messages
+        return self._every_page(url, params)
 
     def mime(self, message_id):
         """The raw MIME of a message ($value), bytes."""
