@@ -720,8 +720,20 @@ class Microsoft365Account(models.Model):
         try:
             return get_token().token
         except (ReconnectRequired, AuthorizationFailed) as exc:
-            self._record_failure(self.status, exc)
+            self._record_failure_apart(self.status, exc)
             raise
+
+    def _record_failure_apart(self, status, exc):
+        """A refusal met outside a refresh's own transaction, recorded in a short transaction of its own that
+        commits at once, not in the caller's: the caller may keep its transaction open for long (Odoo's mail
+        queue does across the batches whose connection failed), and the rows it would lock there, the
+        account's and the app registration's, are those every token request locks on a cursor of its own;
+        the worker's next token request would wait for its own transaction until Odoo kills the worker."""
+        if self.env.registry.in_test_mode():  # one shared transaction: nothing to wait for
+            return self._record_failure(status, exc)
+        with self.env.registry.cursor() as cr:
+            cr.execute("SET TRANSACTION ISOLATION LEVEL READ COMMITTED")
+            self._record_failure(status, exc, cr)
 
     def _check_connected(self):
         if self.status in ("not_connected", "app_only") or not self.token_cache_sealed:

@@ -208,6 +208,9 @@ class Microsoft365App(models.Model):
         self.ensure_one()
         if cr is not None:  # a token refresh's own transaction, committed by the caller
             cr.execute("UPDATE microsoft365_app SET problem = %s WHERE id = %s", [message, self.id])
+            # Shown to the calling transaction, whose snapshot still holds the row as it was (writing it there
+            # again would fail with "could not serialize access due to concurrent update").
+            self.env.cache.set(self, self._fields["problem"], message)
             return
         if self.problem == message:
             return

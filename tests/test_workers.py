@@ -2,6 +2,8 @@
 it, while its keep-alive refreshes commit on their own cursors."""
 
 import itertools
+import threading
+import time
 from datetime import timedelta
 from types import SimpleNamespace
 from unittest.mock import patch
@@ -14,6 +16,14 @@ from ..models import microsoft365_health as health
 from .common import CommittedCase
 
 HEALTH_CRON = "mail_microsoft365_oauth.ir_cron_microsoft365_health_check"
+MAIL_QUEUE = "mail.ir_cron_mail_scheduler_action"
+MAIL_QUIET = (
+    "odoo.addons.mail.models.mail_mail",
+    "odoo.addons.base.models.ir_mail_server",
+    "odoo.addons.base.models.ir_cron",
+    "odoo.addons.mail_microsoft365_oauth.m365.identity",
+    "odoo.addons.mail_microsoft365_oauth.models.microsoft365_app",
+)
 QUIET = (
     "odoo.addons.mail_microsoft365_oauth.models.microsoft365_account",
     "odoo.addons.mail_microsoft365_oauth.models.microsoft365_health",
@@ -137,3 +147,81 @@ class TestButtonsInAWorker(CommittedCase):
         with self.transaction() as env:
             account = env["microsoft365.account"].browse(account_id)
             self.assertEqual((account.status, account.last_error), ("connected", False))
+
+
+@tagged("post_install", "-at_install")
+class TestAppOnlyRefusalInTheMailQueue(CommittedCase):
+    """Odoo's mail queue keeps one transaction open across the batches whose connection failed (it commits
+    after each mail sent, not after a failed connection). A refusal of the app registration (its secret
+    expired) recorded in that transaction locked the app's row; the next batch's token request, on a cursor
+    of its own, then waited for its own worker's transaction: the worker hung until Odoo killed it (seen in
+    the production-shaped run)."""
+
+    def setUp(self):
+        super().setUp()
+        with self.transaction() as env:
+            app = self.committed_app(env, name="App-only mail queue", flow="app_only")
+            self.mail_ids = []
+            for mailbox in ("alice@contoso.com", "bob@contoso.com"):
+                account = env["microsoft365.account"].create({"email": mailbox, "app_id": app.id})
+                self.committed.append((account._name, account.id))
+                server = env["ir.mail_server"].create(
+                    {
+                        "name": f"{mailbox} SMTP",
+                        "smtp_authentication": "microsoft365",
+                        "microsoft365_account_id": account.id,
+                        "smtp_host": self.sandbox.host,
+                        "smtp_port": self.sandbox.ports["smtp"],
+                        "smtp_encryption": "starttls",
+                        "smtp_user": mailbox,
+                        "from_filter": mailbox,
+                    }
+                )
+                self.committed.append((server._name, server.id))
+                mail = env["mail.mail"].create(
+                    {
+                        "subject": f"From {mailbox}",
+                        "email_from": mailbox,
+                        "email_to": "buyer@fabrikam.example",
+                        "body_html": "<p>Hello</p>",
+                        "mail_server_id": server.id,
+                    }
+                )
+                self.mail_ids.append(mail.id)
+        self.addCleanup(self._remove_mails)
+        sandbox_app = self.sandbox.app()
+        expired = [dict(s, expires=time.time() - 60) for s in sandbox_app["secrets"]]
+        self.sandbox.control("app", client_id=sandbox_app["client_id"], secrets=expired)
+        self.addCleanup(self.sandbox.control, "app", client_id=sandbox_app["client_id"], secrets=sandbox_app["secrets"])
+
+    def _remove_mails(self):
+        self._end_waits_on_the_app_row()
+        with self.transaction() as env:
+            env["mail.mail"].browse(self.mail_ids).exists().unlink()
+
+    def _end_waits_on_the_app_row(self):
+        """A worker that waits for its own transaction waits forever: its token request's connection is
+        ended so that the test's clean-up is not blocked too."""
+        with self.transaction() as env:
+            env.cr.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND wait_event_type = 'Lock' AND query LIKE %s",
+                ["%FROM microsoft365_app WHERE id = %FOR NO KEY UPDATE%"],
+            )
+
+    @mute_logger(*QUIET, *MAIL_QUIET)
+    def test_the_mail_queue_ends_when_the_app_secret_has_expired(self):
+        errors = []
+        worker = threading.Thread(target=lambda: errors.extend(self.run_cron_as_a_worker(MAIL_QUEUE)))
+        worker.start()
+        worker.join(60)  # a safety net: the run takes a second or two
+        hung = worker.is_alive()
+        self._end_waits_on_the_app_row()
+        worker.join(60)
+        self.assertFalse(hung, "the mail queue waited for its own transaction")
+        self.assertEqual(errors, [])
+        with self.transaction() as env:
+            mails = env["mail.mail"].browse(self.mail_ids)
+            self.assertEqual(mails.mapped("state"), ["exception", "exception"])  # someone must act: a new secret
+            self.assertIn("client secret has expired", mails[0].failure_reason)
+            self.assertTrue(env["microsoft365.app"].search([("name", "=", "App-only mail queue")]).problem)
