@@ -431,7 +431,8 @@ class FetchmailServer(models.Model):
     def _microsoft365_due(self, cycle_start, ids=None, exclude=(), held_too=False):
         """Ids of the Microsoft 365 servers not attempted since `cycle_start` (nor in `exclude`), not
         throttled and (unless `held_too`) not held by a worker, least recently attempted (else
-        fetched) first."""
+        fetched) first. A mailbox Microsoft asked to come back later is due again in the same cycle once
+        that time has passed: its mail would otherwise wait a whole cycle more."""
         self.env.flush_all()
         domain = self._microsoft365_due_domain() + ([("id", "in", ids)] if ids else [])
         candidates = self.sudo().search(domain + ([("id", "not in", list(exclude))] if exclude else []))
@@ -443,7 +444,8 @@ class FetchmailServer(models.Model):
                 SELECT s.id
                   FROM fetchmail_server s
                  WHERE s.id IN %(ids)s
-                   AND (s.microsoft365_fetch_attempted_at IS NULL OR s.microsoft365_fetch_attempted_at <= %(cycle)s)
+                   AND (s.microsoft365_fetch_attempted_at IS NULL OR s.microsoft365_fetch_attempted_at <= %(cycle)s
+                        OR s.microsoft365_fetch_attempted_at < s.microsoft365_retry_at)
                    AND (s.microsoft365_retry_at IS NULL OR s.microsoft365_retry_at <= %(now)s)
                    AND (%(held_too)s OR s.id NOT IN (
                         SELECT l.objid::integer

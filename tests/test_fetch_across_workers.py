@@ -391,3 +391,35 @@ class TestFetchAcrossWorkers(BaseCase):
         with self.registry.cursor() as cr:
             cr.execute("SELECT xmin::text FROM ir_cron WHERE id = %s", [core.id])
             self.assertEqual(cr.fetchone()[0], version, "core's fetch cron row was not written")
+
+    @mute_logger(*QUIET)
+    def test_a_throttled_mailbox_is_fetched_again_in_the_same_cycle_once_its_back_off_is_over(self):
+        """Microsoft asked to come back later: once that time has passed, the mailbox is due again in the
+        cycle that met the back-off, instead of its mail waiting a whole cycle more. A mailbox visited
+        normally in this cycle is not fetched twice."""
+        subjects = {mailbox: self.deliver(mailbox) for mailbox in MAILBOXES}
+        jobs = self.fetch_jobs_due_now()  # core's fetch cron due a minute ago: the cycle began then
+        with self.registry.cursor() as cr:
+            env = api.Environment(cr, SUPERUSER_ID, {})
+            alice, bob, info = env["fetchmail.server"].browse(self.server_ids)
+            now = fields.Datetime.now()
+            # Visited in this cycle: alice was throttled until a second ago, bob and info fetched.
+            alice.write(
+                {
+                    "microsoft365_fetch_attempted_at": now - timedelta(seconds=30),
+                    "microsoft365_retry_at": now - timedelta(seconds=1),
+                }
+            )
+            (bob | info).write({"microsoft365_fetch_attempted_at": now - timedelta(seconds=30)})
+        with self.registry.cursor() as cr:
+            lane = (
+                api.Environment(cr, SUPERUSER_ID, {})
+                .ref("mail_microsoft365_oauth.ir_cron_microsoft365_fetch_lane_1")
+                .id
+            )
+        self.assertIn(lane, jobs)
+        self.cron_worker([lane])
+        self.assertEqual(
+            {mailbox: self.records(subjects[mailbox]) for mailbox in MAILBOXES},
+            {"alice@contoso.com": 1, "bob@contoso.com": 0, "info@contoso.com": 0},
+        )
