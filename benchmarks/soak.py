@@ -367,9 +367,12 @@ class Soak:
             self.interruptions.append(("PostgreSQL connections cut", time.time()))
             return self.probe(f"PostgreSQL connections cut ({len(rows or [])})")
 
+        # The faults that wait for a worker fetching come early: a fetch cycle may be idle minutes (core's fetch
+        # interval) once every mailbox of it was fetched.
         return [
             token_503,
             kill_cron_mid_fetch,
+            pg_cut,
             token_429,
             smtp_432,
             revoked_grant,
@@ -377,7 +380,6 @@ class Soak:
             imap_throttling,
             kill_cron_mid_send,
             secret_expiring,
-            pg_cut,
         ]
 
     def inject_faults(self, started):
@@ -407,7 +409,7 @@ class Soak:
             self.fired[fault.__name__] = f"not fired: {type(exc).__name__}: {exc}"
             traceback.print_exc()
             return
-        if what is None and fault.__name__.startswith("kill"):
+        if what is None and (fault.__name__.startswith("kill") or fault.__name__ == "pg_cut"):
             self.fired[fault.__name__] = "not fired: no such worker was seen busy before the load ended"
         else:
             self.fired[fault.__name__] = f"fired at {time.strftime('%H:%M:%S')}: {what or fault.__name__}"
