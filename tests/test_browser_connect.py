@@ -34,7 +34,6 @@ class TestBrowserConnect(BrowserCase):
         self.choose("app_id", self.app_registration.name)
 
     def account(self, email):
-        self.env.invalidate_all()  # the browser's requests changed the records under this cache
         return self.env["microsoft365.account"].search([("email", "=", email)])
 
     def test_delegated_wizard_signs_in_once_and_confirms_both_servers(self):
@@ -57,17 +56,18 @@ class TestBrowserConnect(BrowserCase):
         )
         browser.screenshot("connect-3-connected")
 
-        account = self.account("bob@contoso.com")
-        self.assertEqual(len(account), 1)
-        self.assertEqual(account.app_id, self.app_registration)
-        self.assertEqual(account.status, "connected")
-        self.assertEqual(account.username, "bob@contoso.com")
-        self.assertEqual(len(account.incoming_server_ids), 1)
-        self.assertEqual(account.incoming_server_ids.state, "done")
-        self.assertEqual(account.incoming_server_ids.server_type, "imap")
-        self.assertEqual(len(account.outgoing_server_ids), 1)
-        self.assertEqual(account.outgoing_server_ids.smtp_authentication, "microsoft365")
-        self.assertEqual(account.outgoing_server_ids.from_filter, "bob@contoso.com")
+        with self.browser_requests_held():
+            account = self.account("bob@contoso.com")
+            self.assertEqual(len(account), 1)
+            self.assertEqual(account.app_id, self.app_registration)
+            self.assertEqual(account.status, "connected")
+            self.assertEqual(account.username, "bob@contoso.com")
+            self.assertEqual(len(account.incoming_server_ids), 1)
+            self.assertEqual(account.incoming_server_ids.state, "done")
+            self.assertEqual(account.incoming_server_ids.server_type, "imap")
+            self.assertEqual(len(account.outgoing_server_ids), 1)
+            self.assertEqual(account.outgoing_server_ids.smtp_authentication, "microsoft365")
+            self.assertEqual(account.outgoing_server_ids.from_filter, "bob@contoso.com")
         self.assertEqual(browser.url.split("?")[0].rstrip("/").split("/")[-1], str(account.id))
 
     def test_app_only_wizard_needs_no_sign_in_and_says_the_servers_are_confirmed(self):
@@ -89,12 +89,13 @@ class TestBrowserConnect(BrowserCase):
         self.assertFalse(browser.url.startswith(self.sandbox.identity_url))
         self.assertEqual(self.sandbox.counter("authorize"), authorize_before, "a sign-in page was opened")
 
-        account = self.account("info@contoso.com")
-        self.assertEqual(len(account), 1)
-        self.assertEqual(account.status, "app_only")
+        with self.browser_requests_held():
+            account = self.account("info@contoso.com")
+            self.assertEqual(len(account), 1)
+            self.assertEqual(account.status, "app_only")
+            self.assertEqual(account.incoming_server_ids.state, "done")
+            self.assertEqual(len(account.outgoing_server_ids), 1)
         self.assertIn(f"/microsoft365.account/{account.id}", browser.url)  # the account's page, opened
-        self.assertEqual(account.incoming_server_ids.state, "done")
-        self.assertEqual(len(account.outgoing_server_ids), 1)
 
     def test_several_app_registrations_the_person_chooses_one_on_the_server(self):
         self.env["ir.config_parameter"].sudo().set_param(DEFAULT_APP_PARAMETER, False)
@@ -124,10 +125,10 @@ class TestBrowserConnect(BrowserCase):
         )
         browser.screenshot("connect-several-apps-2-saved")
 
-        self.env.invalidate_all()
-        server = self.env["fetchmail.server"].search([("name", "=", "Partner mailbox")])
-        self.assertEqual(len(server), 1)
-        self.assertEqual(server.connect_with, "microsoft365")
-        self.assertEqual(server.server, "imap.partner.example")
-        self.assertEqual(server.microsoft365_account_id.app_id, other)
-        self.assertEqual(server.microsoft365_account_id.email, "alice@contoso.com")
+        with self.browser_requests_held():
+            server = self.env["fetchmail.server"].search([("name", "=", "Partner mailbox")])
+            self.assertEqual(len(server), 1)
+            self.assertEqual(server.connect_with, "microsoft365")
+            self.assertEqual(server.server, "imap.partner.example")
+            self.assertEqual(server.microsoft365_account_id.app_id, other)
+            self.assertEqual(server.microsoft365_account_id.email, "alice@contoso.com")

@@ -68,10 +68,10 @@ class TestBrowserFlow(BrowserCase):
         browser.wait_for(".o_statusbar_status .o_arrow_button_current", "Not connected")
         browser.screenshot("7-revoked")
 
-        self.env.invalidate_all()  # the browser's requests changed the records under this cache
-        account = self.server.microsoft365_account_id
-        self.assertEqual(account.email, "alice@contoso.com")
-        self.assertEqual(account.status, "not_connected")
-        self.assertFalse(account.sudo().token_cache_sealed)
-        self.assertEqual(self.server.connect_with, "microsoft365")
-        self.assertFalse(self.server.password)
+        with self.browser_requests_held():
+            account = self.server.microsoft365_account_id
+            self.assertEqual(account.email, "alice@contoso.com")
+            self.assertEqual(account.status, "not_connected")
+            self.assertFalse(account.sudo().token_cache_sealed)
+            self.assertEqual(self.server.connect_with, "microsoft365")
+            self.assertFalse(self.server.password)

@@ -29,27 +29,27 @@ class TestBrowserGraph(BrowserCase):
         browser.click("button[name=test_smtp_connection]")
         browser.wait_for(".o_notification", "Microsoft Graph accepts the token to send")
 
-        self.env.invalidate_all()
-        self.assertEqual(server.microsoft365_transport, "graph")
-        mail = self.env["mail.mail"].create(
-            {
-                "email_from": "info@contoso.com",
-                "email_to": "bob@contoso.com",
-                "subject": "Sent after the switch in the browser",
-                "body_html": "<p>Hello</p>",
-                "mail_server_id": server.id,
-            }
-        )
-        mail.send()
-        self.assertEqual(mail.state, "sent", mail.failure_reason)
-        self.assertEqual(self.sandbox.counter("graph_sendmail"), 1)
-        # Read at bob's: other tests fetch bob's mailbox and count on the unread mail they deliver.
-        bob = GraphClient(
-            self.sandbox.description["graph_url"],
-            self.app_registration._app_graph_token().token,
-            "bob@contoso.com",
-            session=http_session(self.sandbox.ca_file),
-        )
-        sent = [m for m in bob.unread("inbox") if m.get("subject") == "Sent after the switch in the browser"]
-        self.assertEqual(len(sent), 1)
-        bob.mark_read(sent[0]["id"])
+        with self.browser_requests_held():
+            self.assertEqual(server.microsoft365_transport, "graph")
+            mail = self.env["mail.mail"].create(
+                {
+                    "email_from": "info@contoso.com",
+                    "email_to": "bob@contoso.com",
+                    "subject": "Sent after the switch in the browser",
+                    "body_html": "<p>Hello</p>",
+                    "mail_server_id": server.id,
+                }
+            )
+            mail.send()
+            self.assertEqual(mail.state, "sent", mail.failure_reason)
+            self.assertEqual(self.sandbox.counter("graph_sendmail"), 1)
+            # Read at bob's: other tests fetch bob's mailbox and count on the unread mail they deliver.
+            bob = GraphClient(
+                self.sandbox.description["graph_url"],
+                self.app_registration._app_graph_token().token,
+                "bob@contoso.com",
+                session=http_session(self.sandbox.ca_file),
+            )
+            sent = [m for m in bob.unread("inbox") if m.get("subject") == "Sent after the switch in the browser"]
+            self.assertEqual(len(sent), 1)
+            bob.mark_read(sent[0]["id"])

@@ -68,8 +68,8 @@ class TestBrowserSignIn(BrowserCase):
         browser.click("#accept")
         browser.wait_for("h1", "Microsoft account linked")
         browser.screenshot("signin-3-linked")
-        self.env.invalidate_all()
-        self.assertEqual(self.bob.sudo().microsoft365_object_id, self.sandbox.user("bob@contoso.com")["oid"])
+        with self.browser_requests_held():
+            self.assertEqual(self.bob.sudo().microsoft365_object_id, self.sandbox.user("bob@contoso.com")["oid"])
 
         browser.open(self.base_url() + "/web/session/logout")
         browser.wait("location.pathname.startsWith('/web/login')", what="the login page")

@@ -28,6 +28,6 @@ class TestBrowserWrongUser(BrowserCase):
 
         browser.click("a.button", "Back to the mailbox")
         browser.wait_for(".o_statusbar_status .o_arrow_button_current", "Not connected")
-        self.env.invalidate_all(flush=False)  # the browser's requests changed the records under this cache
-        self.assertEqual(self.account.status, "not_connected")
-        self.assertFalse(self.account.username)
+        with self.browser_requests_held():
+            self.assertEqual(self.account.status, "not_connected")
+            self.assertFalse(self.account.username)
