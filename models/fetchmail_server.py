@@ -47,6 +47,22 @@ class _IMAP4ConnectionWithTimeout(IMAP4Connection):
         self.__obj__ = IMAP4_SSL(server, port, timeout=timeout) if is_ssl else IMAP4(server, port, timeout=timeout)
 
 
+class _POP3ConnectionWithDeadline(POP3Connection):
+    """Odoo's POP3 connection wrapper for a visit with a deadline (time.monotonic()). Odoo's POP3 loop
+    connects again for every 50 messages, reading how many there are with STAT, until the mailbox is
+    empty: past the deadline STAT answers "none", so the loop ends there and the rest (POP3 deletes a
+    message once processed) waits for the next visit."""
+
+    def __init__(self, server, port, is_ssl, timeout, deadline):
+        super().__init__(server, port, is_ssl, timeout=timeout)
+        self.deadline = deadline
+
+    def stat(self):
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            return 0, 0
+        return self.__obj__.stat()
+
+
 def _given_up(entry):
     return entry["failures"] >= MAX_PROCESSING_ATTEMPTS
 
@@ -208,7 +224,8 @@ class FetchmailServer(models.Model):
         self.ensure_one()
         if not self._microsoft365_in_use():
             return super().connect(allow_archived=allow_archived)
-        return self._microsoft365_open(allow_archived)
+        # A lane's POP3 visit passes its deadline through the context: Odoo's loop calls connect() itself.
+        return self._microsoft365_open(allow_archived, deadline=self.env.context.get("microsoft365_fetch_deadline"))
 
     def _microsoft365_open(self, allow_archived=False, deadline=None):
         """connect() of a Microsoft 365 server: logged in with the mailbox's token, no reply awaited past
@@ -226,7 +243,7 @@ class FetchmailServer(models.Model):
         try:
             try:
                 if self._get_connection_type() == "pop":
-                    connection = self._microsoft365_connect_pop3(timeout)
+                    connection = self._microsoft365_connect_pop3(timeout, deadline)
                 else:
                     connection = self._microsoft365_connect_imap(timeout)
             except M365Error as exc:
@@ -259,9 +276,9 @@ class FetchmailServer(models.Model):
             raise
         return connection
 
-    def _microsoft365_connect_pop3(self, timeout):
+    def _microsoft365_connect_pop3(self, timeout, deadline=None):
         # Odoo's POP branch logs in with USER/PASS and offers no hook.
-        connection = POP3Connection(self.server, int(self.port), self.is_ssl, timeout=timeout)
+        connection = _POP3ConnectionWithDeadline(self.server, int(self.port), self.is_ssl, timeout, deadline)
         try:
             # Odoo's wrapper exposes only POP3's public commands; SASL needs the raw client.
             pop3_authenticate(connection.__obj__, self._microsoft365_account().email, self._microsoft365_token())
@@ -400,8 +417,8 @@ class FetchmailServer(models.Model):
         """One claimed mailbox, through its transport (a hook: Microsoft Graph overrides it)."""
         if self._get_connection_type() == "imap":
             self._microsoft365_fetch_imap(deadline)
-        else:  # POP3: core's loop, with this addon's login
-            self.fetch_mail(raise_exception=False)
+        else:  # POP3: core's loop, with this addon's login and the visit's deadline
+            self.with_context(microsoft365_fetch_deadline=deadline).fetch_mail(raise_exception=False)
 
     def _microsoft365_fetch_claimed(self, deadline):
         """Fetches one claimed server; a failure is logged and recorded on it, never raised (the others

@@ -11,6 +11,7 @@ import socket
 import ssl
 import threading
 import time
+import types
 from datetime import timedelta
 from unittest.mock import patch
 
@@ -20,6 +21,7 @@ from odoo.tests import BaseCase, tagged
 from odoo.tools import mute_logger
 
 from ..m365.identity import AppCredentials, IdentityClient
+from ..models import fetchmail_server as fetchmail_server_module
 from ..sandbox.client import shared_sandbox
 
 MAILBOXES = ["alice@contoso.com", "bob@contoso.com", "info@contoso.com"]
@@ -346,6 +348,64 @@ class TestFetchAcrossWorkers(BaseCase):
         first = next(mailbox for mailbox, count in sessions.items() if count)
         # The mailbox that hung was attempted in this cycle: its message waits for the next cycle.
         self.assertEqual(reached, {mailbox: int(mailbox != first) for mailbox in MAILBOXES})
+
+    @mute_logger(*QUIET)
+    def test_a_pop3_visit_ends_with_its_time_budget(self):
+        """Odoo's POP3 loop takes the messages 50 per connection until the mailbox is empty, however long
+        that takes: a lane's visit ends with the first batch after its deadline, and what is left stays on
+        the server (POP3 deletes a message once processed) for the next visit."""
+        mailbox = "sales@contoso.com"  # a shared mailbox the app may read (the sandbox's directory)
+        with self.app_imap(mailbox) as imap:  # POP3 takes every message of the INBOX, read or not
+            if imap.search(None, "ALL")[1][0]:
+                imap.store("1:*", "+FLAGS", "\\Deleted")
+                imap.expunge()
+        subjects = {f"Across workers POP {number}" for number in range(60)}
+        for subject in subjects:
+            self.sandbox.control("deliver", mailbox=mailbox, subject=subject)
+        with self.registry.cursor() as cr:
+            env = api.Environment(cr, SUPERUSER_ID, {})
+            account = env["microsoft365.account"].create({"email": mailbox, "app_id": self.app_id})
+            server = env["fetchmail.server"].create(
+                {
+                    "name": mailbox,
+                    "connect_with": "microsoft365",
+                    "microsoft365_account_id": account.id,
+                    "server_type": "pop",
+                    "server": self.sandbox.host,
+                    "port": self.sandbox.ports["pop3s"],
+                    "is_ssl": True,
+                    "user": mailbox,
+                    "state": "done",
+                    "object_id": env.ref("base.model_res_partner").id,
+                }
+            )
+            self.server_ids.append(server.id)  # removed after the test with its account
+        # The addon's view of the clock jumps past the visit's deadline once the first message is processed.
+        skipped = [0]
+        clock = types.SimpleNamespace(monotonic=lambda: time.monotonic() + skipped[0])
+        MailThread = self.registry["mail.thread"]
+        message_process = MailThread.message_process
+
+        def process_then_time_is_up(thread, *args, **kwargs):
+            skipped[0] = 3600
+            return message_process(thread, *args, **kwargs)
+
+        with (
+            patch.object(fetchmail_server_module, "time", clock),
+            patch.object(MailThread, "message_process", process_then_time_is_up),
+            self.registry.cursor() as cr,
+        ):
+            server = api.Environment(cr, SUPERUSER_ID, {})["fetchmail.server"].browse(server.id)
+            server._microsoft365_fetch_mailbox(time.monotonic() + 600)
+        with self.registry.cursor() as cr:
+            processed = api.Environment(cr, SUPERUSER_ID, {})["res.partner"].search([("name", "in", list(subjects))])
+            self.assertEqual(len(processed), 50, "one batch of 50 messages, then the visit ends")
+        with self.registry.cursor() as cr:
+            server = api.Environment(cr, SUPERUSER_ID, {})["fetchmail.server"].browse(server.id)
+            server._microsoft365_fetch_mailbox(time.monotonic() + 600)
+        with self.registry.cursor() as cr:
+            names = api.Environment(cr, SUPERUSER_ID, {})["res.partner"].search([("name", "in", list(subjects))])
+            self.assertEqual(sorted(names.mapped("name")), sorted(subjects), "the next visit takes the rest, once each")
 
     @mute_logger(*QUIET)
     def test_a_server_that_never_greets_does_not_hold_the_cron_worker(self):
