@@ -37,6 +37,10 @@ class GraphSession:
 LATER = "microsoft365_later"
 
 
+class MailDeliveryLater(MailDeliveryException):
+    """Microsoft refused this send only for now: the mail queue keeps the mail for its next run."""
+
+
 class LaterSession:
     """What connect() hands Odoo's mail queue when Microsoft's sign-in service is away for now (no token):
     every mail of the batch is then refused for now, keeps its place in the queue and shows the reason."""
@@ -375,7 +379,7 @@ class IrMailServer(models.Model):
         later = self.env.context.get(LATER)
         if later is not None and message["Message-Id"]:
             later.add(str(message["Message-Id"]))
-        raise MailDeliveryException(title or self.env._("Mail Delivery Failed"), reason)
+        raise MailDeliveryLater(title or self.env._("Mail Delivery Failed"), reason)
 
     def _microsoft365_graph_hint(self):
         return self.env._(

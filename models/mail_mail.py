@@ -1,6 +1,25 @@
+import logging
+
 from odoo import models
 
-from .ir_mail_server import LATER
+from .ir_mail_server import LATER, MailDeliveryLater
+
+
+class _WaitingMailLoggedAsWaiting(logging.Filter):
+    """Odoo's mail queue logs every refused mail as an ERROR with a traceback ("failed sending mail"),
+    before _send below puts a mail Microsoft refused only for now back in the queue: that one is logged
+    as waiting, at INFO, so that nobody is paged for mail that will go. Other failures are left alone."""
+
+    def filter(self, record):
+        if record.exc_info and isinstance(record.exc_info[1], MailDeliveryLater):
+            record.msg = "Mail (id: %s) stays in the queue for its next run: %s"  # same arguments as core's
+            record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_waiting_mail_filter = _WaitingMailLoggedAsWaiting()
+logging.getLogger("odoo.addons.mail.models.mail_mail").addFilter(_waiting_mail_filter)
 
 
 class MailMail(models.Model):

@@ -1,4 +1,5 @@
 import base64
+import logging
 import smtplib
 import ssl
 
@@ -181,3 +182,28 @@ class TestTransientRefusalKeepsTheMail(SandboxCase):
         self.sandbox.control("settings", smtp_concurrency_limit=3)
         self.env["mail.mail"].process_email_queue(ids=mail.ids)
         self.assertEqual(mail.state, "sent")
+
+    @mute_logger(*QUIET)
+    def test_a_mail_refused_for_now_is_logged_as_waiting_not_as_a_failure(self):
+        """Odoo's mail queue logs a refused mail as an ERROR with a traceback ("failed sending mail"): for
+        a mail that only waits for the next run, that would page administrators for nothing."""
+        alice = self.connect(self.new_account())
+        self.outgoing(alice)
+        mail = self.env["mail.mail"].create(
+            {
+                "subject": "Waiting, not failed",
+                "email_from": "alice@contoso.com",
+                "email_to": "buyer@fabrikam.example",
+                "body_html": "<p>Hello</p>",
+            }
+        )
+        self.sandbox.control("settings", smtp_concurrency_limit=0)  # every message answered 432 4.3.2
+        # Level 20: Odoo names its level 25 "INFO" too (netsvc), and "INFO" here would mean 25.
+        with self.assertLogs("odoo.addons.mail.models.mail_mail", level=logging.INFO) as logs:
+            mail.send()
+        self.assertEqual(mail.state, "outgoing")
+        about_the_mail = [record for record in logs.records if f"(id: {mail.id})" in record.getMessage()]
+        self.assertEqual([record.levelname for record in about_the_mail], ["INFO"])
+        self.assertIsNone(about_the_mail[0].exc_info)
+        self.assertIn("stays in the queue", about_the_mail[0].getMessage())
+        self.assertIn("too many connections", about_the_mail[0].getMessage())
