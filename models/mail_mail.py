@@ -1,6 +1,7 @@
 import logging
+from datetime import timedelta
 
-from odoo import models
+from odoo import api, fields, models
 
 from .ir_mail_server import LATER, MailDeliveryLater
 
@@ -20,18 +21,90 @@ class _WaitingMailLoggedAsWaiting(logging.Filter):
 
 _waiting_mail_filter = _WaitingMailLoggedAsWaiting()
 logging.getLogger("odoo.addons.mail.models.mail_mail").addFilter(_waiting_mail_filter)
+_logger = logging.getLogger(__name__)
+
+# Failures that are the mail's own (its recipients or sender), whatever the state of the account.
+MAIL_OWN_FAILURES = ("mail_email_invalid", "mail_email_missing", "mail_from_invalid", "mail_from_missing")
+# A mail that failed longer ago than this is not sent unasked once its account works again.
+QUEUE_AGAIN_DAYS = 7
 
 
 class MailMail(models.Model):
     _inherit = "mail.mail"
 
+    microsoft365_account_id = fields.Many2one(
+        "microsoft365.account",
+        string="Failed with Microsoft 365 Account",
+        index="btree_not_null",
+        ondelete="set null",
+        readonly=True,
+        copy=False,
+        groups="base.group_system",
+        help="The mail failed while this account (or its app registration) needed an administrator: the mail "
+        "queue sends it again once the account works again.",
+    )
+
     def send(self, auto_commit=False, raise_exception=False, post_send_callback=None):
         """The connection of a batch is made here (ir.mail_server.connect): with LATER in the context, a
         Microsoft 365 server without a token for now answers each of its mails "later" (see _send)."""
         mails = self if self.env.context.get(LATER) is not None else self.with_context(**{LATER: set()})
-        return super(MailMail, mails).send(
+        result = super(MailMail, mails).send(
             auto_commit=auto_commit, raise_exception=raise_exception, post_send_callback=post_send_callback
         )
+        self._microsoft365_note_failed_with_account()
+        return result
+
+    @api.model
+    def process_email_queue(self, ids=None, batch_size=1000):
+        self._microsoft365_queue_again_once_working()
+        return super().process_email_queue(ids=ids, batch_size=batch_size)
+
+    def _microsoft365_note_failed_with_account(self):
+        """Mails that failed while their Microsoft 365 account or its app registration needs an administrator
+        (a revoked grant, an expired secret...): Microsoft refused the token before anything was sent, so
+        they may go once the account works again (_microsoft365_queue_again_once_working)."""
+        failed = self.exists().filtered(lambda mail: mail.state == "exception")
+        failed = failed.filtered(lambda mail: mail.failure_type not in MAIL_OWN_FAILURES)
+        if not failed:
+            return
+        servers = self.env["ir.mail_server"].sudo()
+        for server_id, _alias_domain_id, _smtp_from, mail_ids in failed._split_by_mail_configuration():
+            server = servers.browse(server_id)
+            if not server or not server._microsoft365_in_use():
+                continue
+            account = server._microsoft365_account()
+            if account.status in ("failing", "reconnect") or account.app_id.problem:
+                self.browse(mail_ids).sudo().write({"microsoft365_account_id": account.id})
+
+    @api.model
+    def _microsoft365_queue_again_once_working(self):
+        waiting = self.sudo().search(
+            [
+                ("microsoft365_account_id", "!=", False),
+                ("state", "=", "exception"),
+                ("write_date", ">=", fields.Datetime.now() - timedelta(days=QUEUE_AGAIN_DAYS)),
+            ]
+        )
+        working = waiting.filtered(
+            lambda mail: mail.microsoft365_account_id.status in ("connected", "app_only")
+            and not mail.microsoft365_account_id.app_id.problem
+        )
+        if not working:
+            return
+        working.write({"microsoft365_account_id": False, "failure_type": False, "failure_reason": False})
+        working._microsoft365_back_in_queue()
+        _logger.info(
+            "%d mail(s) that failed while their Microsoft 365 account needed an administrator are queued again: "
+            "the account works again.",
+            len(working),
+        )
+
+    def _microsoft365_back_in_queue(self):
+        """Queued again, and their messages show no failure meanwhile."""
+        self.write({"state": "outgoing"})
+        self.env["mail.notification"].sudo().search(
+            [("mail_mail_id", "in", self.ids), ("notification_status", "=", "exception")]
+        ).write({"notification_status": "ready", "failure_type": False, "failure_reason": False})
 
     def _send(self, auto_commit=False, raise_exception=False, smtp_session=None, **kwargs):
         """A mail Microsoft 365 refused only for now (Exchange's 432 4.3.2, no token from a busy, down or
@@ -48,10 +121,7 @@ class MailMail(models.Model):
         )
         waiting = self.exists().filtered(lambda mail: mail.state == "exception" and mail.message_id in later)
         if waiting:
-            waiting.write({"state": "outgoing"})
-            self.env["mail.notification"].sudo().search(
-                [("mail_mail_id", "in", waiting.ids), ("notification_status", "=", "exception")]
-            ).write({"notification_status": "ready", "failure_type": False, "failure_reason": False})
+            waiting._microsoft365_back_in_queue()
             if auto_commit is True:
                 self.env.cr.commit()  # pylint: disable=invalid-commit
         return result

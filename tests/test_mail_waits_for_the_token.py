@@ -1,6 +1,7 @@
 """A mail Odoo could not send because Microsoft's token endpoint was away for a moment (503, 429 with
 Retry-After, no answer) stays in the queue for the next run, its reason shown (issue 15: no mail lost);
-a failure that needs someone (a revoked grant) still fails the mail, as Odoo does."""
+a failure that needs someone (a revoked grant) still fails the mail, as Odoo does, and the mail goes once
+the mailbox works again."""
 
 from unittest.mock import patch
 
@@ -114,6 +115,34 @@ class TestMailWaitsForTheToken(SandboxCase):
         self.assertEqual(mail.state, "exception")
         self.assertIn("Authorize", mail.failure_reason)
         self.assertEqual(self.alice.status, "reconnect")
+
+    def assert_sent_once_authorized_again(self, transport):
+        """Red while someone must act (the fix shown); once the mailbox is authorized again, the mail queue
+        sends them by itself: nothing of them went out, Microsoft refused the token before SMTP or Graph."""
+        _mail, _server, message = self.queued_mail("Authorized again", microsoft365_transport=transport)
+        mails = self.env["mail.mail"].search([("mail_message_id", "=", message.id)])
+        self.assertTrue(mails)
+        self.sandbox.control("revoke_sessions", user="alice@contoso.com")
+        self.env["mail.mail"].process_email_queue(ids=mails.ids)
+        self.assertEqual(set(mails.mapped("state")), {"exception"})
+        self.assertIn("Authorize", mails[0].failure_reason)
+        notifications = message.notification_ids.filtered(lambda n: n.notification_type == "email")
+        self.assertEqual(set(notifications.mapped("notification_status")), {"exception"})
+        self.env["mail.mail"].process_email_queue(ids=mails.ids)
+        self.assertEqual(set(mails.mapped("state")), {"exception"}, "nothing was fixed: no retry")
+
+        self.connect(self.alice)
+        self.env["mail.mail"].process_email_queue(ids=mails.ids)
+        self.assertFalse(mails.exists(), "sent (and removed, as Odoo does with notification mails)")
+        self.assertEqual(set(notifications.mapped("notification_status")), {"sent"})
+
+    @mute_logger(*QUIET)
+    def test_mails_failed_for_a_revoked_grant_go_once_the_mailbox_is_authorized_again(self):
+        self.assert_sent_once_authorized_again("exchange")
+
+    @mute_logger(*QUIET, "odoo.addons.mail_microsoft365_oauth.models.fetchmail_server_graph")
+    def test_mails_failed_for_a_revoked_grant_go_through_graph_once_authorized_again(self):
+        self.assert_sent_once_authorized_again("graph")
 
     @mute_logger(*QUIET, "odoo.addons.mail_microsoft365_oauth.models.fetchmail_server_graph")
     def test_a_mail_sent_through_microsoft_graph_waits_as_well(self):

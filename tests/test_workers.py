@@ -225,3 +225,31 @@ class TestAppOnlyRefusalInTheMailQueue(CommittedCase):
             self.assertEqual(mails.mapped("state"), ["exception", "exception"])  # someone must act: a new secret
             self.assertIn("client secret has expired", mails[0].failure_reason)
             self.assertTrue(env["microsoft365.app"].search([("name", "=", "App-only mail queue")]).problem)
+
+    @mute_logger(*QUIET, *MAIL_QUIET)
+    def test_mails_refused_for_the_expired_secret_go_once_a_new_secret_works(self):
+        """Nothing of them went out (Microsoft refused the token before SMTP): once the administrator enters
+        a new secret, the mail queue sends them, as the administrator expects of "mail flows again"; while
+        nothing changed, they stay failed (no retry every minute of a send that cannot work)."""
+        self.assertEqual(self.run_cron_as_a_worker(MAIL_QUEUE), [])
+        self.assertEqual(self.run_cron_as_a_worker(MAIL_QUEUE), [])
+        with self.transaction() as env:
+            mails = env["mail.mail"].browse(self.mail_ids)
+            self.assertEqual(mails.mapped("state"), ["exception", "exception"], "still failed: nothing was fixed")
+            self.assertIn("client secret has expired", mails[0].failure_reason)
+
+        sandbox_app = self.sandbox.app()
+        renewed = [dict(secret, expires=time.time() + 3600) for secret in sandbox_app["secrets"]]
+        self.sandbox.control("app", client_id=sandbox_app["client_id"], secrets=renewed)
+        for mailbox in ("alice@contoso.com", "bob@contoso.com"):  # the app may send from them (RBAC)
+            self.sandbox.control(
+                "grant", right="full_access", identity=f"app:{sandbox_app['client_id']}", mailbox=mailbox
+            )
+        with self.transaction() as env:  # the administrator enters the new secret
+            app = env["microsoft365.app"].search([("name", "=", "App-only mail queue")])
+            app.client_secret = self.sandbox.secret()
+        self.assertEqual(self.run_cron_as_a_worker(MAIL_QUEUE), [])
+        with self.transaction() as env:
+            mails = env["mail.mail"].browse(self.mail_ids).exists()
+            self.assertEqual(mails.mapped("state"), ["sent", "sent"])
+            self.assertEqual(mails.mapped("failure_reason"), [False, False])
