@@ -51,30 +51,35 @@ class TestFetchAcrossWorkers(BaseCase):
             app = env["microsoft365.app"].create(
                 dict(self.sandbox.odoo_app_values(), name="Fetch across workers", flow="app_only")
             )
+            self.app_id = app.id
             servers = env["fetchmail.server"]
             for mailbox in MAILBOXES:
-                account = env["microsoft365.account"].create({"email": mailbox, "app_id": app.id})
-                servers |= env["fetchmail.server"].create(
-                    {
-                        "name": mailbox,
-                        "connect_with": "microsoft365",
-                        "microsoft365_account_id": account.id,
-                        "server_type": "imap",
-                        "server": self.sandbox.host,
-                        "port": self.sandbox.ports["imaps"],
-                        "is_ssl": True,
-                        "user": mailbox,
-                        "state": "done",
-                        "object_id": env.ref("base.model_res_partner").id,
-                    }
-                )
-            self.app_id, self.server_ids = app.id, servers.ids
+                servers |= self.new_server(env, mailbox)
+            self.server_ids = servers.ids
             # Other servers of the database (none in a test database) are set aside meanwhile.
             others = env["fetchmail.server"].search([("id", "not in", servers.ids), ("state", "=", "done")])
             others.write({"state": "draft"})
             self.other_ids = others.ids
         self.addCleanup(self._remove_committed_records)
         self.addCleanup(self.sandbox.reset)  # releases any stalled session first
+
+    def new_server(self, env, mailbox, server_type="imap"):
+        """A confirmed incoming server of the app-only account of `mailbox`, creating partners."""
+        account = env["microsoft365.account"].create({"email": mailbox, "app_id": self.app_id})
+        return env["fetchmail.server"].create(
+            {
+                "name": mailbox,
+                "connect_with": "microsoft365",
+                "microsoft365_account_id": account.id,
+                "server_type": server_type,
+                "server": self.sandbox.host,
+                "port": self.sandbox.ports["imaps" if server_type == "imap" else "pop3s"],
+                "is_ssl": True,
+                "user": mailbox,
+                "state": "done",
+                "object_id": env.ref("base.model_res_partner").id,
+            }
+        )
 
     def _remove_committed_records(self):
         with self.registry.cursor() as cr:
@@ -363,22 +368,7 @@ class TestFetchAcrossWorkers(BaseCase):
         for subject in subjects:
             self.sandbox.control("deliver", mailbox=mailbox, subject=subject)
         with self.registry.cursor() as cr:
-            env = api.Environment(cr, SUPERUSER_ID, {})
-            account = env["microsoft365.account"].create({"email": mailbox, "app_id": self.app_id})
-            server = env["fetchmail.server"].create(
-                {
-                    "name": mailbox,
-                    "connect_with": "microsoft365",
-                    "microsoft365_account_id": account.id,
-                    "server_type": "pop",
-                    "server": self.sandbox.host,
-                    "port": self.sandbox.ports["pop3s"],
-                    "is_ssl": True,
-                    "user": mailbox,
-                    "state": "done",
-                    "object_id": env.ref("base.model_res_partner").id,
-                }
-            )
+            server = self.new_server(api.Environment(cr, SUPERUSER_ID, {}), mailbox, server_type="pop")
             self.server_ids.append(server.id)  # removed after the test with its account
         # The addon's view of the clock jumps past the visit's deadline once the first message is processed.
         skipped = [0]

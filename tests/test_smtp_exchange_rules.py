@@ -163,19 +163,23 @@ class TestTransientRefusalKeepsTheMail(SandboxCase):
     """Exchange's 432 4.3.2 asks the sender to try again later: the mail waits in Odoo's queue for the
     next run instead of failing for good (issue 15: no mail lost)."""
 
-    @mute_logger(*QUIET, "odoo.addons.mail.models.mail_mail")
-    def test_a_mail_refused_for_too_many_connections_is_sent_by_the_next_queue_run(self):
+    def mail_answered_432(self, subject):
+        """A mail from alice through her OAuth SMTP server, which answers every message 432 4.3.2."""
         alice = self.connect(self.new_account())
         self.outgoing(alice)
-        mail = self.env["mail.mail"].create(
+        self.sandbox.control("settings", smtp_concurrency_limit=0)
+        return self.env["mail.mail"].create(
             {
-                "subject": "After the crowd",
+                "subject": subject,
                 "email_from": "alice@contoso.com",
                 "email_to": "buyer@fabrikam.example",
                 "body_html": "<p>Hello</p>",
             }
         )
-        self.sandbox.control("settings", smtp_concurrency_limit=0)  # every message answered 432 4.3.2
+
+    @mute_logger(*QUIET, "odoo.addons.mail.models.mail_mail")
+    def test_a_mail_refused_for_too_many_connections_is_sent_by_the_next_queue_run(self):
+        mail = self.mail_answered_432("After the crowd")
         mail.send()
         self.assertEqual(mail.state, "outgoing")
         self.assertIn("too many connections", mail.failure_reason)
@@ -187,17 +191,7 @@ class TestTransientRefusalKeepsTheMail(SandboxCase):
     def test_a_mail_refused_for_now_is_logged_as_waiting_not_as_a_failure(self):
         """Odoo's mail queue logs a refused mail as an ERROR with a traceback ("failed sending mail"): for
         a mail that only waits for the next run, that would page administrators for nothing."""
-        alice = self.connect(self.new_account())
-        self.outgoing(alice)
-        mail = self.env["mail.mail"].create(
-            {
-                "subject": "Waiting, not failed",
-                "email_from": "alice@contoso.com",
-                "email_to": "buyer@fabrikam.example",
-                "body_html": "<p>Hello</p>",
-            }
-        )
-        self.sandbox.control("settings", smtp_concurrency_limit=0)  # every message answered 432 4.3.2
+        mail = self.mail_answered_432("Waiting, not failed")
         # Level 20: Odoo names its level 25 "INFO" too (netsvc), and "INFO" here would mean 25.
         with self.assertLogs("odoo.addons.mail.models.mail_mail", level=logging.INFO) as logs:
             mail.send()
