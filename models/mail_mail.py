@@ -78,6 +78,8 @@ class MailMail(models.Model):
 
     @api.model
     def _microsoft365_queue_again_once_working(self):
+        """Each run of the mail queue: the mails noted by _microsoft365_note_failed_with_account whose account
+        works again (authorized again, Microsoft accepts the app registration again) go back in the queue."""
         waiting = self.sudo().search(
             [
                 ("microsoft365_account_id", "!=", False),
