@@ -455,6 +455,19 @@ class Soak:
                 first[subject] = min(first.get(subject, float("inf")), path.stat().st_mtime)
         return seen, first
 
+    def mails_waiting_for_the_revoked_account(self):
+        """Soak mails that failed while the mailbox revoked on purpose needed someone, noted with its account
+        (mail.mail.microsoft365_account_id): the mail queue sends them once it is authorized again."""
+        if not self.revoked:
+            return set()
+        rows = self.production.query(
+            "SELECT m.subject FROM mail_mail mm JOIN mail_message m ON m.id = mm.mail_message_id "
+            "JOIN microsoft365_account a ON a.id = mm.microsoft365_account_id "
+            "WHERE mm.state = 'exception' AND m.subject LIKE 'soak-out-%%' AND a.email IN %s",
+            (tuple(self.revoked),),
+        )
+        return {subject for (subject,) in rows}
+
     def update_recoveries(self):
         recorded = self.recorded()
         accepted, first = self.accepted()
@@ -486,7 +499,8 @@ class Soak:
             recorded = self.recorded()
             accepted, _first = self.accepted()
             missing_in = [s for s in self.delivered if s not in recorded]
-            missing_out = [s for s in self.queued if s not in accepted]
+            waiting = self.mails_waiting_for_the_revoked_account()
+            missing_out = [s for s in self.queued if s not in accepted and s not in waiting]
             if not missing_in and not missing_out and all(f.get("recovered") for f in self.faults):
                 break
             self.poke_crons()
@@ -507,7 +521,8 @@ class Soak:
         latencies = sorted(
             (recorded[s][1] - at).total_seconds() for s, (_m, at) in self.delivered.items() if s in recorded
         )
-        out_lost = [s for s in self.queued if s not in accepted]
+        out_waiting = self.mails_waiting_for_the_revoked_account()
+        out_lost = [s for s in self.queued if s not in accepted and s not in out_waiting]
         out_twice = {s: c for s, c in accepted.items() if c > 1}
         states = dict(
             production.query(
@@ -555,6 +570,7 @@ class Soak:
             f"| arrival-to-record latency p50 / p95 | {pct(latencies, 0.5):.1f} s / {pct(latencies, 0.95):.1f} s |",
             f"| mails queued / accepted by the sandbox | {len(self.queued)} / {len(accepted)} |",
             f"| mails lost / sent twice | {len(out_lost)} / {sum(c - 1 for c in out_twice.values())} |",
+            f"| mails failed for the revoked mailbox (sent once authorized again) | {len(out_waiting)} |",
             f"| mails sent twice where SMTP cannot know (sender killed or cut after the server's 250) / otherwise "
             f"| {len(twice['smtp cannot know'])} / {len(twice['otherwise'])} |",
             f"| mail.mail states at the end | {', '.join(f'{k} {v}' for k, v in sorted(states.items()))} |",
