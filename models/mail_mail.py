@@ -43,6 +43,14 @@ class MailMail(models.Model):
         help="The mail failed while this account (or its app registration) needed an administrator: the mail "
         "queue sends it again once the account works again.",
     )
+    microsoft365_app_refused = fields.Boolean(
+        string="Failed with the App Registration",
+        readonly=True,
+        copy=False,
+        groups="base.group_system",
+        help="Microsoft refused the account's app registration itself (an expired secret, say): the mail goes "
+        "again as soon as Microsoft accepts the app registration again.",
+    )
 
     def send(self, auto_commit=False, raise_exception=False, post_send_callback=None):
         """The connection of a batch is made here (ir.mail_server.connect): with LATER in the context, a
@@ -74,7 +82,9 @@ class MailMail(models.Model):
                 continue
             account = server._microsoft365_account()
             if account.status in ("failing", "reconnect") or account.app_id.problem:
-                self.browse(mail_ids).sudo().write({"microsoft365_account_id": account.id})
+                self.browse(mail_ids).sudo().write(
+                    {"microsoft365_account_id": account.id, "microsoft365_app_refused": bool(account.app_id.problem)}
+                )
 
     @api.model
     def _microsoft365_queue_again_once_working(self):
@@ -87,18 +97,33 @@ class MailMail(models.Model):
                 ("write_date", ">=", fields.Datetime.now() - timedelta(days=QUEUE_AGAIN_DAYS)),
             ]
         )
-        working = waiting.filtered(
-            lambda mail: mail.microsoft365_account_id.status in ("connected", "app_only")
-            and not mail.microsoft365_account_id.app_id.problem
-        )
+        working = waiting.filtered(lambda mail: mail._microsoft365_account_works_again())
         if not working:
             return
-        working.write({"microsoft365_account_id": False, "failure_type": False, "failure_reason": False})
+        working.write(
+            {
+                "microsoft365_account_id": False,
+                "microsoft365_app_refused": False,
+                "failure_type": False,
+                "failure_reason": False,
+            }
+        )
         working._microsoft365_back_in_queue()
         _logger.info(
             "%d mail(s) that failed while their Microsoft 365 account needed an administrator are queued again: "
             "the account works again.",
             len(working),
+        )
+
+    def _microsoft365_account_works_again(self):
+        """An account "Not working" only because Microsoft refused its app registration is not used again
+        before its mail is: once the app is accepted again, the send itself tells (and marks it connected).
+        If the account has a problem of its own too, the mail fails again and then waits for the account."""
+        account = self.microsoft365_account_id
+        if account.app_id.problem:
+            return False
+        return account.status in ("connected", "app_only") or (
+            self.microsoft365_app_refused and account.status == "failing"
         )
 
     def _microsoft365_back_in_queue(self):

@@ -3,6 +3,7 @@ Retry-After, no answer) stays in the queue for the next run, its reason shown (i
 a failure that needs someone (a revoked grant) still fails the mail, as Odoo does, and the mail goes once
 the mailbox works again."""
 
+import time
 from unittest.mock import patch
 
 from odoo.tests import tagged
@@ -135,6 +136,27 @@ class TestMailWaitsForTheToken(SandboxCase):
         self.env["mail.mail"].process_email_queue(ids=mails.ids)
         self.assertFalse(mails.exists(), "sent (and removed, as Odoo does with notification mails)")
         self.assertEqual(set(notifications.mapped("notification_status")), {"sent"})
+
+    @mute_logger(*QUIET, "odoo.addons.mail_microsoft365_oauth.models.microsoft365_app")
+    def test_mails_failed_for_the_app_registration_go_once_microsoft_accepts_it_again(self):
+        """The expired secret stops every mailbox of the app ("Not working") until each is used again; once
+        the app registration is accepted again (a new secret entered, or any of its mailboxes' token
+        requests), its mails go with the next run of the queue, not after the mailbox's next refresh."""
+        mail, _server, _message = self.queued_mail("After the new secret")
+        sandbox_app = self.sandbox.app()
+        expired = [dict(secret, expires=time.time() - 60) for secret in sandbox_app["secrets"]]
+        self.sandbox.control("app", client_id=sandbox_app["client_id"], secrets=expired)
+        self.env["mail.mail"].process_email_queue(ids=mail.ids)
+        self.assertEqual(mail.state, "exception")
+        self.assertIn("client secret has expired", mail.failure_reason)
+        self.assertEqual(self.alice.status, "failing")
+
+        self.sandbox.control("app", client_id=sandbox_app["client_id"], secrets=sandbox_app["secrets"])
+        self.app_registration.client_secret = self.sandbox.secret()  # the administrator enters the new secret
+        self.assertEqual(self.alice.status, "failing", "no token request since: the mailbox is not used yet")
+        self.env["mail.mail"].process_email_queue(ids=mail.ids)
+        self.assertEqual(mail.state, "sent", mail.failure_reason)
+        self.assertEqual(self.alice.status, "connected")
 
     @mute_logger(*QUIET)
     def test_mails_failed_for_a_revoked_grant_go_once_the_mailbox_is_authorized_again(self):
