@@ -12,8 +12,10 @@ class _WaitingMailLoggedAsWaiting(logging.Filter):
     as waiting, at INFO, so that nobody is paged for mail that will go. Other failures are left alone."""
 
     def filter(self, record):
-        if record.exc_info and isinstance(record.exc_info[1], MailDeliveryLater):
-            record.msg = "Mail (id: %s) stays in the queue for its next run: %s"  # same arguments as core's
+        later = record.exc_info and isinstance(record.exc_info[1], MailDeliveryLater)
+        # Only core's own record, whose arguments (mail id, reason) the new text takes over.
+        if later and str(record.msg).startswith("failed sending mail") and len(record.args or ()) == 2:
+            record.msg = "Mail (id: %s) stays in the queue for its next run: %s"
             record.levelno, record.levelname = logging.INFO, logging.getLevelName(logging.INFO)
             record.exc_info = record.exc_text = None
         return True
@@ -71,10 +73,9 @@ class MailMail(models.Model):
         """Mails that failed while their Microsoft 365 account or its app registration needs an administrator
         (a revoked grant, an expired secret...): Microsoft refused the token before anything was sent, so
         they may go once the account works again (_microsoft365_queue_again_once_working)."""
-        failed = self.exists().filtered(lambda mail: mail.state == "exception")
-        failed = failed.filtered(lambda mail: mail.failure_type not in MAIL_OWN_FAILURES)
-        if not failed:
-            return
+        mails = self.exists().sudo()
+        failed = mails.filtered(lambda mail: mail.state == "exception" and mail.failure_type not in MAIL_OWN_FAILURES)
+        noted = mails.browse()
         servers = self.env["ir.mail_server"].sudo()
         for server_id, _alias_domain_id, _smtp_from, mail_ids in failed._split_by_mail_configuration():
             server = servers.browse(server_id)
@@ -82,9 +83,15 @@ class MailMail(models.Model):
                 continue
             account = server._microsoft365_account()
             if account.status in ("failing", "reconnect") or account.app_id.problem:
-                self.browse(mail_ids).sudo().write(
+                batch = mails.browse(mail_ids)
+                batch.write(
                     {"microsoft365_account_id": account.id, "microsoft365_app_refused": bool(account.app_id.problem)}
                 )
+                noted |= batch
+        # The note is about the last failure: a mail retried by hand that was sent or failed for itself drops it.
+        (mails.filtered("microsoft365_account_id") - noted).write(
+            {"microsoft365_account_id": False, "microsoft365_app_refused": False}
+        )
 
     @api.model
     def _microsoft365_queue_again_once_working(self):

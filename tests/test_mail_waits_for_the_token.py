@@ -137,6 +137,22 @@ class TestMailWaitsForTheToken(SandboxCase):
         self.assertFalse(mails.exists(), "sent (and removed, as Odoo does with notification mails)")
         self.assertEqual(set(notifications.mapped("notification_status")), {"sent"})
 
+    @mute_logger(*QUIET)
+    def test_a_mail_retried_by_hand_that_fails_for_itself_is_not_sent_again_unasked(self):
+        """The note says why the mail failed last: retried by hand once the mailbox works and refused for
+        a recipient of its own, it waits for someone, as Odoo does, instead of going out again unasked."""
+        mail, _server, _message = self.queued_mail("Retried by hand")
+        self.sandbox.control("revoke_sessions", user="alice@contoso.com")
+        mail.send()
+        self.assertEqual(mail.sudo().microsoft365_account_id, self.alice)
+        self.connect(self.alice)
+        mail.write({"email_to": "not an address"})
+        mail.mark_outgoing()  # Retry
+        mail.send()
+        self.assertEqual(mail.state, "exception")
+        self.assertEqual(self.alice.status, "connected")  # the failure is the mail's own
+        self.assertFalse(mail.sudo().microsoft365_account_id)
+
     @mute_logger(*QUIET, "odoo.addons.mail_microsoft365_oauth.models.microsoft365_app")
     def test_mails_failed_for_the_app_registration_go_once_microsoft_accepts_it_again(self):
         """The expired secret stops every mailbox of the app ("Not working") until each is used again; once
